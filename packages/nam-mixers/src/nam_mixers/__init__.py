@@ -1,0 +1,3 @@
+"""Mamba-2 SSD and M2RNN sequence mixers with reference paths and Triton kernels."""
+
+__version__ = "0.1.0"
