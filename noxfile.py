@@ -39,9 +39,16 @@ ENV = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "PYTHONHASHSEED": "0", "C
 def _run_tests(session: nox.Session, folder: str, budget_s: int) -> None:
     session.chdir(ROOT / folder)
     session.run(
-        "timeout", "--kill-after=30", str(budget_s),
-        "python", "-m", "pytest", "-q", *session.posargs,
-        env=ENV, external=True,
+        "timeout",
+        "--kill-after=30",
+        str(budget_s),
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        *session.posargs,
+        env=ENV,
+        external=True,
     )
 
 
@@ -50,7 +57,14 @@ def _package_session(name: str, folder: str, budget_s: int) -> None:
     def tests(session: nox.Session) -> None:
         # Only this package, its declared dependencies and its test group, pinned by uv.lock.
         session.run_install(
-            "uv", "sync", "--frozen", "--no-default-groups", "--package", name, "--group", "test",
+            "uv",
+            "sync",
+            "--frozen",
+            "--no-default-groups",
+            "--package",
+            name,
+            "--group",
+            "test",
             env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
         )
         _run_tests(session, folder, budget_s)

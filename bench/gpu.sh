@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On the GPU machine (no network): install the wheels carried in bench/wheels (git-ignored; fill
+# it on the CPU machine with bench/wheelhouse.sh), make the workspace packages importable from
+# source, then run the benchmarks. Results and logs go to $OUT when set.
+#   bash bench/gpu.sh [NAME ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench/out}; mkdir -p "$out"
+if compgen -G "bench/wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site bench/wheels/*.whl
+  # mamba-ssm imports its Mamba-1 CUDA op at package import; the SSD Triton kernels we use do not
+  # need it, and it is not built for this machine: a placeholder lets the package import.
+  [ -n "$(ls /tmp/site/selective_scan_cuda* 2>/dev/null)" ] || echo '# placeholder: Mamba-1 op not built' > /tmp/site/selective_scan_cuda.py
+fi
+src=$(ls -d "$PWD"/packages/*/src "$PWD"/apps/*/src | paste -sd:)
+export PYTHONPATH=/tmp/site:$src${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+set -o pipefail
+python3 bench/run.py --json "$out/bench.json" "$@" 2>&1 | tee "$out/bench.log"
