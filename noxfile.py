@@ -8,7 +8,6 @@ dependency a package uses but does not declare fails its own session.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nox
@@ -79,11 +78,12 @@ def layout_bare(session: nox.Session) -> None:
     """nam-layout installed by pip alone into a fresh environment: no torch, no other package."""
     session.install("pip")
     session.run("python", "-m", "pip", "install", "-q", str(ROOT / "packages/nam-layout"))
-    extra = set(session.run("python", "-m", "pip", "freeze", silent=True).split()) - {""}
-    extra = {line for line in extra if not line.startswith(("nam-layout", "nam_layout", "pip=="))}
+    names = "import importlib.metadata as m; print(*sorted({d.metadata['Name'] for d in m.distributions()}))"
+    installed = session.run("python", "-c", names, silent=True).split()
+    extra = sorted(set(installed) - {"nam-layout", "pip"})
     if extra:
-        session.error(f"nam-layout pulled in other packages: {sorted(extra)}")
-    session.run("nam-layout", "validate", "AEMEAEMEAEMR", "--depth", "52", "--json", external=False)
+        session.error(f"nam-layout pulled in other packages: {extra}")
+    session.run("nam-layout", "validate", "AEMEAEMEAEMR", "--depth", "52", "--json")
     session.run("nam-layout", "show", "--family", "NAM56R")
     session.install("pytest", "pytest-timeout", "hypothesis")
     _run_tests(session, "packages/nam-layout", PACKAGES["nam-layout"][1])
@@ -91,9 +91,14 @@ def layout_bare(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    session.install("ruff")
+    # ruff at the version uv.lock pins, so lint does not change under CI's feet
+    session.run_install(
+        "uv",
+        "sync",
+        "--frozen",
+        "--only-group",
+        "dev",
+        env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
+    )
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-
-
-os.environ.setdefault("UV_LINK_MODE", "hardlink")

@@ -15,14 +15,18 @@ def test_builtin_families_match_design_table() -> None:
 
 def test_drift_fails_closed() -> None:
     drifted = Family("NAM56R-drift", "AEMEAEMEAEMR", 48, {"A": 13, "E": 22, "M": 13, "R": 4})
-    with pytest.raises(FamilyError, match=r"drifted: .* counts \(A: declared 13, pattern gives 12; M: declared 13"):
+    with pytest.raises(
+        FamilyError, match=r"drifted: .* counts \(A: declared 13, pattern gives 12; M: declared 13"
+    ):
         drifted.layout()
     with pytest.raises(FamilyError, match="drifted"):
         FamilyRegistry().register(drifted)
 
 
 def test_unknown_family_suggests_close_names() -> None:
-    with pytest.raises(FamilyError, match=r"unknown family 'NAM56'; known: NAM56R, NAM52; did you mean 'NAM56R'"):
+    with pytest.raises(
+        FamilyError, match=r"unknown family 'NAM56'; known: NAM56R, NAM52; did you mean 'NAM56R'"
+    ):
         get_family("NAM56")
 
 
@@ -66,7 +70,10 @@ letters = { G = "gated delta net" }
     ("body", "message"),
     [
         ('[family.X]\npattern = "AE"\ndepth = 4\n', r"missing key\(s\) \['counts'\]"),
-        ('[family.X]\npattern = "AE"\ndepth = 4\ncounts = {A=2, E=2}\ncolour = 1\n', r"unknown key\(s\) \['colour'\]"),
+        (
+            '[family.X]\npattern = "AE"\ndepth = 4\ncounts = {A=2, E=2}\ncolour = 1\n',
+            r"unknown key\(s\) \['colour'\]",
+        ),
         ('[family.X]\npattern = "AE"\ndepth = "4"\ncounts = {A=2, E=2}\n', "depth must be an integer"),
         ('[family.X]\npattern = "AE"\ndepth = 4\ncounts = {A=2, Q=2}\n', r"unknown letter\(s\) \['Q'\]"),
         ('[family.X]\npattern = "AE"\ndepth = 4\ncounts = {A=2, E=-1}\n', "non-negative integers"),

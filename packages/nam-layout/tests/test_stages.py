@@ -26,7 +26,9 @@ def test_nam56r_four_stages_balanced_and_ordered() -> None:
     assert plan.warnings == ()
 
 
-@pytest.mark.parametrize(("pattern", "depth", "k"), [("AEMR", 9, 3), ("AEMEAEMEAEMR", 14, 4), ("M-", 7, 7), ("AE", 5, 1)])
+@pytest.mark.parametrize(
+    ("pattern", "depth", "k"), [("AEMR", 9, 3), ("AEMEAEMEAEMR", 14, 4), ("M-", 7, 7), ("AE", 5, 1)]
+)
 def test_split_is_optimal_against_brute_force(pattern: str, depth: int, k: int) -> None:
     layout = Layout.tile(pattern, depth)
     plan = plan_stages(layout, k)
@@ -51,7 +53,9 @@ def test_explicit_cuts_are_honoured() -> None:
 
 
 def test_refuses_more_chunks_than_layers() -> None:
-    with pytest.raises(LayoutError, match=r"3 stages x 2 virtual = 6 chunks for 5 layers would leave a stage empty"):
+    with pytest.raises(
+        LayoutError, match=r"3 stages x 2 virtual = 6 chunks for 5 layers would leave a stage empty"
+    ):
         plan_stages(Layout.tile("AEM", 5), 3, 2)
 
 

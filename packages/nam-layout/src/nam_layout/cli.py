@@ -6,6 +6,7 @@ Exit codes: 0 valid, 2 invalid input (with a message that points at the problem)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Sequence
@@ -38,23 +39,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    common.add_argument("--families", action="append", metavar="TOML", help="register families from a TOML file")
+    common.add_argument(
+        "--families", action="append", metavar="TOML", help="register families from a TOML file"
+    )
     source = argparse.ArgumentParser(add_help=False)
-    source.add_argument("pattern", nargs="?", help="layer pattern, e.g. AEMEAEMEAEMR (letters A M E R -, '|' cuts)")
+    source.add_argument(
+        "pattern", nargs="?", help="layer pattern, e.g. AEMEAEMEAEMR (letters A M E R -, '|' cuts)"
+    )
     source.add_argument("--depth", type=int, help="number of layers to tile the pattern to")
     source.add_argument("--family", help="a registered family name instead of PATTERN --depth")
     staging = argparse.ArgumentParser(add_help=False)
-    staging.add_argument("--virtual", type=int, default=1, help="virtual stages per pipeline rank (default 1)")
     staging.add_argument(
-        "--cost", action="append", default=[], metavar="LETTER=W",
+        "--virtual", type=int, default=1, help="virtual stages per pipeline rank (default 1)"
+    )
+    staging.add_argument(
+        "--cost",
+        action="append",
+        default=[],
+        metavar="LETTER=W",
         help=f"per-letter layer cost (defaults {', '.join(f'{k}={v}' for k, v in DEFAULT_COSTS.items())})",
     )
-    staging.add_argument("--output-cost", type=float, default=0.0, help="cost of the output layer (last stage)")
-    staging.add_argument("--embedding-cost", type=float, default=0.0, help="cost of the embedding (first stage)")
+    staging.add_argument(
+        "--output-cost", type=float, default=0.0, help="cost of the output layer (last stage)"
+    )
+    staging.add_argument(
+        "--embedding-cost", type=float, default=0.0, help="cost of the embedding (first stage)"
+    )
 
     parser = argparse.ArgumentParser(prog="nam-layout", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("validate", parents=[common, source], help="check a pattern or family and print its counts")
+    p = sub.add_parser(
+        "validate", parents=[common, source], help="check a pattern or family and print its counts"
+    )
     p.set_defaults(run=_validate)
     p = sub.add_parser("show", parents=[common, source, staging], help="a layer table and a one-line strip")
     p.add_argument("--stages", type=int, default=1, help="pipeline ranks to show the split for")
@@ -62,10 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", parents=[common, source, staging], help="plan pipeline stages")
     p.add_argument("--stages", type=int, required=True, help="pipeline ranks P")
     p.set_defaults(run=_split)
-    p = sub.add_parser("translate", parents=[common, source, staging], help="emit megatron-core's hybrid pattern")
+    p = sub.add_parser(
+        "translate", parents=[common, source, staging], help="emit megatron-core's hybrid pattern"
+    )
     p.add_argument("--to", choices=["megatron"], required=True, help="target notation")
     p.add_argument("--stages", type=int, default=1, help="pipeline ranks; > 1 plans and emits '|' cuts")
-    p.add_argument("--map", action="append", default=[], metavar="LETTER=SYMBOL", help="map a letter, e.g. R=M")
+    p.add_argument(
+        "--map", action="append", default=[], metavar="LETTER=SYMBOL", help="map a letter, e.g. R=M"
+    )
     p.set_defaults(run=_translate)
     p = sub.add_parser("families", parents=[common], help="list registered families")
     p.set_defaults(run=_families)
@@ -116,7 +136,14 @@ def _show(args: argparse.Namespace, registry: FamilyRegistry) -> int:
     layout, family = _resolve(args, registry)
     plan = _plan(args, layout)
     if args.json:
-        _emit({"ok": True, "family": family.name if family else None, "layout": layout.to_dict(), "plan": plan.to_dict()})
+        _emit(
+            {
+                "ok": True,
+                "family": family.name if family else None,
+                "layout": layout.to_dict(),
+                "plan": plan.to_dict(),
+            }
+        )
         return 0
     title = f"{family.name}: {family.description}" if family else "pattern"
     print(f"{title}\n  pattern {layout.pattern}   depth {layout.depth}   counts {_counts(layout)}")
@@ -127,7 +154,9 @@ def _show(args: argparse.Namespace, registry: FamilyRegistry) -> int:
             print(f"  {letter:<7}{block:<20}{layout.counts[letter]:>6}  {_compact(layout.positions(letter))}")
     print(f"\n  {'layer':>5}  letter  {'block':<20}stage")
     for chunk, (start, stop) in enumerate(plan.chunks):
-        stage = f"rank {plan.rank(chunk)}" + (f" / virtual {plan.virtual_stage(chunk)}" if plan.virtual > 1 else "")
+        stage = f"rank {plan.rank(chunk)}" + (
+            f" / virtual {plan.virtual_stage(chunk)}" if plan.virtual > 1 else ""
+        )
         for i in range(start, stop):
             print(f"  {i + 1:>5}  {layout.kinds[i]:<6}  {layout.letters[layout.kinds[i]]:<20}{stage}")
     _print_plan_summary(plan)
@@ -162,8 +191,15 @@ def _translate(args: argparse.Namespace, registry: FamilyRegistry) -> int:
     plan = _plan(args, layout) if args.stages > 1 or args.virtual > 1 else None
     pattern = to_megatron(layout, plan, map_letters=mapping)
     if args.json:
-        _emit({"ok": True, "family": family.name if family else None, "megatron": pattern, "map": mapping,
-               "plan": plan.to_dict() if plan else None})
+        _emit(
+            {
+                "ok": True,
+                "family": family.name if family else None,
+                "megatron": pattern,
+                "map": mapping,
+                "plan": plan.to_dict() if plan else None,
+            }
+        )
     else:
         print(pattern)
         for warning in plan.warnings if plan else ():
@@ -173,11 +209,21 @@ def _translate(args: argparse.Namespace, registry: FamilyRegistry) -> int:
 
 def _families(args: argparse.Namespace, registry: FamilyRegistry) -> int:
     if args.json:
-        _emit({"ok": True, "families": [
-            {"name": f.name, "pattern": f.pattern, "depth": f.depth, "counts": f.layout().to_dict()["counts"],
-             "description": f.description}
-            for f in registry
-        ]})
+        _emit(
+            {
+                "ok": True,
+                "families": [
+                    {
+                        "name": f.name,
+                        "pattern": f.pattern,
+                        "depth": f.depth,
+                        "counts": f.layout().to_dict()["counts"],
+                        "description": f.description,
+                    }
+                    for f in registry
+                ],
+            }
+        )
         return 0
     print(f"{'family':<10} {'pattern':<16} {'depth':>5}  counts")
     for f in registry:
@@ -218,7 +264,7 @@ def _strip(layout: Layout, plan: StagePlan) -> str:
 def _compact(positions: tuple[int, ...]) -> str:
     if len(positions) >= 4:
         step = positions[1] - positions[0]
-        if all(b - a == step for a, b in zip(positions, positions[1:], strict=False)):
+        if all(b - a == step for a, b in itertools.pairwise(positions)):
             return f"{positions[0]}, {positions[1]}, ..., {positions[-1]} (every {step})"
     shown = ", ".join(map(str, positions[:_POSITIONS_SHOWN]))
     more = len(positions) - _POSITIONS_SHOWN

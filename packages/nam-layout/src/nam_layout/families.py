@@ -44,7 +44,9 @@ class Family:
         expected = {k: self.counts.get(k, 0) for k in layout.letters}
         drift = {k: (expected[k], n) for k, n in layout.counts.items() if n != expected[k]}
         if drift:
-            detail = "; ".join(f"{k}: declared {want}, pattern gives {got}" for k, (want, got) in drift.items())
+            detail = "; ".join(
+                f"{k}: declared {want}, pattern gives {got}" for k, (want, got) in drift.items()
+            )
             raise FamilyError(
                 f"family {self.name!r} drifted: {self.pattern!r} at depth {self.depth} does not produce its "
                 f"declared counts ({detail}); fix the pattern, the depth or the declared counts"
@@ -54,10 +56,15 @@ class Family:
 
 BUILTIN: tuple[Family, ...] = (
     Family(
-        "NAM56R", "AEMEAEMEAEMR", 52, {"A": 13, "E": 22, "M": 13, "R": 4},
+        "NAM56R",
+        "AEMEAEMEAEMR",
+        52,
+        {"A": 13, "E": 22, "M": 13, "R": 4},
         "hybrid attention/MoE/Mamba with an M2RNN recurrent layer every 12th layer",
     ),
-    Family("NAM52", "AEME", 52, {"A": 13, "E": 26, "M": 13}, "hybrid attention/MoE/Mamba, no recurrent layers"),
+    Family(
+        "NAM52", "AEME", 52, {"A": 13, "E": 26, "M": 13}, "hybrid attention/MoE/Mamba, no recurrent layers"
+    ),
 )
 
 
@@ -103,12 +110,12 @@ class FamilyRegistry:
 def load_families(path: str | Path) -> list[Family]:
     """Read families from TOML. Each table under ``[family]`` is one family::
 
-        [family.MYNET]
-        pattern = "AEMM"                       # grammar of nam-layout, '|' cuts allowed
-        depth = 24
-        counts = { A = 6, E = 6, M = 12 }      # every letter the pattern uses
-        description = "what it is for"         # optional
-        letters = { G = "gated delta net" }    # optional extra letters this family registers
+    [family.MYNET]
+    pattern = "AEMM"                       # grammar of nam-layout, '|' cuts allowed
+    depth = 24
+    counts = { A = 6, E = 6, M = 12 }      # every letter the pattern uses
+    description = "what it is for"         # optional
+    letters = { G = "gated delta net" }    # optional extra letters this family registers
     """
     path = Path(path)
     try:
@@ -149,7 +156,12 @@ def load_families(path: str | Path) -> list[Family]:
 
 
 def _check_definition(family: Family) -> None:
-    if not isinstance(family.name, str) or not family.name or not family.name.isprintable() or " " in family.name:
+    if (
+        not isinstance(family.name, str)
+        or not family.name
+        or not family.name.isprintable()
+        or " " in family.name
+    ):
         raise FamilyError(f"family name {family.name!r} must be a non-empty printable string without spaces")
     if not isinstance(family.pattern, str):
         raise FamilyError(f"family {family.name!r}: pattern must be a string, got {family.pattern!r}")

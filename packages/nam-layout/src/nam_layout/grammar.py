@@ -13,13 +13,15 @@ from types import MappingProxyType
 CUT = "|"
 
 # letter -> the block it builds (DESIGN.md, "The letters").
-LETTERS: Mapping[str, str] = MappingProxyType({
-    "A": "attention",
-    "M": "Mamba",
-    "E": "MoE experts",
-    "R": "M2RNN recurrent",
-    "-": "dense MLP",
-})
+LETTERS: Mapping[str, str] = MappingProxyType(
+    {
+        "A": "attention",
+        "M": "Mamba",
+        "E": "MoE experts",
+        "R": "M2RNN recurrent",
+        "-": "dense MLP",
+    }
+)
 
 _CONTEXT = 30  # characters shown either side of an offending position
 
@@ -42,7 +44,12 @@ class PatternError(ValueError):
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, object]:
-        return {"error": "pattern", "message": self.message, "position": self.position, "accepted": self.accepted}
+        return {
+            "error": "pattern",
+            "message": self.message,
+            "position": self.position,
+            "accepted": self.accepted,
+        }
 
 
 def describe_letters(letters: Mapping[str, str]) -> str:
@@ -59,16 +66,26 @@ def split_segments(pattern: str, letters: Mapping[str, str] = LETTERS) -> tuple[
     if not isinstance(pattern, str):
         raise TypeError(f"pattern must be a str, got {type(pattern).__name__}")
     if not pattern:
-        raise PatternError("the pattern is empty; it needs at least one layer letter", pattern, None, accepted)
+        raise PatternError(
+            "the pattern is empty; it needs at least one layer letter", pattern, None, accepted
+        )
     allowed = set(letters) | {CUT}
     if not set(pattern) <= allowed:  # fast path in C; find the first culprit only on failure
         position = next(i for i, ch in enumerate(pattern) if ch not in allowed)
-        raise PatternError(_why_not_allowed(pattern[position], position, letters), pattern, position, accepted)
+        raise PatternError(
+            _why_not_allowed(pattern[position], position, letters), pattern, position, accepted
+        )
     segments = tuple(pattern.split(CUT))
     start = 0
     for number, segment in enumerate(segments):
         if not segment:
-            where = "at the start" if number == 0 else "at the end" if number == len(segments) - 1 else "between cuts"
+            where = (
+                "at the start"
+                if number == 0
+                else "at the end"
+                if number == len(segments) - 1
+                else "between cuts"
+            )
             position = max(0, start - 1) if number else 0
             raise PatternError(
                 f"empty pipeline segment {where}: every '{CUT}' must separate two non-empty segments",

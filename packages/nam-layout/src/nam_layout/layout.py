@@ -124,10 +124,16 @@ class Layout:
             schema, pattern, depth = data["schema"], data["pattern"], data["depth"]
             kinds, letters = data["kinds"], data.get("letters", dict(LETTERS))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise LayoutError(f"not a layout JSON document ({e}); expected the output of Layout.to_json()") from e
+            raise LayoutError(
+                f"not a layout JSON document ({e}); expected the output of Layout.to_json()"
+            ) from e
         if schema != JSON_SCHEMA:
-            raise LayoutError(f"layout JSON schema {schema!r} is not supported; this version reads {JSON_SCHEMA}")
+            raise LayoutError(
+                f"layout JSON schema {schema!r} is not supported; this version reads {JSON_SCHEMA}"
+            )
         layout = cls.tile(pattern, depth, letters)
         if layout.kinds != kinds:
-            raise LayoutError("layout JSON is inconsistent: its 'kinds' differ from tiling its 'pattern' to 'depth'")
+            raise LayoutError(
+                "layout JSON is inconsistent: its 'kinds' differ from tiling its 'pattern' to 'depth'"
+            )
         return layout

@@ -40,7 +40,9 @@ class CostModel:
     def layer_costs(self, layout: Layout) -> list[float]:
         missing = sorted(set(layout.kinds) - set(self.per_letter))
         if missing:
-            raise LayoutError(f"the cost model has no weight for letter(s) {missing}; give one per letter used")
+            raise LayoutError(
+                f"the cost model has no weight for letter(s) {missing}; give one per letter used"
+            )
         for letter, cost in self.per_letter.items():
             if not cost >= 0:
                 raise LayoutError(f"cost of {letter!r} must be a non-negative number, got {cost!r}")
@@ -66,7 +68,9 @@ class StagePlan:
 
     def chunk_index(self, rank: int, virtual_stage: int = 0) -> int:
         if not (0 <= rank < self.stages and 0 <= virtual_stage < self.virtual):
-            raise IndexError(f"rank {rank} / virtual stage {virtual_stage} outside {self.stages} x {self.virtual}")
+            raise IndexError(
+                f"rank {rank} / virtual stage {virtual_stage} outside {self.stages} x {self.virtual}"
+            )
         return virtual_stage * self.stages + rank
 
     def chunk_kinds(self, rank: int, virtual_stage: int = 0) -> str:
@@ -116,8 +120,13 @@ class StagePlan:
             "virtual": self.virtual,
             "chunks": [
                 {
-                    "chunk": k, "rank": self.rank(k), "virtual_stage": self.virtual_stage(k),
-                    "start": a, "stop": b, "kinds": self.layout.kinds[a:b], "cost": round(self.chunk_costs[k], 6),
+                    "chunk": k,
+                    "rank": self.rank(k),
+                    "virtual_stage": self.virtual_stage(k),
+                    "start": a,
+                    "stop": b,
+                    "kinds": self.layout.kinds[a:b],
+                    "cost": round(self.chunk_costs[k], 6),
                 }
                 for k, (a, b) in enumerate(self.chunks)
             ],
