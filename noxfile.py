@@ -73,7 +73,7 @@ for _name, (_folder, _budget) in PACKAGES.items():
     _package_session(_name, _folder, _budget)
 
 
-@nox.session(python=PYTHON)
+@nox.session(python=PYTHON, reuse_venv="never")
 def layout_bare(session: nox.Session) -> None:
     """nam-layout installed by pip alone into a fresh environment: no torch, no other package."""
     session.install("pip")
