@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -91,7 +91,7 @@ class FamilyRegistry:
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise FamilyError(f"unknown family {name!r}; known: {', '.join(self._families)}{hint}") from None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Family]:
         return iter(self._families.values())
 
     def __contains__(self, name: object) -> bool:
