@@ -39,13 +39,7 @@ def to_megatron(
         symbols[letter] = symbol
     unmapped = sorted(set(layout.kinds) - set(symbols))
     if unmapped:
-        reasons = {
-            "R": "R (M2RNN recurrent) has no megatron-core block",
-        }
-        why = "; ".join(
-            reasons.get(k, f"{k!r} ({layout.letters.get(k, '?')}) has no megatron-core block")
-            for k in unmapped
-        )
+        why = "; ".join(f"{k} ({layout.letters[k]}) has no megatron-core block" for k in unmapped)
         raise LayoutError(f"{why}; map it explicitly to translate, e.g. map_letters={{'{unmapped[0]}': 'M'}}")
     table = str.maketrans(symbols)
     if plan is not None:
