@@ -45,7 +45,9 @@ def test_unknown_path_lists_the_accepted_ones() -> None:
 
 @pytest.mark.parametrize("path", ["fused", "split"])
 def test_missing_mamba_ssm_is_named(path: str, monkeypatch, fresh_imports) -> None:
-    monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # makes `import mamba_ssm...` fail
+    # None in sys.modules makes an import fail, even of a module imported before
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.triton.ssd_combined", None)
     with pytest.raises(RuntimeError, match=rf"path='{path}' needs mamba-ssm .*README.md"):
         MambaMixer(**TINY, path=path)
 

@@ -22,18 +22,20 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("MAMBA_DETERMINISTIC", "1")
 
-from nam_mixers import MambaMixer
-from nam_mixers.ops.ssd.backends import import_error
+from nam_mixers import MambaMixer  # noqa: E402 (after the environment above)
+from nam_mixers.ops.ssd.backends import import_error  # noqa: E402
 
 _missing = import_error("mamba_ssm.ops.triton.ssd_combined")
 if _missing is not None:
     if os.environ.get("NAM_REQUIRE_MAMBA_SSM") == "1":
         raise RuntimeError(f"NAM_REQUIRE_MAMBA_SSM=1 but mamba-ssm does not import: {_missing}")
-    pytest.skip(f"mamba-ssm does not import ({_missing}); the split path is untested here", allow_module_level=True)
+    pytest.skip(
+        f"mamba-ssm does not import ({_missing}); the split path is untested here", allow_module_level=True
+    )
 
-from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # noqa: E402
 
-from nam_mixers.ops.ssd import ssd_chunked
+from nam_mixers.ops.ssd import ssd_chunked  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 # triton 3.6's interpreter converts 1-element arrays to ints, which numpy deprecates.
@@ -57,9 +59,11 @@ def _cpu_launch_shims():
         mp.setattr(
             torch.cuda,
             "get_device_properties",
-            lambda d=None: types.SimpleNamespace(multi_processor_count=4)
-            if torch.device(d).type == "cpu"
-            else properties(d),
+            lambda d=None: (
+                types.SimpleNamespace(multi_processor_count=4)
+                if torch.device(d).type == "cpu"
+                else properties(d)
+            ),
         )
         yield
 
@@ -77,14 +81,20 @@ def test_triton_scan_matches_chunked_reference(packed: bool) -> None:
     torch.manual_seed(1)
     b, seqlen, h, g, p, n, chunk = 2, 37, 4, 2, 8, 16, 16
     kw = {"device": DEVICE}
-    x, B, C = torch.randn(b, seqlen, h, p, **kw), torch.randn(b, seqlen, g, n, **kw), torch.randn(b, seqlen, g, n, **kw)
+    x, B, C = (
+        torch.randn(b, seqlen, h, p, **kw),
+        torch.randn(b, seqlen, g, n, **kw),
+        torch.randn(b, seqlen, g, n, **kw),
+    )
     dt_raw = torch.randn(b, seqlen, h, **kw)
     A, D, dt_bias = -torch.rand(h, **kw) - 0.5, torch.randn(h, **kw), torch.randn(h, **kw)
     seq_idx = torch.tensor(PACKED, dtype=torch.int32, device=DEVICE) if packed else None
     inputs = [t.requires_grad_() for t in (x, dt_raw, A, B, C, D, dt_bias)]
     probe = torch.randn(b, seqlen, h, p, **kw)
 
-    y = mamba_chunk_scan_combined(x, dt_raw, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True, seq_idx=seq_idx)
+    y = mamba_chunk_scan_combined(
+        x, dt_raw, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True, seq_idx=seq_idx
+    )
     dt = torch.nn.functional.softplus(dt_raw + dt_bias)
     ref = ssd_chunked(x, dt, A, B, C, chunk, D=D, seq_idx=seq_idx)
     assert _rel(y, ref) < 1e-5
