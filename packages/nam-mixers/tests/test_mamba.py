@@ -147,3 +147,15 @@ def test_every_parameter_gets_a_gradient() -> None:
     m(torch.randn(2, 11, 16, dtype=torch.float64)).square().sum().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+def test_auto_prefers_kernels_on_cuda_as_installed(monkeypatch, fresh_imports) -> None:
+    """resolve_path only looks at the device type and what imports, so CUDA resolution is testable here."""
+    cuda = torch.device("cuda")
+    monkeypatch.setitem(sys.modules, "causal_conv1d", None)
+    has_mamba = backends.import_error("mamba_ssm.ops.triton.ssd_combined") is None
+    assert backends.resolve_path("auto", cuda) == ("split" if has_mamba else "reference")
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.triton.ssd_combined", None)
+    backends.import_error.cache_clear()
+    assert backends.resolve_path("auto", cuda) == "reference"
