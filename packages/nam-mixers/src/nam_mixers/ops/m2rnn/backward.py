@@ -159,6 +159,8 @@ def m2rnn_backward(
     d = dims
     nk = triton.cdiv(d.k, cfg.block_k)
     nc = ckpt.shape[2]
+    if chunk % cfg.block_t:
+        raise ValueError(f"m2rnn backward: chunk ({chunk}) must be a multiple of block_t ({cfg.block_t})")
     if nc != triton.cdiv(d.seq, chunk):
         raise ValueError(f"m2rnn backward: {nc} checkpoints do not match chunk {chunk} at sequence {d.seq}")
     bv = max(16, triton.next_power_of_2(d.v))

@@ -121,6 +121,8 @@ def m2rnn_forward(
     Checkpoint c holds the state before step c * chunk, shaped [B, H, ceil(S / chunk), K, V].
     """
     d = dims
+    if chunk % cfg.block_t:
+        raise ValueError(f"m2rnn forward: chunk ({chunk}) must be a multiple of block_t ({cfg.block_t})")
     nk = triton.cdiv(d.k, cfg.block_k)
     nc = triton.cdiv(d.seq, chunk)
     dev = v.device
