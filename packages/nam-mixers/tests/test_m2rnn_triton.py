@@ -115,6 +115,17 @@ def test_config_validation() -> None:
         PassConfig(fast_tanh=True).use_fast_tanh(input_is_fp32=False, on_cuda=False)
 
 
+def test_launcher_rejects_unaligned_chunk() -> None:
+    from nam_mixers.ops.m2rnn.forward import m2rnn_forward
+    from nam_mixers.ops.m2rnn.shapes import check_scan_inputs
+
+    q = torch.randn(1, 8, 1, 16)
+    v, f, w = torch.randn(1, 8, 2, 16), torch.rand(1, 8, 2), torch.randn(2, 16, 16)
+    dims = check_scan_inputs(q, q, v, f, w, None, None)
+    with pytest.raises(ValueError, match=r"chunk \(6\) must be a multiple of block_t \(4\)"):
+        m2rnn_forward(q, q, v, f, w, None, None, dims, PassConfig(block_t=4), 6)
+
+
 def test_resolve_path() -> None:
     assert resolve_path("auto", torch.device("cpu")) == "reference"
     assert resolve_path("reference", torch.device("cuda")) == "reference"
