@@ -61,12 +61,13 @@ class M2RNNKernelConfig:
 
     chunk: the forward stores the state every `chunk` steps; the backward recomputes each chunk from
         its checkpoint. Activation memory is B*H*ceil(S/chunk)*K*V*4 bytes; the backward's scratch is
-        B*H*chunk*K*max(V,16)*4 bytes. A multiple of both passes' block_t.
+        B*H*chunk*K*max(V,16)*4 bytes, which should stay in L2 (23 MiB at NAM56R, B4, chunk 32).
+        A multiple of both passes' block_t.
     """
 
     forward: PassConfig = field(default_factory=lambda: PassConfig(block_t=16))
     backward: PassConfig = field(default_factory=lambda: PassConfig(block_t=4))
-    chunk: int = 64
+    chunk: int = 32
 
     def __post_init__(self) -> None:
         for name, p in (("forward", self.forward), ("backward", self.backward)):
