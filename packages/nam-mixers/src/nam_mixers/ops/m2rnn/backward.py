@@ -104,6 +104,8 @@ def _m2rnn_bwd_kernel(
                 tl.store(scratch + (t - t_start) * BK * BV, h)
                 z = tl.dot(h, w, acc=kt[:, None] * vt[None, :], input_precision=PRECISION)
                 h = h + (1.0 - ft) * (tanh_f32(z, FAST_TANH) - h)
+        # The walk reads scratch entries other threads wrote (the loads need not use the store's layout).
+        tl.debug_barrier()
         # Walk the chunk backwards; steps past S have f = 1 and dy = 0, which leave G unchanged.
         nb = tl.cdiv(t_end - t_start, BLOCK_T)
         for jb in range(0, nb):
@@ -134,6 +136,7 @@ def _m2rnn_bwd_kernel(
                     st = tl.load(seq_ptr + b * S + t, mask=live, other=0)
                     sp = tl.load(seq_ptr + b * S + t - 1, mask=live & (t > 0), other=0)
                     gh = tl.where(live & (t > 0) & (st != sp), 0.0, gh)
+        tl.debug_barrier()  # every thread is done reading the scratch before the next chunk overwrites it
     if HAS_H0:
         tl.store(dh0_ptr + bh * K * V + state_off, gh, mask=smask)
     tl.store(dw_ptr + ((kb * B + b) * H + hh) * V * V + cols[:, None] * V + cols[None, :], dw, mask=wmask)
