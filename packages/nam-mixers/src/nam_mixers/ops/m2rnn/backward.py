@@ -57,9 +57,9 @@ def _m2rnn_bwd_kernel(
     PRECISION: tl.constexpr,
     FAST_TANH: tl.constexpr,
 ):
-    kb = tl.program_id(0)
-    nk = tl.num_programs(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # heads of one batch row are neighbours: they share q/k in L2
+    kb = tl.program_id(1)
+    nk = tl.num_programs(1)
     b = bh // H
     hh = bh % H
     g = hh // (H // G)
@@ -176,7 +176,7 @@ def m2rnn_backward(
     dw = torch.empty(nk, d.batch, d.heads, d.v, d.v, device=dev, dtype=f32)
     dh0 = torch.empty(d.batch, d.heads, d.k, d.v, device=dev, dtype=f32) if has_h0 else None
     scratch = torch.empty(d.batch * d.heads * nk, chunk, cfg.block_k, bv, device=dev, dtype=f32)
-    _m2rnn_bwd_kernel[(nk, d.batch * d.heads)](
+    _m2rnn_bwd_kernel[(d.batch * d.heads, nk)](
         q,
         k,
         v,

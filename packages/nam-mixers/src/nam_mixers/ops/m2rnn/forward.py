@@ -55,8 +55,8 @@ def _m2rnn_fwd_kernel(
     PRECISION: tl.constexpr,
     FAST_TANH: tl.constexpr,
 ):
-    kb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # heads of one batch row are neighbours: they share q/k in L2
+    kb = tl.program_id(1)
     b = bh // H
     hh = bh % H
     g = hh // (H // G)
@@ -129,7 +129,7 @@ def m2rnn_forward(
     y = torch.empty(nk, d.batch, d.seq, d.heads, d.v, device=dev, dtype=torch.float32)
     ht = torch.empty(d.batch, d.heads, d.k, d.v, device=dev, dtype=torch.float32)
     ckpt = torch.empty(d.batch, d.heads, nc, d.k, d.v, device=dev, dtype=torch.float32)
-    _m2rnn_fwd_kernel[(nk, d.batch * d.heads)](
+    _m2rnn_fwd_kernel[(d.batch * d.heads, nk)](
         q,
         k,
         v,
