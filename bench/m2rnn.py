@@ -4,12 +4,12 @@ the best swept pair, the reference at a short sequence, and the whole mixer.
 
     bash bench/gpu.sh m2rnn
 
-Floors, stated beside the rows (H200, 1.98 GHz boost clock, 4.26 TB/s measured copy bandwidth):
+Floors, stated beside the rows (H200, 1.98 GHz boost clock, 4.25 TB/s measured copy bandwidth):
 - chain: the 4096 steps are dependent. One step is at least a V-long dot product (log2 V = 4 dependent
   FMA levels at best, 16 cycles), a tanh (one SFU tanh.approx, ~20 cycles) and the gate's sub + FMA
   (8 cycles): ~44 cycles, ~22 ns, so ~0.09 ms forward and twice that backward (recompute + reverse
   walk). The `chain probe` row measures 4096 dependent (FMA + tanh.approx) steps with no loads.
-- bytes: what must cross HBM (inputs, outputs, checkpoints) over 4.26 TB/s; ~0.02 ms, never the limit.
+- bytes: what must cross HBM (inputs, outputs, checkpoints) over 4.25 TB/s; ~0.02 ms, never the limit.
 - fp32 FMA: with precision "ieee" the state matmuls run on CUDA cores: 2*B*H*S*K*V*V flops (forward;
   x3 backward incl. recompute) over 67 TFLOP/s.
 Pin the fastest configuration that passes its check with `M2RNNKernelConfig(...)` as printed in the
@@ -26,7 +26,7 @@ from bench.report import Report
 
 B, S, H, K, V, G = 4, 4096, 44, 64, 16, 1
 HIDDEN = 3584
-CLOCK_GHZ, HBM_TBS, FP32_TFLOPS = 1.98, 4.26, 67.0
+CLOCK_GHZ, HBM_TBS, FP32_TFLOPS = 1.98, 4.25, 67.0  # HBM: bench/RESULTS.md ceilings
 CHAIN_CYCLES = 44
 DEVICE = "cuda"
 
