@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nam_mixers.ops.m2rnn import M2RNNKernelConfig, m2rnn_scan, resolve_path
+from nam_mixers.ops.m2rnn import PATHS, M2RNNKernelConfig, m2rnn_scan
 
 
 def causal_conv(
@@ -74,7 +74,8 @@ class M2RNNCore(nn.Module):
             )
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"M2RNN: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-        resolve_path(path, torch.device("cuda"))  # reject unknown names now, not at the first forward
+        if path not in PATHS:
+            raise ValueError(f"M2RNN: path must be one of {PATHS}, got {path!r}")
         self.num_heads, self.num_qk_heads = num_heads, num_qk_heads
         self.head_dim_k, self.head_dim_v = head_dim_k, head_dim_v
         self.norm_eps, self.path, self.kernel_config = norm_eps, path, kernel_config
