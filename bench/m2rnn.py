@@ -43,13 +43,16 @@ FWD_SWEEP = (
     + [(8, bk, nw, "ieee", False) for bk, nw in SPLITS]
     + [(16, 16, 1, "tf32", False)]
 )
+# Backward variants also carry the checkpoint interval and how dq, dk are summed over heads.
 BWD_SWEEP = (
-    [(bt, bk, nw, "tf32", True, 32) for bt, (bk, nw) in itertools.product((4, 8), SPLITS)]
-    + [(4, 32, 1, "tf32", True, 32)]
-    + [(4, bk, nw, "ieee", False, 32) for bk, nw in SPLITS]
+    [(bt, bk, nw, "tf32", True, 32, "per_head") for bt, (bk, nw) in itertools.product((4, 8), SPLITS)]
+    + [(4, 32, 1, "tf32", True, 32, "per_head")]
+    + [(4, bk, nw, "ieee", False, 32, "per_head") for bk, nw in SPLITS]
     # chunk: the live scratch (B*H*chunk*K*16*4 bytes: 11 MiB per 16 steps) should stay in L2.
-    + [(4, 16, 1, "tf32", True, c) for c in (16, 64, 128)]
-    + [(4, 16, 1, "tf32", False, 32)]
+    + [(4, 16, 1, "tf32", True, c, "per_head") for c in (16, 64, 128)]
+    + [(4, 16, 1, "tf32", False, 32, "per_head")]
+    # float32 atomics instead: 44 heads add into the same dq/dk addresses at about the same time.
+    + [(4, bk, nw, "tf32", True, 32, "atomic") for bk, nw in SPLITS]
 )
 
 
@@ -197,20 +200,19 @@ def main(report: Report) -> None:
 
     # Backward sweep: gradients of every variant against the default's.
     ckpts = {
-        c: m2rnn_forward(*args, d, default.forward, c)[2]
-        for c in {default.chunk} | {v[-1] for v in BWD_SWEEP}
+        c: m2rnn_forward(*args, d, default.forward, c)[2] for c in {default.chunk} | {v[5] for v in BWD_SWEEP}
     }
 
-    def bwd(cfg: PassConfig, chunk: int) -> tuple:
-        return m2rnn_backward(*args[:5], x["seq_idx"], ckpts[chunk], dy, None, False, d, cfg, chunk)
+    def bwd(cfg: PassConfig, chunk: int, dqk: str) -> tuple:
+        return m2rnn_backward(*args[:5], x["seq_idx"], ckpts[chunk], dy, None, False, d, cfg, chunk, dqk)
 
-    base_g = bwd(default.backward, default.chunk)
-    bwd_best: tuple[float, PassConfig, int] | None = None
-    for bt, bk, nw, prec, fast, chunk in BWD_SWEEP:
+    base_g = bwd(default.backward, default.chunk, default.dqk)
+    bwd_best: tuple[float, PassConfig, int, str] | None = None
+    for bt, bk, nw, prec, fast, chunk, dqk in BWD_SWEEP:
         cfg = PassConfig(block_t=bt, block_k=bk, num_warps=nw, precision=prec, fast_tanh=fast)
-        name = f"bwd bt{bt} bk{bk} w{nw} {prec}{' tanh.approx' if fast else ''} C{chunk}"
+        name = f"bwd bt{bt} bk{bk} w{nw} {prec}{' tanh.approx' if fast else ''} C{chunk} {dqk}"
         try:
-            got = bwd(cfg, chunk)
+            got = bwd(cfg, chunk, dqk)
             err = max(_rel(a, r) for a, r in zip(got[:5], base_g[:5], strict=True))
             ok = report.check(name + " vs default", err, 5e-2)
         except Exception as e:
@@ -219,14 +221,14 @@ def main(report: Report) -> None:
         ms = _safe(
             report,
             name,
-            lambda cfg=cfg, chunk=chunk: bwd(cfg, chunk),
+            lambda cfg=cfg, chunk=chunk, dqk=dqk: bwd(cfg, chunk, dqk),
             floor_ms=2 * chain_ms,
             bytes_floor_ms=(2 * io_bytes + 2 * B * S * G * K * 4 + ckpt_bytes(chunk)) / (HBM_TBS * 1e9),
             scratch_mib=B * H * -(-K // bk) * chunk * bk * max(V, 16) * 4 / 2**20,
             fp32_fma_floor_ms=3 * fma_fwd_ms if prec == "ieee" else None,
         )
         if ok and ms is not None and (bwd_best is None or ms < bwd_best[0]):
-            bwd_best = (ms, cfg, chunk)
+            bwd_best = (ms, cfg, chunk, dqk)
 
     # Forward+backward through the autograd Function: the default, then the best pair of the sweep.
     xg = {n: (t.detach().requires_grad_() if t.is_floating_point() else t) for n, t in x.items() if n != "h0"}
@@ -243,7 +245,9 @@ def main(report: Report) -> None:
         "scan fwd+bwd default", fwd_bwd(default), floor_ms=3 * chain_ms, goal_ms=7.5, ckpt_mib=ckpt_mib
     )
     if fwd_best and bwd_best:
-        best = M2RNNKernelConfig(forward=fwd_best[1], backward=bwd_best[1], chunk=bwd_best[2])
+        best = M2RNNKernelConfig(
+            forward=fwd_best[1], backward=bwd_best[1], chunk=bwd_best[2], dqk=bwd_best[3]
+        )
         report.time("scan fwd best", fwd(best), floor_ms=chain_ms, goal_ms=1.5)
         report.time("scan fwd+bwd best", fwd_bwd(best), floor_ms=3 * chain_ms, goal_ms=7.5, best=repr(best))
 

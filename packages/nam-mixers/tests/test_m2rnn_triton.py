@@ -27,18 +27,31 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 CASES = {
-    # name: (B, S, G, H, K, V, h0, packed, forward (block_t, block_k, warps), backward (...), chunk)
-    "NAM56R head (K 64, V 16)": (1, 9, 1, 2, 64, 16, True, False, (4, 64, 4), (2, 32, 2), 4),
-    "one row block": (1, 11, 1, 3, 16, 16, False, False, (4, 16, 1), (2, 16, 1), 4),
-    "K split over row blocks, V padded": (2, 13, 1, 3, 20, 5, True, True, (4, 16, 1), (2, 16, 2), 4),
-    "two q/k groups, chunk > seq": (1, 7, 2, 4, 8, 3, True, False, (4, 16, 1), (4, 32, 1), 8),
-    "blocks not dividing seq, packed": (2, 10, 1, 2, 24, 8, False, True, (3, 16, 1), (2, 16, 1), 6),
+    # name: (B, S, G, H, K, V, h0, packed, forward (block_t, block_k, warps), backward (...), chunk, dqk)
+    "NAM56R head (K 64, V 16)": (1, 9, 1, 2, 64, 16, True, False, (4, 64, 4), (2, 32, 2), 4, "atomic"),
+    "one row block": (1, 11, 1, 3, 16, 16, False, False, (4, 16, 1), (2, 16, 1), 4, "per_head"),
+    "K split over row blocks, V padded": (
+        2,
+        13,
+        1,
+        3,
+        20,
+        5,
+        True,
+        True,
+        (4, 16, 1),
+        (2, 16, 2),
+        4,
+        "atomic",
+    ),
+    "two q/k groups, chunk > seq": (1, 7, 2, 4, 8, 3, True, False, (4, 16, 1), (4, 32, 1), 8, "per_head"),
+    "blocks not dividing seq, packed": (2, 10, 1, 2, 24, 8, False, True, (3, 16, 1), (2, 16, 1), 6, "atomic"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_triton_matches_reference(case: str) -> None:
-    b, s, g, h, k, v, with_h0, packed, fwd, bwd, chunk = CASES[case]
+    b, s, g, h, k, v, with_h0, packed, fwd, bwd, chunk, dqk = CASES[case]
     gen = torch.Generator().manual_seed(len(case))
 
     def rnd(*shape, scale=1.0):
@@ -60,7 +73,7 @@ def test_triton_matches_reference(case: str) -> None:
         seq_idx = torch.cumsum(torch.rand(b, s, generator=gen) < 0.3, dim=1).to(DEVICE)
         seq_idx[:, chunk % s] += 7
         seq_idx[:, chunk % s :] += 7
-    cfg = M2RNNKernelConfig(forward=PassConfig(*fwd), backward=PassConfig(*bwd), chunk=chunk)
+    cfg = M2RNNKernelConfig(forward=PassConfig(*fwd), backward=PassConfig(*bwd), chunk=chunk, dqk=dqk)
     y, ht = m2rnn_scan(**x, seq_idx=seq_idx, path="triton", config=cfg)
     yr, htr = m2rnn_scan_reference(**x, seq_idx=seq_idx)
     assert _rel(y, yr) < 1e-5
@@ -105,6 +118,8 @@ def test_config_validation() -> None:
         M2RNNKernelConfig(forward=PassConfig(block_t=4), backward=PassConfig(block_t=8), chunk=20)
     with pytest.raises(ValueError, match="precision must be one of"):
         PassConfig(precision="bf16")
+    with pytest.raises(ValueError, match="dqk must be one of"):
+        M2RNNKernelConfig(dqk="sum")
     assert PassConfig().dot_precision(input_is_fp32=True) == "ieee"
     assert PassConfig().dot_precision(input_is_fp32=False) == "tf32"
     assert PassConfig(precision="tf32x3").dot_precision(input_is_fp32=True) == "tf32x3"

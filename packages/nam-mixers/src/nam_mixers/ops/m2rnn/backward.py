@@ -8,7 +8,9 @@ last to first, the program recomputes the chunk's states from its checkpoint int
     dW += h_{t-1}^T dZ,  dk_t = dZ v_t,  dv_t = dZ^T k_t,  df_t = <G, h_{t-1} - u>,  dq_t = h_t dy_t
 
 with G = dL/dh_t after adding q_t dy_t^T. dq and dk are summed over the value heads that share the
-q/k head with float32 atomics; dv, df and dW are written per row block and summed afterwards.
+q/k head either with float32 atomics (dqk="atomic") or by writing them per value head and summing
+afterwards (dqk="per_head": deterministic, B*S*H*K*8 bytes more); dv, df and dW are written per row
+block and summed afterwards.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def _m2rnn_bwd_kernel(
     HAS_DHT: tl.constexpr,
     HAS_H0: tl.constexpr,
     HAS_SEQ: tl.constexpr,
+    ATOMIC_DQK: tl.constexpr,
     PRECISION: tl.constexpr,
     FAST_TANH: tl.constexpr,
 ):
@@ -82,6 +85,9 @@ def _m2rnn_bwd_kernel(
     v_base = (b * S * H + hh) * V
     f_base = b * S * H + hh
     part_base = (kb * B + b) * S * H + hh  # [row block, B, S, H] index of (t = 0)
+    # dq, dk: [B, S, G, K] summed by atomics, or [B, S, H, K] per value head, summed afterwards.
+    dqk_base = qk_base if ATOMIC_DQK else (b * S * H + hh) * K
+    DQK_STEP: tl.constexpr = G * K if ATOMIC_DQK else H * K
     scratch = scratch_ptr + (bh * nk + kb) * CHUNK * BK * BV + tl.arange(0, BK)[:, None] * BV + cols[None, :]
     for cr in range(0, NC):
         c = NC - 1 - cr
@@ -123,12 +129,22 @@ def _m2rnn_bwd_kernel(
                 u = tanh_f32(z, FAST_TANH)
                 gh += qt[:, None] * dyt[None, :]
                 dqt = tl.sum((hp + (1.0 - ft) * (u - hp)) * dyt[None, :], axis=1)
-                tl.atomic_add(dq_ptr + qk_base + t * G * K + rows, dqt, mask=rmask & live, sem="relaxed")
+                if ATOMIC_DQK:
+                    tl.atomic_add(
+                        dq_ptr + dqk_base + t * DQK_STEP + rows, dqt, mask=rmask & live, sem="relaxed"
+                    )
+                else:
+                    tl.store(dq_ptr + dqk_base + t * DQK_STEP + rows, dqt, mask=rmask & live)
                 tl.store(df_ptr + part_base + t * H, tl.sum(gh * (hp - u)), mask=live)
                 dz = gh * ((1.0 - ft) * (1.0 - u * u))
                 dw = tl.dot(tl.trans(hp), dz, acc=dw, input_precision=PRECISION)
                 dkt = tl.sum(dz * vt[None, :], axis=1)
-                tl.atomic_add(dk_ptr + qk_base + t * G * K + rows, dkt, mask=rmask & live, sem="relaxed")
+                if ATOMIC_DQK:
+                    tl.atomic_add(
+                        dk_ptr + dqk_base + t * DQK_STEP + rows, dkt, mask=rmask & live, sem="relaxed"
+                    )
+                else:
+                    tl.store(dk_ptr + dqk_base + t * DQK_STEP + rows, dkt, mask=rmask & live)
                 dvt = tl.sum(dz * kt[:, None], axis=0)
                 tl.store(dv_ptr + part_base * V + t * H * V + cols, dvt, mask=cmask & live)
                 gh = tl.dot(dz, wt, acc=ft * gh, input_precision=PRECISION)
@@ -156,6 +172,7 @@ def m2rnn_backward(
     dims: ScanDims,
     cfg: PassConfig,
     chunk: int,
+    dqk: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Contiguous inputs in; returns float32 dq, dk [B, S, G, K], dv [B, S, H, V], df [B, S, H],
     dW [H, V, V] and dh0 [B, H, K, V] (None without an initial state)."""
@@ -169,8 +186,11 @@ def m2rnn_backward(
     bv = max(16, triton.next_power_of_2(d.v))
     dev = v.device
     f32 = torch.float32
-    dq = torch.zeros(d.batch, d.seq, d.qk_heads, d.k, device=dev, dtype=f32)
-    dk = torch.zeros_like(dq)
+    if dqk == "atomic":
+        dq = torch.zeros(d.batch, d.seq, d.qk_heads, d.k, device=dev, dtype=f32)
+    else:
+        dq = torch.empty(d.batch, d.seq, d.heads, d.k, device=dev, dtype=f32)
+    dk = torch.zeros_like(dq) if dqk == "atomic" else torch.empty_like(dq)
     dv = torch.empty(nk, d.batch, d.seq, d.heads, d.v, device=dev, dtype=f32)
     df = torch.empty(nk, d.batch, d.seq, d.heads, device=dev, dtype=f32)
     dw = torch.empty(nk, d.batch, d.heads, d.v, d.v, device=dev, dtype=f32)
@@ -207,8 +227,12 @@ def m2rnn_backward(
         HAS_DHT=dht is not None,
         HAS_H0=has_h0,
         HAS_SEQ=seq_idx is not None,
+        ATOMIC_DQK=dqk == "atomic",
         PRECISION=cfg.dot_precision(v.dtype == torch.float32),
         FAST_TANH=cfg.use_fast_tanh(v.dtype == torch.float32, v.is_cuda),
         num_warps=cfg.num_warps,
     )
+    if dqk != "atomic":
+        per_group = (d.batch, d.seq, d.qk_heads, d.heads // d.qk_heads, d.k)
+        dq, dk = dq.view(per_group).sum(3), dk.view(per_group).sum(3)
     return dq, dk, dv.sum(0), df.sum(0), dw.sum((0, 1)), dh0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PRECISIONS = ("ieee", "tf32", "tf32x3")
+DQK_REDUCTIONS = ("per_head", "atomic")
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,20 @@ class M2RNNKernelConfig:
         its checkpoint. Activation memory is B*H*ceil(S/chunk)*K*V*4 bytes; the backward's scratch is
         B*H*chunk*K*max(V,16)*4 bytes, which should stay in L2 (23 MiB at NAM56R, B4, chunk 32).
         A multiple of both passes' block_t.
+    dqk: how the backward sums dq and dk over the value heads sharing a q/k head: "per_head" writes
+        them per head and sums afterwards (deterministic; B*S*H*K*8 bytes while the backward runs,
+        352 MiB at NAM56R B4 S4096), "atomic" adds them with float32 atomics (no buffer, not
+        bitwise reproducible, and H heads contend for the same addresses).
     """
 
     forward: PassConfig = field(default_factory=lambda: PassConfig(block_t=16))
     backward: PassConfig = field(default_factory=lambda: PassConfig(block_t=4))
     chunk: int = 32
+    dqk: str = "per_head"
 
     def __post_init__(self) -> None:
+        if self.dqk not in DQK_REDUCTIONS:
+            raise ValueError(f"M2RNNKernelConfig.dqk must be one of {DQK_REDUCTIONS}, got {self.dqk!r}")
         for name, p in (("forward", self.forward), ("backward", self.backward)):
             if self.chunk < 1 or self.chunk % p.block_t:
                 raise ValueError(

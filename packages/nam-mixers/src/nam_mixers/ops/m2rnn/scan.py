@@ -90,6 +90,7 @@ class _M2RNNScan(torch.autograd.Function):
             ctx.dims,
             cfg.backward,
             cfg.chunk,
+            cfg.dqk,
         )
         return (
             dq.to(q.dtype),
