@@ -1,6 +1,7 @@
 """M2RNN scan on one GPU at NAM56R dims: checks against the per-step reference, then a sweep of kernel
-configurations (forward and backward timed separately), then forward+backward of the default and of
-the best swept pair, the reference at a short sequence, and the whole mixer.
+configurations (forward and backward timed separately; compiled first in parallel processes), then
+forward+backward of the default and of the best swept pair, the reference at a short sequence, and
+the whole mixer.
 
     bash bench/gpu.sh m2rnn
 
