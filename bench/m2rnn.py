@@ -3,7 +3,7 @@ configurations (forward and backward timed separately; compiled first in paralle
 forward+backward of the default and of the best swept pair, the reference at a short sequence, and
 the whole mixer.
 
-    bash bench/gpu.sh m2rnn
+    NAM_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu.sh m2rnn   # on the GPU machine: NAM_COMMIT=<sha> ...
 
 Floors, stated beside the rows (H200, 1.98 GHz boost clock, 4.25 TB/s measured copy bandwidth):
 - chain: the 4096 steps are dependent. One step is at least a V-long dot product (log2 V = 4 dependent
