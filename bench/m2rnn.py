@@ -36,7 +36,8 @@ DEVICE = "cuda"
 # 12-28 s, left out), backward 2-7 s at block_t 4 and 28-52 s at block_t 8 (kept for one split only;
 # block_t 16 spills, left out).
 # bf16 training runs tf32 dots with the hardware tanh (the 16-bit default) and is swept widest; exact
-# fp32 ("ieee", the float32 default) is timed at one block_t; one variant prices the accurate tanh.
+# fp32 ("ieee", the float32 default) is timed at one block_t; one variant prices the accurate tanh;
+# a few try bf16 matmul operands (their "vs default" check says whether the rounding is acceptable).
 # Splits (block_k, num_warps): 16 state rows per warp in 704, 352 or 176 programs, or more rows per warp.
 SPLITS = ((64, 4), (32, 2), (16, 1))
 FWD_SWEEP = (
@@ -44,6 +45,8 @@ FWD_SWEEP = (
     + [(8, 32, 1, "tf32", True), (8, 64, 1, "tf32", True)]
     + [(8, bk, nw, "ieee", False) for bk, nw in SPLITS]
     + [(16, 16, 1, "tf32", False)]
+    # bf16 matmul operands: the product feeds the next step's product without a register shuffle.
+    + [(8, 16, 1, "bf16", True), (16, 16, 1, "bf16", True), (16, 32, 2, "bf16", True)]
 )
 # Backward variants also carry the checkpoint interval and how dq, dk are summed over heads.
 BWD_SWEEP = (
@@ -55,6 +58,7 @@ BWD_SWEEP = (
     + [(4, 16, 1, "tf32", False, 32, "per_head")]
     # float32 atomics instead: 44 heads add into the same dq/dk addresses at about the same time.
     + [(4, bk, nw, "tf32", True, 32, "atomic") for bk, nw in SPLITS]
+    + [(4, 16, 1, "bf16", True, 32, "per_head"), (4, 32, 2, "bf16", True, 32, "per_head")]
 )
 
 

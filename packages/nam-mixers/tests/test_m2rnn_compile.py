@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
     # (input dtype, precision, hardware tanh, block_k, num_warps, dq/dk by atomics): the bf16 and
     # float32 defaults and a split.
     for dt, prec, fast, bk, nw, atomic in (("bf16", "tf32", True, 16, 1, False), ("fp32", "ieee", False, 16, 1, False),
-                                           ("bf16", "tf32", True, 64, 4, True)):
+                                           ("bf16", "tf32", True, 64, 4, True), ("bf16", "bf16", True, 16, 1, False)):
         p = "*" + dt
         shape = dict(H=44, G=1, K=64, V=16, BK=bk, BV=16, CHUNK=32, HAS_SEQ=True, PRECISION=prec, FAST_TANH=fast)
         build(_m2rnn_fwd_kernel,

@@ -117,12 +117,14 @@ def test_config_validation() -> None:
     ):
         M2RNNKernelConfig(forward=PassConfig(block_t=4), backward=PassConfig(block_t=8), chunk=20)
     with pytest.raises(ValueError, match="precision must be one of"):
-        PassConfig(precision="bf16")
+        PassConfig(precision="fp8")
     with pytest.raises(ValueError, match="dqk must be one of"):
         M2RNNKernelConfig(dqk="sum")
-    assert PassConfig().dot_precision(input_is_fp32=True) == "ieee"
-    assert PassConfig().dot_precision(input_is_fp32=False) == "tf32"
-    assert PassConfig(precision="tf32x3").dot_precision(input_is_fp32=True) == "tf32x3"
+    assert PassConfig().dot_precision(input_is_fp32=True, on_cuda=True) == "ieee"
+    assert PassConfig().dot_precision(input_is_fp32=False, on_cuda=True) == "tf32"
+    assert PassConfig(precision="tf32x3").dot_precision(input_is_fp32=True, on_cuda=False) == "tf32x3"
+    with pytest.raises(ValueError, match="precision='bf16' needs CUDA"):
+        PassConfig(precision="bf16").dot_precision(input_is_fp32=False, on_cuda=False)
     assert PassConfig().use_fast_tanh(input_is_fp32=False, on_cuda=True)
     assert not PassConfig().use_fast_tanh(input_is_fp32=False, on_cuda=False)
     assert not PassConfig().use_fast_tanh(input_is_fp32=True, on_cuda=True)

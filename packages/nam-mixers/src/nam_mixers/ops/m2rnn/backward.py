@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from nam_mixers.ops.m2rnn.config import PassConfig
-from nam_mixers.ops.m2rnn.forward import tanh_f32
+from nam_mixers.ops.m2rnn.forward import matmul, tanh_f32
 from nam_mixers.ops.m2rnn.shapes import ScanDims
 
 
@@ -108,7 +108,7 @@ def _m2rnn_bwd_kernel(
                     h = tl.where(live & (st != prev), 0.0, h)
                     prev = tl.where(live, st, prev)
                 tl.store(scratch + (t - t_start) * BK * BV, h)
-                z = tl.dot(h, w, acc=kt[:, None] * vt[None, :], input_precision=PRECISION)
+                z = matmul(h, w, kt[:, None] * vt[None, :], PRECISION)
                 h = h + (1.0 - ft) * (tanh_f32(z, FAST_TANH) - h)
         # The walk reads scratch entries other threads wrote (the loads need not use the store's layout).
         tl.debug_barrier()
@@ -125,7 +125,7 @@ def _m2rnn_bwd_kernel(
                 vt = tl.load(v_ptr + v_base + t * H * V + cols, mask=cmask & live, other=0.0).to(tl.float32)
                 dyt = tl.load(dy_ptr + v_base + t * H * V + cols, mask=cmask & live, other=0.0).to(tl.float32)
                 ft = tl.load(f_ptr + f_base + t * H, mask=live, other=1.0).to(tl.float32)
-                z = tl.dot(hp, w, acc=kt[:, None] * vt[None, :], input_precision=PRECISION)
+                z = matmul(hp, w, kt[:, None] * vt[None, :], PRECISION)
                 u = tanh_f32(z, FAST_TANH)
                 gh += qt[:, None] * dyt[None, :]
                 dqt = tl.sum((hp + (1.0 - ft) * (u - hp)) * dyt[None, :], axis=1)
@@ -137,7 +137,7 @@ def _m2rnn_bwd_kernel(
                     tl.store(dq_ptr + dqk_base + t * DQK_STEP + rows, dqt, mask=rmask & live)
                 tl.store(df_ptr + part_base + t * H, tl.sum(gh * (hp - u)), mask=live)
                 dz = gh * ((1.0 - ft) * (1.0 - u * u))
-                dw = tl.dot(tl.trans(hp), dz, acc=dw, input_precision=PRECISION)
+                dw = matmul(tl.trans(hp), dz, dw, PRECISION)
                 dkt = tl.sum(dz * vt[None, :], axis=1)
                 if ATOMIC_DQK:
                     tl.atomic_add(
@@ -147,7 +147,7 @@ def _m2rnn_bwd_kernel(
                     tl.store(dk_ptr + dqk_base + t * DQK_STEP + rows, dkt, mask=rmask & live)
                 dvt = tl.sum(dz * kt[:, None], axis=0)
                 tl.store(dv_ptr + part_base * V + t * H * V + cols, dvt, mask=cmask & live)
-                gh = tl.dot(dz, wt, acc=ft * gh, input_precision=PRECISION)
+                gh = matmul(dz, wt, ft * gh, PRECISION)
                 if HAS_SEQ:
                     st = tl.load(seq_ptr + b * S + t, mask=live, other=0)
                     sp = tl.load(seq_ptr + b * S + t - 1, mask=live & (t > 0), other=0)
@@ -228,7 +228,7 @@ def m2rnn_backward(
         HAS_H0=has_h0,
         HAS_SEQ=seq_idx is not None,
         ATOMIC_DQK=dqk == "atomic",
-        PRECISION=cfg.dot_precision(v.dtype == torch.float32),
+        PRECISION=cfg.dot_precision(v.dtype == torch.float32, v.is_cuda),
         FAST_TANH=cfg.use_fast_tanh(v.dtype == torch.float32, v.is_cuda),
         num_warps=cfg.num_warps,
     )

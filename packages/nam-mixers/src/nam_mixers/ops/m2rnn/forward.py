@@ -20,11 +20,24 @@ from nam_mixers.ops.m2rnn.shapes import ScanDims
 def tanh_f32(z, FAST: tl.constexpr):
     if FAST:
         # One SFU instruction (relative error 2^-11, finer than bf16's 2^-8) instead of ~12.
-        return tl.inline_asm_elementwise(
+        u = tl.inline_asm_elementwise(
             "tanh.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=True, pack=1
         )
-    # 1 - 2 / (e^{2z} + 1): saturates to +-1 without inf/inf; absolute error ~1e-7 near 0.
-    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+    else:
+        # 1 - 2 / (e^{2z} + 1): saturates to +-1 without inf/inf; absolute error ~1e-7 near 0.
+        u = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+    return u
+
+
+@triton.jit
+def matmul(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b for float32 a, b. "bf16" rounds both to bfloat16 (one tensor-core pass; a 16-bit
+    accumulator can become the next product's left operand without leaving registers)."""
+    if PRECISION == "bf16":
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc)
+    else:
+        out = tl.dot(a, b, acc=acc, input_precision=PRECISION)
+    return out
 
 
 @triton.jit
@@ -97,7 +110,7 @@ def _m2rnn_fwd_kernel(
                     st = tl.load(seq_ptr + b * S + t, mask=live, other=0)
                     h = tl.where(live & (st != prev), 0.0, h)
                     prev = tl.where(live, st, prev)
-                z = tl.dot(h, w, acc=kt[:, None] * vt[None, :], input_precision=PRECISION)
+                z = matmul(h, w, kt[:, None] * vt[None, :], PRECISION)
                 h = h + (1.0 - ft) * (tanh_f32(z, FAST_TANH) - h)
                 yt = tl.sum(qt[:, None] * h, axis=0)
                 tl.store(y_ptr + y_base + t * H * V + cols, yt, mask=cmask & live)
@@ -153,7 +166,7 @@ def m2rnn_forward(
         CHUNK=chunk,
         HAS_H0=h0 is not None,
         HAS_SEQ=seq_idx is not None,
-        PRECISION=cfg.dot_precision(v.dtype == torch.float32),
+        PRECISION=cfg.dot_precision(v.dtype == torch.float32, v.is_cuda),
         FAST_TANH=cfg.use_fast_tanh(v.dtype == torch.float32, v.is_cuda),
         num_warps=cfg.num_warps,
     )
