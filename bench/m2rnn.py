@@ -164,7 +164,8 @@ def _bench_inputs() -> tuple[dict[str, Any], tuple, Any, Any]:
 
 
 def _compile_variant(job: tuple) -> str:
-    """Run one sweep variant once in a fresh process, leaving its kernels in Triton's on-disk cache."""
+    """Run one sweep variant once in a fresh process, leaving its kernels in Triton's on-disk cache.
+    Returns "" or the error (a variant that faults must not take down the main process's context)."""
     try:
         import torch
 
@@ -184,12 +185,13 @@ def _compile_variant(job: tuple) -> str:
         torch.cuda.synchronize()
         return ""
     except Exception as e:  # the serial sweep reports it again, with the variant's name
-        return f"{job}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
 
 
-def _precompile(report: Report) -> None:
+def _precompile(report: Report) -> dict[tuple, str]:
     """Compile the sweep in parallel (one CPU core per variant) so the GPU is not held while one core
-    compiles ~30 kernels in a row; the sweep below then loads them from the cache."""
+    compiles ~30 kernels in a row; the sweep below then loads them from the cache. Returns the
+    variants that failed there, with their errors, for the sweep to skip."""
     import multiprocessing as mp
     import os
     import time
@@ -200,13 +202,16 @@ def _precompile(report: Report) -> None:
     t0 = time.perf_counter()
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            errors = [e for e in pool.map(_compile_variant, jobs) if e]
+            failed = {job: e for job, e in zip(jobs, pool.map(_compile_variant, jobs), strict=True) if e}
     except Exception as e:  # precompiling is an optimisation: the sweep compiles what is missing
-        errors = [f"{type(e).__name__}: {e}"]
+        failed = {}
+        report.row("precompile skipped", error=f"{type(e).__name__}: {str(e)[:100]}")
     wall_ms = (time.perf_counter() - t0) * 1e3
-    report.row(f"precompile {len(jobs)} variants, {workers} processes (wall)", ms=wall_ms, errors=len(errors))
-    for e in errors[:3]:
-        report.row("precompile error", error=e)
+    report.row(f"precompile {len(jobs)} variants, {workers} processes (wall)", ms=wall_ms, failed=len(failed))
+    if failed and len(failed) == len(jobs):  # the worker set-up failed, not the variants: sweep them all
+        report.row("precompile failed everywhere", error=next(iter(failed.values())))
+        return {}
+    return failed
 
 
 def main(report: Report) -> None:
@@ -217,7 +222,7 @@ def main(report: Report) -> None:
     from nam_mixers.ops.m2rnn.backward import m2rnn_backward
     from nam_mixers.ops.m2rnn.forward import m2rnn_forward
 
-    _precompile(report)
+    failed = _precompile(report)
     # Correctness first: the default configuration against the reference at the real heads and sequence,
     # batch 1 (the per-step reference's autograd graph at B4 S4096 would need ~60 GB).
     _check_against_reference(report, 1, S, torch.bfloat16, 2e-2, 5e-2)
@@ -240,6 +245,9 @@ def main(report: Report) -> None:
     for bt, bk, nw, prec, fast in FWD_SWEEP:
         cfg = PassConfig(block_t=bt, block_k=bk, num_warps=nw, precision=prec, fast_tanh=fast)
         name = f"fwd bt{bt} bk{bk} w{nw} {prec}{' tanh.approx' if fast else ''}"
+        if (bt, bk, nw, prec, fast) in failed:
+            report.row(name, error=failed[(bt, bk, nw, prec, fast)])
+            continue
         try:
             ok = report.check(
                 name + " vs default", _rel(m2rnn_forward(*args, d, cfg, default.chunk)[0], base_y), 2e-2
@@ -271,6 +279,9 @@ def main(report: Report) -> None:
     for bt, bk, nw, prec, fast, chunk, dqk in BWD_SWEEP:
         cfg = PassConfig(block_t=bt, block_k=bk, num_warps=nw, precision=prec, fast_tanh=fast)
         name = f"bwd bt{bt} bk{bk} w{nw} {prec}{' tanh.approx' if fast else ''} C{chunk} {dqk}"
+        if (bt, bk, nw, prec, fast, chunk, dqk) in failed:
+            report.row(name, error=failed[(bt, bk, nw, prec, fast, chunk, dqk)])
+            continue
         try:
             got = bwd(cfg, chunk, dqk)
             err = max(_rel(a, r) for a, r in zip(got[:5], base_g[:5], strict=True))
