@@ -1,5 +1,5 @@
 """Suite-wide checks: nothing in the test process reaches CUDA, and, when the whole suite runs,
-every listed CPU patch was hit at least once (counts from spawned ranks are merged in by
+every listed CPU patch was hit at least once (counts from the ranks are merged in by
 nam_runtime.testing.run_ranks)."""
 
 from __future__ import annotations
