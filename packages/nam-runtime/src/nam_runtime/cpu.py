@@ -85,20 +85,22 @@ def enabled() -> bool:
 
 _DEVICE_ARG = _row(
     "mode.device_argument",
-    "device='cuda' / device=torch.cuda.current_device() / .to('cuda') in megatron's model code, "
-    "GlobalMemoryBuffer, schedules, optimizer, clip_grads, grad_scaler, param_and_grad_buffer, "
-    "dist_checkpointing exchange_utils and state_dict_saver",
+    "device='cuda' / device=torch.cuda.current_device() / .to('cuda') in transformer.utils (causal mask), "
+    "moe.router, utils.GlobalMemoryBuffer and local_multi_tensor_l2_norm, distributed.param_and_grad_buffer, "
+    "optimizer.optimizer, optimizer.clip_grads, pipeline_parallel.schedules and p2p_communication, "
+    "tensor_parallel.data, dist_checkpointing.strategies.state_dict_saver",
     "megatron allocates its buffers, flags and reductions on a literal CUDA device",
 )
 _TENSOR_CUDA = _row(
     "mode.tensor_cuda",
-    "Tensor.cuda() in dist_checkpointing exchange_utils, optimizer state loading, tensor_parallel.data",
+    "Tensor.cuda() in tensor_parallel.data.broadcast_data (also in optimizer state loading and "
+    "dist_checkpointing.exchange_utils, which the suite does not reach)",
     "megatron moves tensors to the GPU with .cuda(); on CPU they stay where they are",
 )
 _TYPE_STRING = _row(
     "mode.tensor_type_string",
-    "param.type() == 'torch.cuda.FloatTensor' in optimizer.distrib_optimizer and optimizer.optimizer "
-    "(param groups), optimizer.clip_grads",
+    "param.type() == 'torch.cuda.FloatTensor' in optimizer.distrib_optimizer (__init__, param groups) "
+    "and optimizer.clip_grads.clip_grad_by_total_norm_fp32",
     "megatron accepts only CUDA tensor type strings for parameters and gradients",
 )
 
@@ -160,8 +162,9 @@ class CpuDeviceMode(TorchFunctionMode):
 
 _CURRENT_DEVICE = _row(
     "torch.cuda.current_device",
-    "torch.cuda.current_device (called in ~70 megatron-core modules: model code, GlobalMemoryBuffer, "
-    "param_and_grad_buffer, distrib_optimizer, schedules, p2p communication)",
+    "torch.cuda.current_device, called in ~70 megatron-core modules; the suite reaches moe.router, "
+    "utils.GlobalMemoryBuffer, distributed.param_and_grad_buffer, pipeline_parallel.p2p_communication, "
+    "tensor_parallel.data, dist_checkpointing.strategies.state_dict_saver",
     "it initialises CUDA and raises without a GPU; megatron only passes its result on as a device "
     "argument, which CpuDeviceMode maps to the CPU",
 )
@@ -174,8 +177,8 @@ def _current_device() -> int:
 
 _CURRENT_STREAM = _row(
     "torch.cuda.current_stream",
-    "torch.cuda.current_stream (distributed.param_and_grad_buffer start_grad_sync waiting on CUDA-graph "
-    "events; schedules and MoE overlap code)",
+    "torch.cuda.current_stream in distributed.param_and_grad_buffer start_grad_sync (it waits on "
+    "CUDA-graph events there); ~70 call sites in all",
     "it initialises CUDA and raises without a GPU; CPU work is synchronous, so a stream whose waits "
     "are no-ops keeps megatron's ordering",
 )
@@ -205,8 +208,8 @@ def _current_stream(device: Any = None) -> CpuStream:
 
 _SYNCHRONIZE = _row(
     "torch.cuda.synchronize",
-    "torch.cuda.synchronize (pipeline_parallel.p2p_communication after batched send/recv with "
-    "batch_p2p_sync, the default; ~40 other megatron-core call sites)",
+    "torch.cuda.synchronize in pipeline_parallel.p2p_communication._communicate (batch_p2p_sync, the "
+    "default) and dist_checkpointing.strategies.filesystem_async.preload_tensors; ~40 call sites in all",
     "it initialises CUDA and raises without a GPU; on CPU the gloo requests are already waited on",
 )
 
