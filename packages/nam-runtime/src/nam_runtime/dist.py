@@ -15,6 +15,7 @@ import torch
 import torch.distributed as torch_dist
 
 from nam_runtime import cpu
+from nam_runtime.testing import free_port
 
 __all__ = ["World", "initialize", "is_initialized", "teardown"]
 
@@ -91,12 +92,12 @@ def initialize(
 
     if _WORLD is not None:
         raise RuntimeError("nam_runtime.dist.initialize called twice; call nam_runtime.dist.teardown() first")
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        cpu.enable()
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     dp = _check_sizes(world_size, tensor_parallel, pipeline_parallel, expert_parallel, data_parallel)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu.enable()
     backend = "nccl" if on_gpu else "gloo"
     if on_gpu:
         local_rank = _env_int("LOCAL_RANK", rank % torch.cuda.device_count())
@@ -108,7 +109,7 @@ def initialize(
     if not torch_dist.is_initialized():
         if world_size == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
         _OWNS_PROCESS_GROUP = True
     parallel_state.initialize_model_parallel(
@@ -147,11 +148,3 @@ def teardown() -> None:
         torch_dist.destroy_process_group()
     _OWNS_PROCESS_GROUP = False
     _WORLD = None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
