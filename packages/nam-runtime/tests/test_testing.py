@@ -57,3 +57,14 @@ def test_hung_rank_fails_after_the_timeout() -> None:
 def test_rejects_an_empty_world() -> None:
     with pytest.raises(ValueError, match="world_size=0"):
         run_ranks(_environment, 0, "x")
+
+
+def _variable() -> str | None:
+    return os.environ.get("NAM_RUNTIME_PROBE")
+
+
+def test_ranks_see_the_callers_current_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NAM_RUNTIME_PROBE", "first")
+    assert run_ranks(_variable, 1) == ["first"]
+    monkeypatch.setenv("NAM_RUNTIME_PROBE", "second")  # after the forkserver started
+    assert run_ranks(_variable, 1) == ["second"]

@@ -77,7 +77,8 @@ def _rank_main(
     rank: int,
     results: Any,
 ) -> None:
-    # A forked rank has the forkserver's environment: this rank's variables are set here.
+    # A forked rank starts with the forkserver's environment: it takes the caller's, as spawn would.
+    os.environ.clear()
     os.environ.update(env)
     try:
         torch = sys.modules.get("torch")
@@ -119,7 +120,7 @@ def run_ranks[T](
         os.environ.update(_THREADS)
         for rank in range(world_size):
             env = {
-                **_THREADS,
+                **os.environ,
                 "RANK": str(rank),
                 "LOCAL_RANK": str(rank),
                 "WORLD_SIZE": str(world_size),
