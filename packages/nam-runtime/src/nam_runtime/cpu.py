@@ -41,7 +41,6 @@ class Patch:
 
 
 PATCHES: dict[str, Patch] = {}
-_ORIGINALS: dict[str, Any] = {}
 _LOCK = threading.Lock()
 _ENABLED = False
 
@@ -116,7 +115,7 @@ def _is_cuda(device: Any) -> bool:
     return isinstance(device, torch.device) and device.type == "cuda"
 
 
-def _map_to_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], bool]:
+def _map_to_args(args: tuple[Any, ...]) -> tuple[tuple[Any, ...], bool]:
     # Tensor.to(device, ...) / Tensor.to(device, dtype): the device is the first positional
     # argument after self when it is not a dtype or a tensor.
     if len(args) >= 2 and _is_cuda(args[1]):
@@ -150,7 +149,7 @@ class CpuDeviceMode(TorchFunctionMode):
             _hit(_DEVICE_ARG.name)
             kwargs = {**kwargs, "device": torch.device("cpu")}
         elif func is torch.Tensor.to:
-            args, mapped = _map_to_args(args, kwargs)
+            args, mapped = _map_to_args(args)
             if mapped:
                 _hit(_DEVICE_ARG.name)
         return func(*args, **kwargs)
@@ -330,18 +329,14 @@ def _dtoh_and_synchronize(self: Any, point: str, tokens_per_expert: torch.Tensor
 def _replace_function(module_name: str, attr: str, new: Callable[..., Any]) -> None:
     """Replace `module.attr` and every binding of the same object in loaded megatron modules
     (`from x import f` copies the name)."""
-    module = importlib.import_module(module_name)
-    old = getattr(module, attr)
-    _ORIGINALS[f"{module_name}.{attr}"] = old
+    old = getattr(importlib.import_module(module_name), attr)
     for name, mod in list(sys.modules.items()):
         if name.startswith("megatron.") and mod is not None and getattr(mod, attr, None) is old:
             setattr(mod, attr, new)
 
 
 def _replace_method(module_name: str, cls_name: str, attr: str, new: Callable[..., Any]) -> None:
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    _ORIGINALS[f"{module_name}.{cls_name}.{attr}"] = cls.__dict__[attr]
-    setattr(cls, attr, new)
+    setattr(getattr(importlib.import_module(module_name), cls_name), attr, new)
 
 
 def enable() -> bool:
@@ -356,11 +351,9 @@ def enable() -> bool:
             return True
         if torch.cuda.is_available():
             return False
-        _ORIGINALS["torch.cuda.current_device"] = torch.cuda.current_device
+        # the only torch attributes replaced: each raises without a GPU and megatron calls it everywhere
         torch.cuda.current_device = _current_device
-        _ORIGINALS["torch.cuda.current_stream"] = torch.cuda.current_stream
         torch.cuda.current_stream = _current_stream
-        _ORIGINALS["torch.cuda.synchronize"] = torch.cuda.synchronize
         torch.cuda.synchronize = _synchronize
         _replace_function(_RANDOM, "_get_cuda_rng_state", _get_cuda_rng_state)
         _replace_function(_RANDOM, "_set_cuda_rng_state", _set_cuda_rng_state)
