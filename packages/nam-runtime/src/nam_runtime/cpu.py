@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -104,6 +105,42 @@ _TYPE_STRING = _row(
 )
 
 
+_BACKWARD = _row(
+    "mode.backward",
+    "torch.autograd.backward / Tensor.backward called by pipeline_parallel.schedules.backward_step; the "
+    "backward of tensor_parallel.mappings._AllToAll (MoE expert-parallel dispatch) allocates on "
+    "torch.cuda.current_device()",
+    "a torch function mode is off while its handler runs, so a backward dispatched through it would "
+    "run megatron's backward functions without the mode: the handler runs the autograd engine with "
+    "the mode re-entered",
+)
+
+
+def _backward_with_mode(mode: TorchFunctionMode, func: Callable[..., Any], args: Any, kwargs: Any) -> None:
+    # torch.autograd.backward's own steps (torch 2.11), with the mode on the stack around the engine
+    bound = inspect.signature(func).bind(*args, **kwargs).arguments
+    tensors = bound.get("self", bound.get("tensors"))
+    grads = bound.get("gradient", bound.get("grad_tensors"))
+    create_graph = bool(bound.get("create_graph", False))
+    retain_graph = bound.get("retain_graph")
+    inputs = bound.get("inputs")
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    inputs = () if inputs is None else (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    with mode:
+        grads = torch.autograd._make_grads(
+            tensors, torch.autograd._tensor_or_tensors_to_tuple(grads, len(tensors)), is_grads_batched=False
+        )
+        torch.autograd.graph._engine_run_backward(
+            tensors,
+            grads,
+            create_graph if retain_graph is None else retain_graph,
+            create_graph,
+            inputs,
+            allow_unreachable=True,
+            accumulate_grad=True,
+        )
+
+
 def _is_cuda(device: Any) -> bool:
     # An int is what torch.cuda.current_device() returns; as a device argument it means cuda:N.
     if isinstance(device, bool):
@@ -135,6 +172,9 @@ class CpuDeviceMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            _hit(_BACKWARD.name)
+            return _backward_with_mode(self, func, args, kwargs)
         if func is torch.Tensor.cuda:
             _hit(_TENSOR_CUDA.name)
             return args[0]
@@ -304,8 +344,8 @@ _DTOH = _row(
     "moe.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
     f"{_DISPATCHER}.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize and its class attribute "
     "cuda_dtoh_stream (a torch.cuda.Stream made in __init__)",
-    "copies the split sizes to the host on a side CUDA stream and syncs on a CUDA event; on CPU "
-    "they are already on the host",
+    "copies the split sizes to the host (as numpy arrays) on a side CUDA stream and syncs on a CUDA "
+    "event; on CPU they are already on the host and only become numpy arrays",
 )
 
 
@@ -317,7 +357,14 @@ class _NoStream:
 
 
 def _dtoh_and_synchronize(self: Any, point: str, tokens_per_expert: torch.Tensor | None = None) -> Any:
+    # megatron's host copies without the side stream and event: the tensors are already on the
+    # host, but the all-to-all split sizes must become numpy arrays as they do there.
     _hit(_DTOH.name)
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for attr in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, attr, None)
+            if torch.is_tensor(value):
+                setattr(self, attr, value.numpy())
     return tokens_per_expert
 
 
