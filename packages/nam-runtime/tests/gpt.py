@@ -39,6 +39,7 @@ def config(*, moe: bool = True, layers: int = 4, **overrides: Any) -> Transforme
         ffn_hidden_size=2 * HIDDEN,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         use_cpu_initialization=True,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
