@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from nam_embed.cpp import extract_cpp_structure
 from nam_embed.cpp_vocab import CATEGORIES, NODE_TYPE_IDS, NODE_TYPES
-from nam_embed.structure import CHANNELS, StructureEmbedding, StructureSchema
+from nam_embed.structure import CHANNELS, StructureConfig, StructureEmbedding, StructureSchema
 
 
 def _tokens(source: str) -> list[tuple[int, int]]:
@@ -142,7 +142,7 @@ def test_channels_feed_the_default_schema() -> None:
     spans = _tokens(NESTED)
     ch = extract_cpp_structure(NESTED, spans)
     ids = torch.zeros(1, len(spans), dtype=torch.long)
-    module = StructureEmbedding(StructureSchema.default(), 32)
+    module = StructureEmbedding(StructureConfig(), 32)
     out = module({k: v.unsqueeze(0) for k, v in ch.items()}, ids)
     assert out.shape == (1, len(spans), 32)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nam_embed.cpp_vocab import CATEGORIES, NODE_TYPES
-from nam_embed.structure import CHANNELS, ChannelSpec, StructureEmbedding, StructureSchema
+from nam_embed.structure import CHANNELS, ChannelSpec, StructureConfig, StructureEmbedding, StructureSchema
 
 SCHEMA = StructureSchema(
     (ChannelSpec("a", 5, "clamp"), ChannelSpec("b", 3, "error"), ChannelSpec("c", 4, "clamp"))
@@ -34,12 +34,14 @@ def test_schema_errors() -> None:
     with pytest.raises(ValueError, match=r"'a': vocab=0"):
         ChannelSpec("a", 0, "clamp")
     with pytest.raises(KeyError, match=r"no channel 'z'; channels: \['a', 'b', 'c'\]"):
-        StructureEmbedding(SCHEMA, 8, enabled=["a", "z"])
+        StructureConfig(SCHEMA, enabled=("a", "z"))
+    with pytest.raises(ValueError, match=r"enabled=\['a', 'a'\] must be non-empty and distinct"):
+        StructureConfig(SCHEMA, enabled=("a", "a"))
 
 
 def test_zero_at_init_then_learns() -> None:
     torch.manual_seed(0)
-    module = StructureEmbedding(SCHEMA, 12, bottleneck=6)
+    module = StructureEmbedding(StructureConfig(SCHEMA, bottleneck=6), 12)
     ids = torch.zeros(2, 9, dtype=torch.long)
     out = module(_channels((2, 9)), ids)
     assert out.shape == (2, 9, 12) and not out.any()
@@ -49,7 +51,7 @@ def test_zero_at_init_then_learns() -> None:
 
 def test_matches_the_definition() -> None:
     torch.manual_seed(1)
-    module = StructureEmbedding(SCHEMA, 7, bottleneck=5, enabled=["c", "a"])
+    module = StructureEmbedding(StructureConfig(SCHEMA, enabled=("c", "a"), bottleneck=5), 7)
     torch.nn.init.normal_(module.up.weight)
     module.scales.data = torch.tensor([0.5, -2.0])
     ch = _channels((3, 4), seed=2)
@@ -64,14 +66,14 @@ def test_matches_the_definition() -> None:
 
 
 def test_clamp_policy_maps_into_the_edge_buckets() -> None:
-    module = StructureEmbedding(SCHEMA, 4, enabled=["a"])
+    module = StructureEmbedding(StructureConfig(SCHEMA, enabled=("a",)), 4)
     ids = torch.zeros(1, 4, dtype=torch.long)
     rows = module.ids({"a": torch.tensor([[-7, 0, 4, 99]])}, ids)[0, :, 0]
     assert rows.tolist() == [0, 0, 4, 4]
 
 
 def test_error_policy_names_channel_and_range() -> None:
-    module = StructureEmbedding(SCHEMA, 4)
+    module = StructureEmbedding(StructureConfig(SCHEMA), 4)
     ch = _channels((2, 3))
     ch["b"][1, 2] = 3
     with pytest.raises(ValueError, match=r"channel 'b': values span \[0, 3\], vocabulary is \[0, 3\)"):
@@ -82,7 +84,7 @@ def test_error_policy_names_channel_and_range() -> None:
 
 
 def test_validation_names_channel_and_shapes() -> None:
-    module = StructureEmbedding(SCHEMA, 4)
+    module = StructureEmbedding(StructureConfig(SCHEMA), 4)
     ids = torch.zeros(2, 3, dtype=torch.long)
     ch = _channels((2, 3))
     bad = dict(ch, c=torch.zeros(3, 2, dtype=torch.long))
@@ -98,7 +100,7 @@ def test_validation_names_channel_and_shapes() -> None:
 
 def test_scales_gate_channels() -> None:
     torch.manual_seed(3)
-    module = StructureEmbedding(SCHEMA, 6)
+    module = StructureEmbedding(StructureConfig(SCHEMA), 6)
     torch.nn.init.normal_(module.up.weight)
     module.scales.data[1] = 0.0
     ids = torch.zeros(2, 5, dtype=torch.long)

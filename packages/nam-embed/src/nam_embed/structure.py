@@ -8,8 +8,8 @@ maps it into [0, vocab) (the last id is then the bucket "this or more"), ``error
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -81,6 +81,31 @@ class StructureSchema:
         )
 
 
+@dataclass(frozen=True)
+class StructureConfig:
+    """Which channels StructureEmbedding embeds (default: all of the schema's) and how wide."""
+
+    schema: StructureSchema = field(default_factory=StructureSchema.default)
+    enabled: tuple[str, ...] | None = None
+    bottleneck: int = 64
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in self.channels:
+            self.schema[name]  # unknown names raise, naming the schema's channels
+        if not self.channels or len(set(self.channels)) != len(self.channels):
+            raise ValueError(f"StructureConfig: enabled={list(self.channels)} must be non-empty and distinct")
+        if self.bottleneck < 1 or not self.init_std > 0:
+            raise ValueError(
+                f"StructureConfig: bottleneck={self.bottleneck}, init_std={self.init_std}: need >= 1 and > 0"
+            )
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The enabled channels, in the order their rows sit in the shared table."""
+        return tuple(self.enabled) if self.enabled is not None else self.schema.names
+
+
 class StructureEmbedding(nn.Module):
     """Enabled channels -> bottleneck (sum of per-channel embeddings times a learned per-channel
     scale) -> zero-initialised up-projection to ``hidden_size``.
@@ -93,41 +118,31 @@ class StructureEmbedding(nn.Module):
 
     def __init__(
         self,
-        schema: StructureSchema,
+        config: StructureConfig,
         hidden_size: int,
         *,
-        enabled: Sequence[str] | None = None,
-        bottleneck: int = 64,
-        init_std: float = 0.02,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        names = tuple(enabled) if enabled is not None else schema.names
-        for name in names:
-            schema[name]  # unknown names raise, naming the schema's channels
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"StructureEmbedding: enabled={list(names)} must be non-empty and distinct")
-        if bottleneck < 1 or hidden_size < 1:
-            raise ValueError(
-                f"StructureEmbedding: bottleneck={bottleneck}, hidden_size={hidden_size}: need >= 1"
-            )
-        self.schema = schema
-        self.enabled = names
-        self.init_std = init_std
-        vocabs = [schema[n].vocab for n in names]
+        if hidden_size < 1:
+            raise ValueError(f"StructureEmbedding: hidden_size={hidden_size}, need >= 1")
+        self.config = config
+        self.schema = config.schema
+        self.enabled = config.channels
+        vocabs = [self.schema[n].vocab for n in self.enabled]
         starts = [sum(vocabs[:i]) for i in range(len(vocabs))]
         self.register_buffer(
             "offsets", torch.tensor(starts, dtype=torch.int64, device=device), persistent=False
         )
-        self.weight = nn.Parameter(torch.empty(sum(vocabs), bottleneck, device=device, dtype=dtype))
-        self.scales = nn.Parameter(torch.empty(len(names), device=device, dtype=dtype))
-        self.up = nn.Linear(bottleneck, hidden_size, bias=False, device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(sum(vocabs), config.bottleneck, device=device, dtype=dtype))
+        self.scales = nn.Parameter(torch.empty(len(vocabs), device=device, dtype=dtype))
+        self.up = nn.Linear(config.bottleneck, hidden_size, bias=False, device=device, dtype=dtype)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, 0.0, self.init_std)
+        nn.init.normal_(self.weight, 0.0, self.config.init_std)
         self.scales.fill_(1.0)
         self.up.weight.zero_()
 
