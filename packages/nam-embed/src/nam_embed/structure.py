@@ -89,6 +89,7 @@ class StructureConfig:
     enabled: tuple[str, ...] | None = None
     bottleneck: int = 64
     init_std: float = 0.02
+    seed: int = 0
 
     def __post_init__(self) -> None:
         for name in self.channels:
@@ -111,7 +112,7 @@ class StructureEmbedding(nn.Module):
     scale) -> zero-initialised up-projection to ``hidden_size``.
 
     The up-projection starts at zero, so enabling the module leaves a model's initial function
-    unchanged; the channel tables start random (std ``init_std``) so that the projection gets a
+    unchanged; the channel tables start random (``init_std``, ``seed``) so that the projection gets a
     gradient from the first step. All enabled channels share one table (channel c's rows start at
     its offset), so the lookup is a single gather.
     """
@@ -142,7 +143,10 @@ class StructureEmbedding(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, 0.0, self.config.init_std)
+        """Tables N(0, init_std) from ``config.seed`` (every rank and pipeline stage that builds
+        one holds the same values), scales one, up-projection zero."""
+        gen = torch.Generator(device=self.weight.device).manual_seed(self.config.seed)
+        self.weight.normal_(0.0, self.config.init_std, generator=gen)
         self.scales.fill_(1.0)
         self.up.weight.zero_()
 
