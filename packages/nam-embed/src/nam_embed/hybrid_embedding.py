@@ -43,7 +43,9 @@ class HybridEmbedding(LanguageModelEmbedding):
     ``main_replica=False`` builds the copy a later pipeline stage holds (multi-token prediction):
     every tensor in its ``sharded_state_dict`` is then marked as a replica of the first stage's,
     so a checkpoint has one main replica per tensor and loading gives every stage the same
-    weights. Whoever builds the model passes ``main_replica=pre_process``.
+    weights. Whoever builds the model passes ``main_replica=pre_process``. The copies start equal
+    (the extras are seeded by their configs) and stay equal if ``allreduce_extra_grads`` runs
+    each step.
     """
 
     def __init__(
@@ -94,6 +96,21 @@ class HybridEmbedding(LanguageModelEmbedding):
             tensor_parallel.set_tensor_model_parallel_attributes(self.ngram.weight, True, 0, 1)
         if structure is not None:
             self.structure = StructureEmbedding(structure, hidden, device=device, dtype=dtype)
+
+    def extra_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters this class adds to upstream's."""
+        return [p for m in (self.ngram, self.structure) if m is not None for p in m.parameters()]
+
+    def allreduce_extra_grads(self, group: torch.distributed.ProcessGroup) -> None:
+        """Sum the extras' gradients over the stages that hold a copy (megatron's embedding
+        group), as megatron's finalize_model_grads does for the word embedding and for nothing
+        else: call it right after that, on every stage holding a copy, so the copies take the same
+        optimizer steps. Reads ``main_grad`` where megatron's DDP keeps one, else ``grad``."""
+        for p in self.extra_parameters():
+            grad = getattr(p, "main_grad", None)
+            grad = p.grad if grad is None else grad
+            if grad is not None:
+                torch.distributed.all_reduce(grad, group=group)
 
     def _sum_over_tp(self, x: Tensor) -> Tensor:
         return tensor_parallel.reduce_from_tensor_model_parallel_region(x, group=self.tp_group)
