@@ -30,6 +30,7 @@ HEADS, KV_HEADS, HEAD_DIM = 56, 8, 64
 ATTENTION_LAYERS = 13  # NAM56R: AEMEAEMEAEMR tiled to 52 layers
 MATMUL_TFLOPS = 806.0  # measured bf16 matmul rate of the H200 (shared/GPU.md)
 BANDWIDTH_TBS = 4.26  # measured device-copy bandwidth
+DEVICE = "cuda"
 
 # NAM56R active parameters per layer kind (matmul weights; experts at top-k / experts), for the
 # ideal-step share only. A: QKV 3584 x (56 + 2 x 8) x 64 + out 3584 x 3584. E: 4 of 16 SwiGLU
@@ -107,7 +108,7 @@ def main(report: Report) -> None:
         StructureEmbedding,
     )
 
-    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    dev, bf16 = torch.device(DEVICE), torch.bfloat16
     ngram_cfg, structure_cfg = NgramHashConfig(), StructureConfig()
     schema = structure_cfg.schema
 
