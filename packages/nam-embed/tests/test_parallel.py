@@ -14,6 +14,10 @@ VOCAB, SEQ, BATCH, HIDDEN = 64, 8, 2, 16
 
 def _tp2_equals_tp1(rank: int, world_size: int, position_type: str, sequence_parallel: bool) -> None:
     from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.validation import (
+        determine_global_metadata,
+        validate_sharding_integrity,
+    )
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from nam_embed.hashing import NgramHashConfig
@@ -63,6 +67,16 @@ def _tp2_equals_tp1(rank: int, world_size: int, position_type: str, sequence_par
                 p.copy_(piece)
             else:
                 p.copy_(full)
+
+    # The checkpoint view: the n-gram weight in two row halves of one global tensor, the rest
+    # replicated with one main replica; megatron's validation accepts it.
+    entries = tp.sharded_state_dict(prefix="embedding.")
+    weight = entries["embedding.ngram.weight"]
+    assert weight.global_shape == (ngram.rows, ngram.dim) and weight.global_offset == (
+        rank * ngram.rows // 2,
+        0,
+    )
+    validate_sharding_integrity(determine_global_metadata(entries)[1])
 
     out_ref = ref(ids, positions, structure=structure)
     out_tp = tp(ids, positions, structure=structure)

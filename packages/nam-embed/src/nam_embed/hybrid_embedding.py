@@ -4,7 +4,7 @@ embeddings.
 Placement under tensor parallelism:
 - the n-gram tables are one weight of ``NgramHashConfig.rows`` rows split evenly by rows over the
   TP ranks (like the vocabulary of VocabParallelEmbedding); each rank looks up the rows it holds,
-  an all-reduce of the [batch, seq, tables * dim] lookups (16x narrower than the hidden state at
+  an all-reduce of the [batch, seq, tables * dim] lookups (14x narrower than the hidden state at
   the defaults) completes them, exactly, since every lookup lives on one rank;
 - the n-gram projection, the structure tables and their up-projection are small and replicated;
   they see identical inputs on every TP rank and so get identical gradients.
