@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_ranks
+from conftest import require_cpu_runtime
+
+from nam_runtime import dist
+from nam_runtime.testing import run_ranks
 
 VOCAB, SEQ = 64, 8
 
 
-def _two_stages(rank: int, world_size: int, ckpt_dir: str, roundtrip: bool) -> None:
+def _two_stages(ckpt_dir: str | None) -> None:
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import (
@@ -26,7 +29,8 @@ def _two_stages(rank: int, world_size: int, ckpt_dir: str, roundtrip: bool) -> N
     from nam_embed.hybrid_embedding import HybridEmbedding
     from nam_embed.structure import StructureConfig
 
-    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    world = dist.initialize(pipeline_parallel=2)
+    rank, world_size = world.rank, world.world_size
     first_stage = parallel_state.is_pipeline_first_stage()
     cfg = TransformerConfig(
         num_layers=2,
@@ -82,27 +86,24 @@ def _two_stages(rank: int, world_size: int, ckpt_dir: str, roundtrip: bool) -> N
         torch.testing.assert_close(p.grad, theirs[0] + theirs[1])
     assert len(own) == 5
 
-    if roundtrip:
-        dist_checkpointing.save(saved.sharded_state_dict(prefix="embedding."), ckpt_dir)
-        fresh = build(100 + rank)
-        loaded = dist_checkpointing.load(fresh.sharded_state_dict(prefix="embedding."), ckpt_dir)
-        fresh.load_state_dict({k.removeprefix("embedding."): v for k, v in loaded.items()})
-        states: list[dict[str, torch.Tensor] | None] = [None] * world_size
-        torch.distributed.all_gather_object(states, saved.state_dict())
-        first = states[0]
-        assert first is not None
-        for name, value in fresh.state_dict().items():
-            assert torch.equal(value, first[name]), f"stage {rank}: {name} differs from the first stage's"
-    parallel_state.destroy_model_parallel()
+    if ckpt_dir is None:
+        return
+    dist_checkpointing.save(saved.sharded_state_dict(prefix="embedding."), ckpt_dir)
+    fresh = build(100 + rank)
+    loaded = dist_checkpointing.load(fresh.sharded_state_dict(prefix="embedding."), ckpt_dir)
+    fresh.load_state_dict({k.removeprefix("embedding."): v for k, v in loaded.items()})
+    states: list[dict[str, torch.Tensor] | None] = [None] * world_size
+    torch.distributed.all_gather_object(states, saved.state_dict())
+    first = states[0]
+    assert first is not None
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, first[name]), f"stage {rank}: {name} differs from the first stage's"
 
 
-def test_later_stage_copy_is_a_replica(tmp_path: Path) -> None:
-    run_ranks(_two_stages, 2, tmp_path, str(tmp_path / "ckpt"), False)
+def test_later_stage_copy_is_a_replica_and_syncs() -> None:
+    run_ranks(_two_stages, 2, None)
 
 
 def test_dist_checkpointing_round_trip_on_two_stages(tmp_path: Path) -> None:
-    # dist_checkpointing's saver synchronises and allocates on the CUDA device: on CPU that
-    # needs nam-runtime's patches.
-    pytest.importorskip("nam_runtime.cpu", reason="waits on nam-runtime (branch runtime)")
-    (tmp_path / "ckpt").mkdir()
-    run_ranks(_two_stages, 2, tmp_path, str(tmp_path / "ckpt"), True)
+    require_cpu_runtime("checkpoint save")
+    run_ranks(_two_stages, 2, str(tmp_path), timeout_s=120)
