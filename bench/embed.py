@@ -18,7 +18,7 @@ bound that is measured here: a NAM56R step holds 13 attention layers, so it take
 13 x t_attention, and added <= 0.03 x 13 x t_attention meets the goal whatever the other 39
 layers cost, where added = max(HybridEmbedding - LanguageModelEmbedding, extras alone) per
 micro-batch. The row also gives the share of an ideal step: NAM56R's model FLOPs at the measured
-matmul rate (806 TFLOP/s), which no real step beats (100 / 200 / 400 ms at batch 1 / 2 / 4),
+matmul rate (700 TFLOP/s), which no real step beats (115 / 230 / 460 ms at batch 1 / 2 / 4),
 without and with the AdamW step counted against a single micro-batch.
 """
 
@@ -31,8 +31,8 @@ from bench.report import Report
 HIDDEN, SEQ, VOCAB = 3584, 4096, 65536
 HEADS, KV_HEADS, HEAD_DIM = 56, 8, 64
 ATTENTION_LAYERS = 13  # NAM56R: AEMEAEMEAEMR tiled to 52 layers
-MATMUL_TFLOPS = 806.0  # measured bf16 matmul rate of the H200 (shared/GPU.md)
-BANDWIDTH_TBS = 4.26  # measured device-copy bandwidth
+MATMUL_TFLOPS = 700.0  # bf16 matmul rate the team's floors use (bench/RESULTS.md, ceilings)
+BANDWIDTH_TBS = 4.25  # device-copy bandwidth the floors use (bench/RESULTS.md, ceilings)
 DEVICE = "cuda"
 
 # NAM56R active parameters per layer kind (matmul weights; experts at top-k / experts), for the
