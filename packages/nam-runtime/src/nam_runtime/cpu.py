@@ -172,6 +172,49 @@ def _current_device() -> int:
     return 0
 
 
+_CURRENT_STREAM = _row(
+    "torch.cuda.current_stream",
+    "torch.cuda.current_stream (distributed.param_and_grad_buffer start_grad_sync waiting on CUDA-graph "
+    "events; schedules and MoE overlap code)",
+    "it initialises CUDA and raises without a GPU; CPU work is synchronous, so a stream whose waits "
+    "are no-ops keeps megatron's ordering",
+)
+
+
+class CpuStream:
+    """What `torch.cuda.current_stream()` returns on CPU: work is already in order, so waiting and
+    synchronising are no-ops."""
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = CpuStream()
+
+
+def _current_stream(device: Any = None) -> CpuStream:
+    _hit(_CURRENT_STREAM.name)
+    return _CPU_STREAM
+
+
+_SYNCHRONIZE = _row(
+    "torch.cuda.synchronize",
+    "torch.cuda.synchronize (pipeline_parallel.p2p_communication after batched send/recv with "
+    "batch_p2p_sync, the default; ~40 other megatron-core call sites)",
+    "it initialises CUDA and raises without a GPU; on CPU the gloo requests are already waited on",
+)
+
+
+def _synchronize(device: Any = None) -> None:
+    _hit(_SYNCHRONIZE.name)
+
+
 # ---------------------------------------------------------------------------------------------
 # The CUDA RNG tracker (tensor_parallel/random.py): on CPU its states are CPU generator states.
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +355,10 @@ def enable() -> bool:
             return False
         _ORIGINALS["torch.cuda.current_device"] = torch.cuda.current_device
         torch.cuda.current_device = _current_device
+        _ORIGINALS["torch.cuda.current_stream"] = torch.cuda.current_stream
+        torch.cuda.current_stream = _current_stream
+        _ORIGINALS["torch.cuda.synchronize"] = torch.cuda.synchronize
+        torch.cuda.synchronize = _synchronize
         _replace_function(_RANDOM, "_get_cuda_rng_state", _get_cuda_rng_state)
         _replace_function(_RANDOM, "_set_cuda_rng_state", _set_cuda_rng_state)
         _replace_method(_RANDOM, "CudaRNGStatesTracker", "add", _tracker_add)

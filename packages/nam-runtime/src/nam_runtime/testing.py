@@ -72,6 +72,7 @@ def run_ranks[T](
 ) -> list[T]:
     """Run `fn(*args, **kwargs)` in `world_size` spawned processes; return their results in
     rank order. `fn`, its arguments and its result must pickle (define `fn` at module level)."""
+    __tracebackhide__ = True  # pytest shows the rank's traceback, not this loop
     from nam_runtime import cpu
 
     if world_size < 1:
