@@ -38,8 +38,6 @@ def require_cpu_runtime(capability: str) -> None:
 
     cpu.enable()
     probes = {
-        # dist_checkpointing's saver: FileSystemWriterAsync.preload_tensors
-        "checkpoint save": ("torch.cuda.synchronize() is not patched", torch.cuda.synchronize),
         # megatron's sequence-parallel all-gather allocates on its device inside backward
         "backward device arguments": (
             "CpuDeviceMode does not map device arguments inside autograd backward",

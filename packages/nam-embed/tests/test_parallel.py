@@ -112,15 +112,12 @@ def _tp2_equals_tp1(cases: tuple[tuple[str, bool], ...], ckpt_dir: str | None) -
         assert torch.equal(fresh.state_dict()[name], value), f"TP=2 checkpoint loaded at TP=1: {name}"
 
 
-def test_tensor_parallel_equals_single_rank() -> None:
-    run_ranks(_tp2_equals_tp1, 2, (("learned_absolute", False),), None)
+def test_tensor_parallel_equals_single_rank_and_checkpoint_reshards(tmp_path: Path) -> None:
+    run_ranks(
+        _tp2_equals_tp1, 2, (("learned_absolute", False), ("rope", False)), str(tmp_path), timeout_s=150
+    )
 
 
 def test_sequence_parallel_equals_single_rank() -> None:
     require_cpu_runtime("backward device arguments")  # megatron's SP all-gather in backward
-    run_ranks(_tp2_equals_tp1, 2, SP_CASES, None)
-
-
-def test_checkpoint_saved_at_tp2_loads_at_tp1(tmp_path: Path) -> None:
-    require_cpu_runtime("checkpoint save")
-    run_ranks(_tp2_equals_tp1, 2, (("rope", False),), str(tmp_path), timeout_s=120)
+    run_ranks(_tp2_equals_tp1, 2, SP_CASES, None, timeout_s=150)
