@@ -140,3 +140,11 @@ def test_same_config_same_extras_on_every_stage() -> None:
         "structure.up.weight",
     ):
         assert torch.equal(first.get_parameter(name), later.get_parameter(name)), name
+
+
+def test_context_parallelism_refused_for_the_ngram_hash() -> None:
+    cfg = _config()
+    cfg.context_parallel_size = 2  # as a CP run's config says; the hash needs whole rows
+    with pytest.raises(ValueError, match=r"context_parallel_size=2 splits them"):
+        HybridEmbedding(cfg, VOCAB, SEQ, position_embedding_type="rope", ngram=NGRAM)
+    HybridEmbedding(cfg, VOCAB, SEQ, position_embedding_type="rope", structure=StructureConfig())

@@ -77,6 +77,13 @@ class HybridEmbedding(LanguageModelEmbedding):
         hidden = config.hidden_size
         self.ngram: NgramHashEmbedding | None = None
         self.structure: StructureEmbedding | None = None
+        if ngram is not None and config.context_parallel_size > 1:
+            # Context parallelism hands each rank two non-adjacent sequence chunks before the
+            # embedding: n-grams across the seam would hash tokens that are not neighbours.
+            raise ValueError(
+                f"HybridEmbedding: the n-gram hash needs whole rows; context_parallel_size="
+                f"{config.context_parallel_size} splits them (use 1, or turn ngram off)"
+            )
         if ngram is not None:
             tp_size, tp_rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
             if ngram.rows % tp_size:
