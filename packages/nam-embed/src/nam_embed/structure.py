@@ -136,6 +136,9 @@ class StructureEmbedding(nn.Module):
         self.register_buffer(
             "offsets", torch.tensor(starts, dtype=torch.int64, device=device), persistent=False
         )
+        self._strict = [i for i, n in enumerate(self.enabled) if self.schema[n].out_of_range == "error"]
+        strict_vocab = torch.tensor([vocabs[i] for i in self._strict], dtype=torch.int64, device=device)
+        self.register_buffer("strict_vocab", strict_vocab, persistent=False)
         self.weight = nn.Parameter(torch.empty(sum(vocabs), config.bottleneck, device=device, dtype=dtype))
         self.scales = nn.Parameter(torch.empty(len(vocabs), device=device, dtype=dtype))
         self.up = nn.Linear(config.bottleneck, hidden_size, bias=False, device=device, dtype=dtype)
@@ -176,13 +179,27 @@ class StructureEmbedding(nn.Module):
             values = values.long()
             if spec.out_of_range == "clamp":
                 values = values.clamp(0, spec.vocab - 1)
-            elif values.numel() and (int(values.min()) < 0 or int(values.max()) >= spec.vocab):
-                raise ValueError(
-                    f"structure channel {name!r}: values span [{int(values.min())}, {int(values.max())}], "
-                    f"vocabulary is [0, {spec.vocab}) and its out_of_range policy is 'error'"
-                )
             columns.append(values)
-        return torch.stack(columns, dim=-1) + self.offsets
+        ids = torch.stack(columns, dim=-1)
+        self._check_error_channels(ids)
+        return ids + self.offsets
+
+    def _check_error_channels(self, ids: Tensor) -> None:
+        """Raise for values outside the vocabulary of an 'error' channel: one host sync for all
+        channels, and the details only when something is wrong."""
+        if not self._strict or not ids.numel():
+            return
+        picked = ids[..., self._strict]
+        if not bool(((picked < 0) | (picked >= self.strict_vocab)).any()):
+            return
+        for i in self._strict:
+            name, values = self.enabled[i], ids[..., i]
+            low, high, size = int(values.min()), int(values.max()), self.schema[name].vocab
+            if low < 0 or high >= size:
+                raise ValueError(
+                    f"structure channel {name!r}: values span [{low}, {high}], vocabulary is [0, {size}) "
+                    "and its out_of_range policy is 'error'"
+                )
 
     def forward(self, structure: Mapping[str, Tensor], input_ids: Tensor) -> Tensor:
         """Channels (each shaped like input_ids) -> [..., S, hidden_size]."""
