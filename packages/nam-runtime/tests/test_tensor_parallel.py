@@ -6,6 +6,7 @@ from __future__ import annotations
 import gpt
 import pytest
 import torch
+from megatron.core import parallel_state, tensor_parallel
 
 from nam_runtime import dist
 from nam_runtime.testing import run_ranks
@@ -25,7 +26,9 @@ def _tp_run(tp: int, checkpoint: str) -> tuple[list[float], list[list[float]]]:
     dist.initialize(tensor_parallel=tp, seed=7)
     model = gpt.model(gpt.config(moe=False))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    data = gpt.batch(0, 4)
+    # as a trainer does: the first rank of the TP group reads the batch, megatron broadcasts it
+    local = gpt.batch(0, 4) if parallel_state.get_tensor_model_parallel_rank() == 0 else {}
+    data = tensor_parallel.broadcast_data(list(gpt.batch(0, 4)), local, torch.int64)
     losses = []
     for _ in range(STEPS):
         opt.zero_grad()

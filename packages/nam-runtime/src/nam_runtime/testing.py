@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -49,22 +50,25 @@ def free_port() -> int:
 def _rank_main(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], rank: int, results: Any
 ) -> None:
-    # Imported here, inside the rank: the parent may not have torch loaded.
-    import torch
-
-    from nam_runtime import cpu, dist
-
-    torch.set_num_threads(1)
+    # torch is not imported here: a rank function without it starts in a second, and one with it
+    # reads OMP_NUM_THREADS=1 from the environment when it imports torch.
     try:
         value = fn(*args, **kwargs)
-        if torch.cuda.is_initialized() and not torch.cuda.is_available():
+        torch = sys.modules.get("torch")
+        if torch is not None and not torch.cuda.is_available() and torch.cuda.is_initialized():
             raise RuntimeError("CUDA was initialised in a process without CUDA")
-        results.put((rank, "ok", value, cpu.hits()))
+        results.put((rank, "ok", value, _hits()))
     except BaseException:
-        results.put((rank, "error", traceback.format_exc(), cpu.hits()))
+        results.put((rank, "error", traceback.format_exc(), _hits()))
     finally:
-        if dist.is_initialized():
+        dist = sys.modules.get("nam_runtime.dist")
+        if dist is not None and dist.is_initialized():
             dist.teardown()
+
+
+def _hits() -> dict[str, int]:
+    cpu = sys.modules.get("nam_runtime.cpu")
+    return cpu.hits() if cpu is not None else {}
 
 
 def run_ranks[T](
@@ -73,8 +77,6 @@ def run_ranks[T](
     """Run `fn(*args, **kwargs)` in `world_size` spawned processes; return their results in
     rank order. `fn`, its arguments and its result must pickle (define `fn` at module level)."""
     __tracebackhide__ = True  # pytest shows the rank's traceback, not this loop
-    from nam_runtime import cpu
-
     if world_size < 1:
         raise ValueError(f"world_size={world_size}: need at least one rank")
     ctx = mp.get_context("spawn")
@@ -128,7 +130,10 @@ def run_ranks[T](
                     ) from None
                 continue
             outcomes[rank] = (status, value)
-            cpu.merge_hits(counts)
+            if counts:
+                from nam_runtime import cpu  # only when a rank used it: the caller may not have torch
+
+                cpu.merge_hits(counts)
             if status == "error":
                 # One rank failed: the others may now wait forever on a collective.
                 raise RankFailure(f"{fn.__qualname__}: rank {rank} of {world_size} raised:\n{value}")
