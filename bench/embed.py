@@ -24,8 +24,6 @@ without and with the AdamW step counted against a single micro-batch.
 
 from __future__ import annotations
 
-import os
-
 from bench.report import Report
 
 HIDDEN, SEQ, VOCAB = 3584, 4096, 65536
@@ -55,19 +53,6 @@ def _ideal_step_ms(batch: int) -> float:
     tokens = batch * SEQ
     flops = 6 * active * tokens + ATTENTION_LAYERS * 6 * SEQ * HEADS * HEAD_DIM * tokens
     return flops / (MATMUL_TFLOPS * 1e12) * 1e3
-
-
-def _megatron_single_rank() -> None:
-    import torch
-    from megatron.core import parallel_state, tensor_parallel
-
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
 
 
 def _attention_layer():
@@ -134,7 +119,10 @@ def main(report: Report) -> None:
     report.check("hash indices: cuda == cpu (mismatches)", float(mismatched), 0.0)
     del on_cpu
 
-    _megatron_single_rank()
+    from nam_runtime import dist
+
+    if not dist.is_initialized():
+        dist.initialize(seed=1234)  # a world of one: megatron's parallel state and RNG tracker
     config = TransformerConfig(
         num_layers=1,
         hidden_size=HIDDEN,
