@@ -92,7 +92,11 @@ def _gram(x: torch.Tensor, side: Side, group: dist.ProcessGroup | None, fp32: bo
         # bf16 x bf16 products are exact in fp32: with fp32 accumulation this Gram is as accurate
         # as an fp32 GEMM on the same values, at tensor-core speed where CUDA offers it.
         if x.is_cuda:
-            g = torch.bmm(a, b, out_dtype=torch.float32) if x.dim() == 3 else torch.mm(a, b, out_dtype=torch.float32)
+            g = (
+                torch.bmm(a, b, out_dtype=torch.float32)
+                if x.dim() == 3
+                else torch.mm(a, b, out_dtype=torch.float32)
+            )
         else:
             g = a.float() @ b.float()
     else:
@@ -107,8 +111,14 @@ def _gram(x: torch.Tensor, side: Side, group: dist.ProcessGroup | None, fp32: bo
 def _step(x: torch.Tensor, g: torch.Tensor, a: float, c: float, side: Side) -> torch.Tensor:
     g = g.to(x.dtype)
     if side == "in":
-        return torch.baddbmm(x, x, g, beta=a, alpha=-c) if x.dim() == 3 else torch.addmm(x, x, g, beta=a, alpha=-c)
-    return torch.baddbmm(x, g, x, beta=a, alpha=-c) if x.dim() == 3 else torch.addmm(x, g, x, beta=a, alpha=-c)
+        return (
+            torch.baddbmm(x, x, g, beta=a, alpha=-c)
+            if x.dim() == 3
+            else torch.addmm(x, x, g, beta=a, alpha=-c)
+        )
+    return (
+        torch.baddbmm(x, g, x, beta=a, alpha=-c) if x.dim() == 3 else torch.addmm(x, g, x, beta=a, alpha=-c)
+    )
 
 
 def _residual(g: torch.Tensor, rank_deficient: bool, power_steps: int = 8) -> torch.Tensor:
@@ -172,7 +182,9 @@ def polar_factor(
     global_shape the gathered [rows, cols].
     """
     if w.dim() not in (2, 3):
-        raise ValueError(f"polar_factor: expected a [rows, cols] or [batch, rows, cols] tensor, got {tuple(w.shape)}")
+        raise ValueError(
+            f"polar_factor: expected a [rows, cols] or [batch, rows, cols] tensor, got {tuple(w.shape)}"
+        )
     if not w.is_floating_point():
         raise TypeError(f"polar_factor: expected a floating tensor, got {w.dtype}")
     if not 0 < tol < 1 or not tol <= bulk_tol:
