@@ -75,7 +75,7 @@ def test_cubic_equioscillates_on_its_interval() -> None:
 
 def test_fire_scale_uses_the_global_shape() -> None:
     w = torch.randn(128, 32, generator=torch.Generator().manual_seed(6))
-    out, r = fire_matrices(w, FireConfig(bulk="fp32", tol=1e-5))
+    out, _ = fire_matrices(w, FireConfig(bulk="fp32", tol=1e-5))
     assert torch.allclose(out, svd_polar(w) * 2.0, atol=1e-4)  # sqrt(128 / 32)
 
 

@@ -40,7 +40,7 @@ def check_fire(layer: nn.Module) -> None:
     records = apply_fire(0, blocks, None, cfg)
     for b, rec in zip(blocks, records, strict=True):
         dim = 0 if b.split == "rows" else 1
-        ref, ref_result = fire_matrices(gather(before[b.name], dim), cfg)  # one process, gathered
+        ref, _ = fire_matrices(gather(before[b.name], dim), cfg)  # one process, gathered
         got = gather(b.matrix(b.param.detach()), dim)
         assert tuple(ref.shape) == b.global_shape
         assert torch.allclose(got, ref, atol=2e-5), (b.name, float((got - ref).abs().max()))
@@ -118,7 +118,7 @@ def check_redo(layer: nn.Module, rank: int) -> None:
     assert m_tp == m_ref and m_tp["redo/dormant_fraction/0:mlp"] > 0
     rows: list[list[int]] = [[] for _ in range(WORLD)]
     dist.all_gather_object(rows, rec_tp[0].rows)
-    assert sorted(sum(rows, [])) == rec_ref[0].rows
+    assert sorted(r for part in rows for r in part) == rec_ref[0].rows
     assert abs(rec_tp[0].norm_after - rec_ref[0].norm_after) < 1e-5
     assert torch.equal(
         single_layout(mlp.linear_fc1.weight.detach()), ref_chunk.mlp.linear_fc1.weight.detach()
