@@ -141,26 +141,30 @@ class STP:
         self.step = step
         self._calls = 0
 
-    def __call__(self, layer_number: int, hidden: torch.Tensor) -> torch.Tensor:
-        lam = lambda_at(self.config, self.step)
-        if layer_number not in self.config.layers or lam == 0 or not torch.is_grad_enabled():
-            return hidden
-        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-        seq, batch = hidden.shape[:2]
+    def draw(self, layer_number: int, batch: int, seq: int) -> tuple[torch.Tensor, ...]:
+        """The (row, s, r, t) samples of the next call at this layer; seeded by (seed, step, call,
+        layer), so every tensor-parallel rank draws the same ones."""
         doc_ids = self._doc_ids
         if doc_ids is None:
             doc_ids = torch.zeros(batch, seq, dtype=torch.long)
         elif tuple(doc_ids.shape) != (batch, seq):
             raise ValueError(
-                f"STP: document ids have shape {tuple(doc_ids.shape)}, hidden states [s, b] = {[seq, batch]}"
+                f"STP: document ids have shape {tuple(doc_ids.shape)}, hidden states [b, s] = {[batch, seq]}"
             )
         key = f"{self.config.seed}/{self.step}/{self._calls}/{layer_number}"
         self._calls += 1
         gen = torch.Generator().manual_seed(
             int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
         )
-        loss = stp_loss(hidden, *sample_triples(doc_ids, self.config.samples, self.config.form, gen))
+        return sample_triples(doc_ids, self.config.samples, self.config.form, gen)
+
+    def __call__(self, layer_number: int, hidden: torch.Tensor) -> torch.Tensor:
+        lam = lambda_at(self.config, self.step)
+        if layer_number not in self.config.layers or lam == 0 or not torch.is_grad_enabled():
+            return hidden
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        loss = stp_loss(hidden, *self.draw(layer_number, hidden.shape[1], hidden.shape[0]))
         # Kept on the device: a host sync per layer would cost more than the loss itself.
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         self._loss_count += 1
