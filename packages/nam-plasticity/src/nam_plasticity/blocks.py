@@ -10,9 +10,11 @@ column-parallel weight, "cols" for a row-parallel one), the group, and the gathe
 intervention can give the result it would give on the gathered weight. The row order of a
 gathered part does not matter to FIRE, DASH or ReDo (each commutes with a row permutation).
 
-Modules declare the layout of a fused weight they own with an optional method
-``plasticity_row_parts(param_name) -> dict[str, tuple[int, int]]`` (row ranges of the local
-weight); megatron-core's attention, MLP and Mamba modules are recognised without it.
+A module declares the layout of a fused projection it owns with an optional method
+``plasticity_row_parts(name) -> dict[str, Sequence[int]] | None``, ``name`` being the
+projection's parameter path below it (e.g. ``"in_proj.weight"``) and the values the local row
+indices of each part (a ``range`` for a contiguous part); None for a parameter it does not
+split. megatron-core's attention, MLP and Mamba modules are recognised without it.
 """
 
 from __future__ import annotations
@@ -122,9 +124,10 @@ def _qkv_rows(module: nn.Module, local_rows: int, tp: int) -> dict[str, torch.Te
 
 def _row_parts(module: nn.Module, parent: nn.Module | None, leaf: str, pname: str, local_rows: int, tp: int):
     """Row index sets of the parts of one local matrix, and the role of the matrix."""
-    declared = getattr(module, "plasticity_row_parts", None)
-    if callable(declared):
-        return "declared", {k: torch.arange(a, b) for k, (a, b) in declared(pname).items()}
+    declared = getattr(parent, "plasticity_row_parts", None)
+    parts = declared(f"{leaf}.{pname}") if callable(declared) else None
+    if parts is not None:
+        return "declared", {k: torch.as_tensor(list(rows), dtype=torch.long) for k, rows in parts.items()}
     if leaf == "linear_qkv":
         return "attn_qkv", _qkv_rows(module, local_rows, tp)
     if leaf == "linear_fc1":

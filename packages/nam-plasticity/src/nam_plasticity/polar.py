@@ -151,6 +151,13 @@ def _residual(g: torch.Tensor, rank_deficient: bool, power_steps: int = 8) -> to
     return torch.maximum((g - eye).abs().amax(dim=(-2, -1)), estimate)
 
 
+def gaussian_lower(rows: int, cols: int) -> float:
+    """sigma_min / ||W||_F of a Gaussian rows x cols matrix (Marchenko-Pastur edge, and
+    1 / sqrt(n) for a square one): the default guess of the bulk schedule."""
+    small, large = sorted((rows, cols))
+    return max(math.sqrt(large) - math.sqrt(small), 1 / math.sqrt(small)) / math.sqrt(large * small)
+
+
 def default_side(rows: int, cols: int) -> Side:
     """The cheaper Gram of an unsharded rows x cols matrix: over the smaller dimension."""
     return "in" if rows >= cols else "out"
@@ -172,10 +179,10 @@ def polar_factor(
 
     tol: max|G - I| the result must reach (checked in fp32). max_steps: cap on all steps.
     bulk: precision of the bulk steps ("bf16", "tf32" or "fp32"), which stop once the residual
-    is below bulk_tol; then classical steps in IEEE fp32 until tol. lower: assumed smallest
-    singular value over the Frobenius norm, for the bulk schedule; default k^-1.5 (k the smaller
-    dimension), what a Gaussian matrix has. Too small a value costs schedule steps, too large
-    one costs classical steps; neither changes the result.
+    is below bulk_tol or stops falling (the precision's floor); then classical steps in IEEE fp32 until tol. lower: assumed smallest
+    singular value over the Frobenius norm, for the bulk schedule; default what a Gaussian
+    matrix of this shape has (``gaussian_lower``). Too small a value costs schedule steps, too
+    large one costs classical steps; neither changes the result.
     side: "in" forms X^T X (cols x cols), "out" forms X X^T (rows x rows); default the smaller.
     group / global_shape: when ``w`` is one rank's shard of a weight split across ``group``, the
     side must be the unsplit dimension ("in" for a row split, "out" for a column split) and
@@ -209,17 +216,30 @@ def polar_factor(
     # Bulk: the schedule follows the interval the spectrum is known to lie in.
     dtype = _BULK_DTYPE[bulk]
     margin = _MARGIN[dtype]
-    lo, hi = lower if lower is not None else min(rows, cols) ** -1.5, 1.0
     x_low = x.to(dtype)
     steps_low = 0
     with _matmul_precision(_MATMUL_PRECISION[bulk]):
+        g = _gram(x_low, side, group)
+        # sigma_max^2 <= min(||G||_F, ||G||_inf): a tighter top than the Frobenius norm's 1, which
+        # would spend the first steps only scaling the spectrum up. Same on every rank (G is).
+        gf = g.float()
+        top = torch.minimum(torch.linalg.matrix_norm(gf), gf.abs().sum(-1).amax(-1)).clamp_min(1e-30)
+        x_low = (x_low.float() / top.sqrt()[..., None, None]).to(dtype)
+        g = (gf / top[..., None, None]).to(g.dtype)
+        lo = (lower if lower is not None else gaussian_lower(rows, cols)) / float(top.max().sqrt())
+        lo, hi = min(lo, 1.0), 1.0
+        previous = math.inf
         while steps_low < max_steps - 1:
-            g = _gram(x_low, side, group)
-            if _residual(g, rank_deficient).max().item() < bulk_tol:
+            residual = _residual(g, rank_deficient).max().item()
+            # Past 0.25 the classical step at least quarters the residual; when it no longer
+            # halves, the low precision's floor is reached and only fp32 steps can go lower.
+            if residual < bulk_tol or (residual < 0.25 and residual > 0.5 * previous):
                 break
+            previous = residual
             a, c, lo, hi = cubic_for_interval(lo, hi * (1 + margin))
             x_low = _step(x_low, g, a, c, side)
             steps_low += 1
+            g = _gram(x_low, side, group)
 
     # Polish: classical steps in fp32 (at least one), each followed by the measured residual.
     steps_fp32 = 0
