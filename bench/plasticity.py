@@ -89,7 +89,12 @@ def main(report: Report) -> None:
             per_batch = max(1, config.max_batch_elements // (shape[0] * shape[1]))
             for i in range(0, w.shape[0], per_batch):
                 _, r = fire_matrices(w[i : i + per_batch], config)
-                stats[shape] = (r.steps_low_precision, r.steps_fp32, float(r.residual.max()))
+                low, high, res = stats.get(shape, (0, 0, 0.0))
+                stats[shape] = (
+                    max(low, r.steps_low_precision),
+                    max(high, r.steps_fp32),
+                    max(res, float(r.residual.max())),
+                )
 
     fire_all()
     worst = max(res for _, _, res in stats.values())
