@@ -134,8 +134,9 @@ class STP:
         return stack.register_hidden_state_hook(self)
 
     def set_documents(self, doc_ids: torch.Tensor | None) -> None:
-        """Document ids [b, s] of the coming micro-batch (None: each row is one document)."""
-        self._doc_ids = doc_ids
+        """Document ids [b, s] of the coming micro-batch (None: each row is one document).
+        Sampling runs on the CPU: ids already there cost no device synchronisation."""
+        self._doc_ids = None if doc_ids is None else doc_ids.cpu()
 
     def set_step(self, step: int) -> None:
         self.step = step
