@@ -86,9 +86,10 @@ def _matmul_precision(precision: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(old)
 
 
-def _gram(x: torch.Tensor, side: Side, group: dist.ProcessGroup | None, fp32: bool = False) -> torch.Tensor:
+def _gram(x: torch.Tensor, side: Side, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The fp32 Gram matrix, summed over the tensor-parallel group when sharded."""
     a, b = (x.mT, x) if side == "in" else (x, x.mT)
-    if fp32 and x.dtype != torch.float32:
+    if x.dtype != torch.float32:
         # bf16 x bf16 products are exact in fp32: with fp32 accumulation this Gram is as accurate
         # as an fp32 GEMM on the same values, at tensor-core speed where CUDA offers it.
         if x.is_cuda:
@@ -103,7 +104,6 @@ def _gram(x: torch.Tensor, side: Side, group: dist.ProcessGroup | None, fp32: bo
         g = a @ b
     if group is not None:
         # The shards are split along the dimension the Gram sums over: partial Grams add up.
-        g = g.float()
         dist.all_reduce(g, group=group)
     return g
 
@@ -178,11 +178,12 @@ def polar_factor(
     """Polar factor of ``w`` ([rows, cols] or a batch [b, rows, cols]) by Newton-Schulz.
 
     tol: max|G - I| the result must reach (checked in fp32). max_steps: cap on all steps.
-    bulk: precision of the bulk steps ("bf16", "tf32" or "fp32"), which stop once the residual
-    is below bulk_tol or stops falling (the precision's floor); then classical steps in IEEE fp32 until tol. lower: assumed smallest
-    singular value over the Frobenius norm, for the bulk schedule; default what a Gaussian
-    matrix of this shape has (``gaussian_lower``). Too small a value costs schedule steps, too
-    large one costs classical steps; neither changes the result.
+    bulk: precision of the bulk iterates ("bf16", "tf32" or "fp32"; their Grams are always
+    accumulated and returned in fp32), whose steps stop once the residual is below bulk_tol or
+    stops falling (the precision's floor); then classical steps in IEEE fp32 until tol.
+    lower: assumed smallest singular value over the Frobenius norm, for the bulk schedule;
+    default what a Gaussian matrix of this shape has (``gaussian_lower``). Too small a value
+    costs schedule steps, too large one costs classical steps; neither changes the result.
     side: "in" forms X^T X (cols x cols), "out" forms X X^T (rows x rows); default the smaller.
     group / global_shape: when ``w`` is one rank's shard of a weight split across ``group``, the
     side must be the unsplit dimension ("in" for a row split, "out" for a column split) and
@@ -225,7 +226,7 @@ def polar_factor(
         gf = g.float()
         top = torch.minimum(torch.linalg.matrix_norm(gf), gf.abs().sum(-1).amax(-1)).clamp_min(1e-30)
         x_low = (x_low.float() / top.sqrt()[..., None, None]).to(dtype)
-        g = (gf / top[..., None, None]).to(g.dtype)
+        g = gf / top[..., None, None]
         lo = (lower if lower is not None else gaussian_lower(rows, cols)) / float(top.max().sqrt())
         lo, hi = min(lo, 1.0), 1.0
         previous = math.inf
@@ -244,7 +245,7 @@ def polar_factor(
     # Polish: classical steps in fp32 (at least one), each followed by the measured residual.
     steps_fp32 = 0
     with _matmul_precision("highest"):
-        g = _gram(x_low, side, group, fp32=True)
+        g = _gram(x_low, side, group)
         x = x_low.float()
         while True:
             x = _step(x, g, 1.5, 0.5, side)
