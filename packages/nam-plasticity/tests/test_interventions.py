@@ -122,7 +122,7 @@ def test_redo_scores_recycles_and_reports(megatron_tp1: None) -> None:
 
     metrics: dict[str, float] = {}
     redo.measure(metrics)
-    assert metrics == {"redo/dormant_fraction/0:mlp": pytest.approx(len(expected) / 48)}
+    assert metrics == {"redo/dormant_fraction/mlp": pytest.approx(len(expected) / 48)}
     records = redo.apply(11, opt, metrics)
     assert records[0].rows == expected.tolist()
 

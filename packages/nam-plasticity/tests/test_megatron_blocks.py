@@ -6,7 +6,7 @@ from nam_plasticity import find_blocks
 
 def test_attention_and_swiglu_blocks_of_a_megatron_layer(megatron_tp1: None) -> None:
     layer = transformer_layer(config())
-    blocks = {b.name.split(":", 1)[1]: b for b in find_blocks([layer])}
+    blocks = {b.name: b for b in find_blocks([layer])}
     assert sorted(blocks) == [
         "mlp.linear_fc1.weight[gate]",
         "mlp.linear_fc1.weight[up]",
@@ -42,3 +42,19 @@ def test_router_embedding_output_and_norms_are_never_blocks(megatron_tp1: None) 
     assert not any("router" in n or "norm" in n for n in names)
     experts = [n for n in names if "local_experts" in n]
     assert len(experts) == 4 * 3  # gate, up and fc2 of each expert, each its own block
+
+
+def test_names_use_global_layer_and_expert_indices(megatron_tp1: None) -> None:
+    from nam_plasticity.naming import global_names
+
+    cfg = config(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16, moe_grouped_gemm=False)
+    layer = transformer_layer(cfg, moe=True)
+    layer.layer_number = 8  # as on a later pipeline stage
+    holder = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([layer])})
+    layer.mlp.local_expert_indices = [4, 5, 6, 7]  # as on the second of two expert-parallel ranks
+    names = global_names(holder)
+    assert (
+        names["layers.0.mlp.experts.local_experts.1.linear_fc2"]
+        == "layers.7.mlp.experts.local_experts.5.linear_fc2"
+    )
+    assert names["layers.0.self_attention.linear_qkv"] == "layers.7.self_attention.linear_qkv"

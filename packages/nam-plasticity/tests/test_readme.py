@@ -7,4 +7,4 @@ def test_readme_example_runs(capsys) -> None:
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
-    assert "3 fire 0:mlp.linear_fc1.weight" in out and "redo/dormant_fraction/0:mlp" in out
+    assert "3 fire mlp.linear_fc1.weight" in out and "redo/dormant_fraction/mlp" in out

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nam_plasticity.naming import global_names
+
 Split = Literal["rows", "cols"]
 Mode = Literal["all", "qk"]
 
@@ -169,8 +171,9 @@ def find_blocks(model_chunks: Iterable[nn.Module], mode: Mode = "all") -> list[B
     if mode not in ("all", "qk"):
         raise ValueError(f"find_blocks: mode must be 'all' or 'qk', got {mode!r}")
     blocks: list[Block] = []
-    for chunk_index, chunk in enumerate(model_chunks):
+    for chunk in model_chunks:
         modules = dict(chunk.named_modules())
+        names = global_names(chunk)
         for mname, module in modules.items():
             if "linear" not in type(module).__name__.lower() or _EXCLUDED_RE.search(mname):
                 continue
@@ -191,9 +194,20 @@ def find_blocks(model_chunks: Iterable[nn.Module], mode: Mode = "all") -> list[B
                         if split
                         else (n_rows, cols)
                     )
-                    label = f"{chunk_index}:{mname}.{pname}" + (f"[{expert}]" if expert is not None else "")
+                    label = f"{names[mname]}.{pname}" + (f"[{expert}]" if expert is not None else "")
                     label += f"[{part}]" if part != "all" else ""
                     blocks.append(
-                        Block(label, f"{mname}.{pname}", param, part, role, rows, expert, split, group, shape)
+                        Block(
+                            label,
+                            f"{names[mname]}.{pname}",
+                            param,
+                            part,
+                            role,
+                            rows,
+                            expert,
+                            split,
+                            group,
+                            shape,
+                        )
                     )
     return blocks

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nam_plasticity.naming import global_names
 from nam_plasticity.params import resolve
 from nam_plasticity.records import Record
 
@@ -70,7 +71,8 @@ class MLPLayer:
 
 def _find_layers(model_chunks: Iterable[nn.Module], config: RedoConfig) -> list[tuple[nn.Module, MLPLayer]]:
     layers = []
-    for chunk_index, chunk in enumerate(model_chunks):
+    for chunk in model_chunks:
+        names = global_names(chunk)
         for name, module in chunk.named_modules():
             fc1, fc2 = getattr(module, "linear_fc1", None), getattr(module, "linear_fc2", None)
             if not isinstance(fc1, nn.Module) or not isinstance(fc2, nn.Module):
@@ -87,7 +89,7 @@ def _find_layers(model_chunks: Iterable[nn.Module], config: RedoConfig) -> list[
             group = getattr(fc2, "tp_group", None)
             group = group if group is not None and group.size() > 1 else None
             std = config.init_std or getattr(cfg, "init_method_std", None) or 1 / math.sqrt(3 * w1.shape[1])
-            layers.append((fc2, MLPLayer(f"{chunk_index}:{name}", w1, w2, gated, group, float(std))))
+            layers.append((fc2, MLPLayer(names[name], w1, w2, gated, group, float(std))))
     return layers
 
 
