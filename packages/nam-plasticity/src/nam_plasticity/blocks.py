@@ -27,8 +27,10 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from nam_plasticity.naming import global_names
+from nam_plasticity.params import local
 
 Split = Literal["rows", "cols"]
 Mode = Literal["all", "qk"]
@@ -73,17 +75,20 @@ class Block:
 
     def mask(self) -> torch.Tensor:
         """Boolean mask, shaped like the parameter, of the entries this block covers."""
-        mask = torch.zeros(self.param.shape, dtype=torch.bool, device=self.param.device)
-        self.put(mask, torch.ones(self.local_shape, dtype=torch.bool, device=self.param.device))
+        data = local(self.param.detach())
+        mask = torch.zeros(data.shape, dtype=torch.bool, device=data.device)
+        self.put(mask, torch.ones(self.local_shape, dtype=torch.bool, device=data.device))
         return mask
 
     @property
     def local_shape(self) -> tuple[int, int]:
-        rows, cols = self.param.shape[-2:]
+        rows, cols = local(self.param.detach()).shape[-2:]
         return (len(self.rows) if self.rows is not None else rows, cols)
 
 
 def _tp(module: nn.Module, param: nn.Parameter) -> tuple[Split | None, dist.ProcessGroup | None, int]:
+    if isinstance(param, DTensor):
+        return _dtensor_split(param)
     if not getattr(param, "tensor_model_parallel", False):
         return None, None, 1
     group = getattr(module, "tp_group", None)
@@ -96,6 +101,24 @@ def _tp(module: nn.Module, param: nn.Parameter) -> tuple[Split | None, dist.Proc
             f"nam_plasticity: tensor-parallel parameter with partition_dim={dim}; accepted 0 or 1"
         )
     return ("rows" if dim == 0 else "cols"), group, size
+
+
+def _dtensor_split(param: DTensor) -> tuple[Split | None, dist.ProcessGroup | None, int]:
+    mesh, placements = param.device_mesh, param.placements
+    sharded = [(i, p) for i, p in enumerate(placements) if isinstance(p, Shard)]
+    if not sharded:
+        return None, None, 1
+    if mesh.ndim != 1 or sharded[0][1].dim not in (0, 1, -1, -2) or param.dim() != 2:
+        raise ValueError(
+            f"nam_plasticity: DTensor weight {tuple(param.shape)} with placements {placements} on a "
+            f"{mesh.ndim}-D mesh; accepted: a 2-D weight sharded on dim 0 or 1 of a 1-D mesh"
+        )
+    dim = sharded[0][1].dim % 2
+    if param.shape[dim] % mesh.size() != 0:
+        raise ValueError(
+            f"nam_plasticity: DTensor weight {tuple(param.shape)} is unevenly sharded on dim {dim}"
+        )
+    return ("rows" if dim == 0 else "cols"), mesh.get_group(), mesh.size()
 
 
 def _ranges(parts: dict[str, int]) -> dict[str, tuple[int, int]]:
@@ -159,10 +182,11 @@ def _matrix_params(module: nn.Module) -> Iterator[tuple[str, nn.Parameter, int |
     """(name, parameter, expert) of the weight matrices a linear-like module owns directly."""
     for pname, param in module.named_parameters(recurse=False):
         grouped = _GROUPED_WEIGHT.match(pname)
+        param_local = local(param.detach())
         if (pname == "weight" and param.dim() == 2) or (grouped and param.dim() == 2):
             yield pname, param, None
         elif pname == "weight" and param.dim() == 3:
-            for e in range(param.shape[0]):
+            for e in range(param_local.shape[0]):
                 yield pname, param, e
 
 
@@ -181,7 +205,7 @@ def find_blocks(model_chunks: Iterable[nn.Module], mode: Mode = "all") -> list[B
             parent = modules.get(parent_name)
             for pname, param, expert in _matrix_params(module):
                 split, group, tp = _tp(module, param)
-                local_rows, cols = param.shape[-2:]
+                local_rows, cols = local(param.detach()).shape[-2:]
                 role, parts = _row_parts(module, parent, leaf, pname, local_rows, tp)
                 for part, rows in parts.items():
                     if mode == "qk" and not (role == "attn_qkv" and part in ("q", "k")):

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from nam_plasticity.blocks import Block
-from nam_plasticity.params import Master, resolve
+from nam_plasticity.params import Master, local, resolve
 from nam_plasticity.records import Record
 
 
@@ -94,10 +94,11 @@ class Dash:
             g = _owned_grad(master) if g is None else g
             w_full = master.read() if not master.sharded else None
             w = (w_full if w_full is not None else _owned_weight(master)).reshape(-1)
-            cols = param.shape[-1]
+            data = master.tensor
+            cols = data.shape[-1]
             start = master.shard[0] if master.sharded else 0
             row = torch.arange(start, start + w.numel(), device=w.device) // cols
-            n_rows = param.numel() // cols
+            n_rows = data.numel() // cols
             sums = torch.zeros(3, n_rows, dtype=torch.float32, device=w.device)
             sums[0].index_add_(0, row, w * g)
             sums[1].index_add_(0, row, w * w)
@@ -107,10 +108,10 @@ class Dash:
             split_cols = [b for b in param_blocks if b.split == "cols"]
             if split_cols:
                 dist.all_reduce(sums, group=split_cols[0].group)
-            scale = _scale(sums[0], sums[1], sums[2], self.config.lam).view(param.shape[:-1])
+            scale = _scale(sums[0], sums[1], sums[2], self.config.lam).view(data.shape[:-1])
             value = w_full if w_full is not None else master.read()
             before = value.clone()
-            mask = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
+            mask = torch.zeros(data.shape, dtype=torch.bool, device=data.device)
             for b in param_blocks:
                 mask |= b.mask()
             mask &= (scale < 1)[..., None]  # rows kept at scale 1 are untouched, state included
@@ -140,15 +141,15 @@ class Dash:
 
 
 def _owned_grad(master: Master) -> torch.Tensor:
-    return master.owned(_grad(master.param).detach()).float().reshape(-1).clone()
+    return master.owned(local(_grad(master.param).detach())).float().reshape(-1).clone()
 
 
 def _owned_weight(master: Master) -> torch.Tensor:
     if master.main is not None:
         return master.main.detach().float()
     if master.shard is not None:
-        return master.param.detach().reshape(-1)[master.shard[0] : master.shard[1]].float()
-    return master.param.detach().float()
+        return master.tensor.reshape(-1)[master.shard[0] : master.shard[1]].float()
+    return master.tensor.float()
 
 
 def _block_norm(block: Block, full: torch.Tensor) -> float:

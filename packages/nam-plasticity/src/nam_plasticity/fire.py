@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from nam_plasticity.blocks import Block
-from nam_plasticity.params import Master, resolve
+from nam_plasticity.params import Master, local, resolve
 from nam_plasticity.polar import Bulk, PolarResult, default_side, polar_factor
 from nam_plasticity.records import Record
 
@@ -71,7 +71,7 @@ def apply_fire(
     for b in blocks:
         key = id(b.param)
         remaining[key] += 1
-        batches[(b.local_shape, b.global_shape, b.split, id(b.group), b.param.device)].append(b)
+        batches[(b.local_shape, b.global_shape, b.split, id(b.group), local(b.param).device)].append(b)
 
     records: list[Record] = []
     for group_blocks in batches.values():
@@ -83,7 +83,7 @@ def apply_fire(
                 if key not in masters:
                     masters[key] = resolve(b.param, optimizer)
                     values[key] = masters[key].read()
-                    masks[key] = torch.zeros(b.param.shape, dtype=torch.bool, device=b.param.device)
+                    masks[key] = torch.zeros_like(values[key], dtype=torch.bool)
             w = torch.stack([b.matrix(values[id(b.param)]) for b in chunk])
             head = chunk[0]
             sharding = {"side": _side(head), "global_shape": head.global_shape, "group": head.group}

@@ -23,6 +23,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of a DTensor, the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @dataclass
@@ -46,19 +52,24 @@ class Master:
     def sharded(self) -> bool:
         return self.shard is not None
 
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The model parameter's data on this rank (a DTensor's local shard)."""
+        return local(self.param.detach())
+
     def read(self) -> torch.Tensor:
         """The full fp32 master value (gathered over the data-parallel group when sharded)."""
         if self.shard is None:
-            src = self.main if self.main is not None else self.param.detach()
-            return src.float().clone()
+            src = self.main if self.main is not None else self.tensor
+            return local(src).float().clone()
         # Each rank contributes its own slice into zeros; adding zeros is exact.
-        flat = torch.zeros(self.param.numel(), dtype=torch.float32, device=self.param.device)
+        flat = torch.zeros(self.tensor.numel(), dtype=torch.float32, device=self.tensor.device)
         if self.main is not None:
             flat[self.shard[0] : self.shard[1]] = self.main.detach().float()
-        elif self.param.dtype == torch.float32:
-            flat[self.shard[0] : self.shard[1]] = self.param.detach().view(-1)[self.shard[0] : self.shard[1]]
+        elif self.tensor.dtype == torch.float32:
+            flat[self.shard[0] : self.shard[1]] = self.tensor.view(-1)[self.shard[0] : self.shard[1]]
         dist.all_reduce(flat, group=self.group)
-        return flat.view_as(self.param)
+        return flat.view_as(self.tensor)
 
     def owned(self, full: torch.Tensor) -> torch.Tensor:
         """The part of a full-shaped tensor that this rank's master covers (flat when sharded)."""
@@ -67,12 +78,13 @@ class Master:
     @torch.no_grad()
     def write(self, value: torch.Tensor, mask: torch.Tensor) -> None:
         """Write ``value`` (fp32, the parameter's shape) where ``mask`` (broadcastable) is True."""
-        mask = mask.expand_as(self.param)
+        data = self.tensor
+        mask = mask.expand_as(data)
         value = value.to(torch.float32)
         if self.main is not None:
-            m = self.owned(mask)
-            self.main.copy_(torch.where(m, self.owned(value).to(self.main.dtype), self.main))
-        self.param.copy_(torch.where(mask, value.to(self.param.dtype), self.param))
+            main = local(self.main)
+            main.copy_(torch.where(self.owned(mask), self.owned(value).to(main.dtype), main))
+        data.copy_(torch.where(mask, value.to(data.dtype), data))
 
     @torch.no_grad()
     def reset_state(self, mask: torch.Tensor) -> int:
@@ -86,10 +98,11 @@ class Master:
         state = self.optimizer.state.get(self.state_key)
         if not state:
             return 0
-        m = self.owned(mask.expand_as(self.param))
+        m = self.owned(mask.expand_as(self.tensor))
         touched = 0
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.shape == self.state_key.shape:
+                value = local(value)
                 value.masked_fill_(m.view_as(value), 0)
                 touched += 1
         return touched
