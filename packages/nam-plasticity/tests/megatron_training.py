@@ -8,9 +8,8 @@ torch.cuda tensor types."""
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from megatron_models import config, mlp_submodules
+from torch import nn
 
 
 class Chunk(nn.Module):
@@ -35,7 +34,12 @@ def bf16_model_and_optimizer(distributed: bool):
     )
     opt = get_megatron_optimizer(
         OptimizerConfig(
-            optimizer="adam", lr=0.0, min_lr=0.0, weight_decay=0.0, bf16=True, clip_grad=0.0,
+            optimizer="adam",
+            lr=0.0,
+            min_lr=0.0,
+            weight_decay=0.0,
+            bf16=True,
+            clip_grad=0.0,
             use_distributed_optimizer=distributed,
         ),
         [ddp],
@@ -64,7 +68,10 @@ def check_edit_lands_in_masters(distributed: bool) -> None:
     masters = {n: resolve(p, opt) for n, p in params.items()}
     main_before = {n: m.read() for n, m in masters.items()}
     model_before = {n: p.detach().clone() for n, p in params.items()}
-    state_before = {n: {k: v.clone() for k, v in (m.optimizer.state.get(m.state_key) or {}).items()} for n, m in masters.items()}
+    state_before = {
+        n: {k: v.clone() for k, v in (m.optimizer.state.get(m.state_key) or {}).items()}
+        for n, m in masters.items()
+    }
 
     blocks = [b for b in find_blocks([ddp.module]) if "linear_fc1" in b.name]
     assert blocks and all(b.param.dtype == torch.bfloat16 for b in blocks)

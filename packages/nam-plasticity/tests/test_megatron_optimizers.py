@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-cpu = pytest.importorskip("nam_runtime.cpu", reason="nam-runtime's CPU patches are not merged into this branch yet")
+cpu = pytest.importorskip(
+    "nam_runtime.cpu", reason="nam-runtime's CPU patches are not merged into this branch yet"
+)
 
 
 def test_float16_optimizer_keeps_the_edit_and_nothing_else_moves(megatron_tp1: None) -> None:
