@@ -134,19 +134,21 @@ def resolve(param: torch.nn.Parameter, optimizer: Any | None) -> Master:
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     for part in _megatron_parts(optimizer):
+        if getattr(part, "is_stub_optimizer", False):
+            continue  # a rank with no parameters in this optimizer
         inner = _torch_optimizer(part)
         if isinstance(part, DistributedOptimizer):
-            if param not in part.model_param_gbuf_map:
+            if not any(param in buffer.param_index_map for buffer in part.buffers):
                 continue
-            gi, dtype, bi = part.model_param_gbuf_map[param]
-            rng = part.gbuf_ranges[gi][dtype][bi]["param_map"].get(param)
-            shard = (rng["param"].start, rng["param"].end) if rng is not None else (0, 0)
+            entry = part.model_param_gbuf_map.get(param)  # only parameters this rank owns a slice of
+            if entry is None:
+                return Master(param, None, (0, 0), part.data_parallel_group, inner, None)
+            gi, dtype, bi = entry
+            rng = part.gbuf_ranges[gi][dtype][bi]["param_map"][param]["param"]
+            g, order = part.model_param_group_index_map[param]
+            key = inner.param_groups[g]["params"][order]
             main = getattr(param, "main_param", None)
-            key = None
-            if rng is not None:
-                g, order = part.model_param_group_index_map[param]
-                key = inner.param_groups[g]["params"][order]
-            return Master(param, main, shard, part.data_parallel_group, inner, key)
+            return Master(param, main, (rng.start, rng.end), part.data_parallel_group, inner, key)
         if isinstance(part, Float16OptimizerWithFloat16Params):
             for model_group, main_group in zip(
                 part.float16_groups, part.fp32_from_float16_groups, strict=True
@@ -159,4 +161,7 @@ def resolve(param: torch.nn.Parameter, optimizer: Any | None) -> Master:
             continue
         if any(param is p for group in inner.param_groups for p in group["params"]):
             return Master(param, None, None, None, inner, param)
-    raise KeyError(f"nam_plasticity: parameter of shape {tuple(param.shape)} is not owned by the optimizer")
+    raise KeyError(
+        f"nam_plasticity: parameter of shape {tuple(param.shape)} is not among the optimizer's parameters; "
+        "pass the optimizer that steps the model chunks the blocks came from"
+    )
