@@ -119,3 +119,27 @@ def main(report: Report) -> None:
         report.row(
             f"  {shapes[shape]} x {shape[0]}x{shape[1]}", steps_bf16=low, steps_fp32=high, residual=res
         )
+    weights.clear()  # free the GPU memory before the next case
+    stp_overhead(report)
+
+
+def stp_overhead(report: Report) -> None:
+    """STP at one layer of NAM56R (seq 4096, micro-batch 1, hidden 3584, bf16): sampling on the
+    CPU, the loss and its backward into the hidden states. Goal: all selected layers under 1% of
+    a step (788 ms measured for megatron's baseline at this width, shared/GPU.md)."""
+    import torch
+
+    from nam_plasticity import STP, STPConfig
+
+    hidden = torch.randn(4096, 1, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    doc_ids = (torch.arange(4096) // 512)[None]  # eight packed documents
+    stp = STP(STPConfig(layers=(1,), lam=0.1, samples=64))
+    stp.set_documents(doc_ids)
+
+    def one_layer() -> None:
+        stp.set_step(1)
+        out = stp(1, hidden)
+        out.backward(torch.zeros_like(out))  # only the STP gradient flows
+
+    ms = report.time("STP one layer fwd+bwd, 64 samples, s4096 h3584", one_layer)
+    report.rows[-1].extra["pct_of_788ms_step"] = 100 * ms / 788
