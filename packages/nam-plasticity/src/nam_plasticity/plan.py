@@ -71,10 +71,12 @@ class Plan:
         records: list[Record] = []
         if self.dash is not None:
             self._dash = self._dash or Dash(self.dash_config)
-            blocks = find_blocks(model_chunks)
-            self._dash.observe(blocks, optimizer)
-            if self.dash.due(step):
-                records += self._dash.apply(step, blocks, optimizer)
+            due = self.dash.due(step)
+            if due or self.dash_config.alpha is not None:  # the gradient EMA sees every step
+                blocks = find_blocks(model_chunks)
+                self._dash.observe(blocks, optimizer)
+                if due:
+                    records += self._dash.apply(step, blocks, optimizer)
         if self.fire is not None and self.fire.due(step):
             records += apply_fire(
                 step, find_blocks(model_chunks, self.fire_mode), optimizer, self.fire_config
