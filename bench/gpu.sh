@@ -2,7 +2,7 @@
 # On the GPU machine (no network): install the wheels carried in bench/wheels (git-ignored; fill
 # it on the CPU machine with bench/wheelhouse.sh), make the workspace packages importable from
 # source, then run the benchmarks. Results and logs go to $OUT when set.
-#   bash bench/gpu.sh [NAME ...]
+#   NAM_COMMIT=<sha> bash bench/gpu.sh [NAME ...]   (the tree travels without .git)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/out}; mkdir -p "$out"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import subprocess
 import sys
 import traceback
@@ -28,11 +29,15 @@ from bench.report import Report
 # name -> module under bench/ ; each issue registers its own.
 REGISTRY: dict[str, str] = {
     "ceilings": "bench.ceilings",
+    "mamba": "bench.mamba",
     "plasticity": "bench.plasticity",
 }
 
 
 def _commit() -> str:
+    """The commit under test: NAM_COMMIT where the tree travelled without .git, else git's."""
+    if os.environ.get("NAM_COMMIT"):
+        return os.environ["NAM_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
