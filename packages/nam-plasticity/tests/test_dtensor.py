@@ -3,26 +3,24 @@ single-process result on the full weights, under a torch optimizer (whose state 
 
 from __future__ import annotations
 
-import tempfile
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from nam_runtime.testing import run_ranks
 
 WORLD = 2
 
 
-def run(rank: int, path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+def _run() -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from nam_plasticity import DashConfig, FireConfig, apply_fire, dash_scale, find_blocks
     from nam_plasticity.dash import Dash
     from nam_plasticity.fire import fire_matrices
+    from nam_runtime import dist
 
+    dist.initialize()  # two data-parallel ranks: the default group spans both
     mesh = init_device_mesh("cpu", (WORLD,))
     torch.manual_seed(0)  # the same full weights on both ranks
     full = {"up.weight": torch.randn(24, 16), "down.weight": torch.randn(16, 24)}
@@ -58,9 +56,7 @@ def run(rank: int, path: str) -> None:
     for name, p in model.named_parameters():
         want = weights[name] * dash_scale(weights[name], grads[name], 0.3)[:, None]
         assert torch.allclose(p.full_tensor(), want, atol=1e-6), name
-    dist.destroy_process_group()
 
 
 def test_fire_and_dash_on_dtensor_shards_equal_single_process() -> None:
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(run, args=(f"{d}/store",), nprocs=WORLD, join=True)
+    run_ranks(_run, WORLD, timeout_s=300)

@@ -8,13 +8,12 @@ as megatron's own global layout.
 
 from __future__ import annotations
 
-import tempfile
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from nam_runtime.testing import run_ranks
 
 WORLD = 2
 
@@ -126,21 +125,16 @@ def check_redo(layer: nn.Module, rank: int) -> None:
     assert torch.equal(gather(mlp.linear_fc2.weight.detach(), 1), ref_chunk.mlp.linear_fc2.weight.detach())
 
 
-def run(rank: int, path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
-    from megatron.core import parallel_state
-
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=WORLD)
+def _run() -> None:
     from megatron_models import config, transformer_layer
 
-    torch.manual_seed(0)
+    from nam_runtime import dist as runtime
+
+    world = runtime.initialize(tensor_parallel=WORLD, seed=0)
     check_fire(transformer_layer(config(tp=WORLD)))
-    check_dash(transformer_layer(config(tp=WORLD)), rank)
-    check_redo(transformer_layer(config(tp=WORLD)), rank)
-    dist.destroy_process_group()
+    check_dash(transformer_layer(config(tp=WORLD)), world.rank)
+    check_redo(transformer_layer(config(tp=WORLD)), world.rank)
 
 
 def test_fire_dash_redo_on_tensor_parallel_shards_equal_single_process() -> None:
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(run, args=(f"{d}/store",), nprocs=WORLD, join=True)
+    run_ranks(_run, WORLD, timeout_s=300)
