@@ -48,9 +48,11 @@ def bf16_model_and_optimizer(distributed: bool):
 
 
 def train_step(ddp, opt, seed: int) -> None:
+    """One step on this rank's micro-batch (different on each data-parallel rank)."""
     ddp.zero_grad_buffer()
     opt.zero_grad()
-    x = torch.randn(8, 2, 32, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    rank = torch.distributed.get_rank()
+    x = torch.randn(8, 2, 32, generator=torch.Generator().manual_seed(seed + 100 * rank)).to(torch.bfloat16)
     out, _ = ddp.module.mlp(x)
     out.float().square().mean().backward()
     ddp.finish_grad_sync()
@@ -98,3 +100,34 @@ def check_edit_lands_in_masters(distributed: bool) -> None:
         if n != touched:
             assert torch.equal(masters[n].read(), main_before[n]), n  # bit-identical masters
             assert torch.equal(params[n].detach(), model_before[n]), n
+
+
+def reduced_grad(master) -> torch.Tensor:
+    """The data-parallel-reduced gradient of the whole parameter: each rank's main_grad is reduced
+    only on the slice it owns under the distributed optimizer, so the slices are summed."""
+    g = master.param.main_grad.detach().float()
+    if not master.sharded:
+        return g.clone()
+    flat = torch.zeros(g.numel())
+    flat[master.shard[0] : master.shard[1]] = g.reshape(-1)[master.shard[0] : master.shard[1]]
+    torch.distributed.all_reduce(flat, group=master.group)
+    return flat.view_as(g)
+
+
+def check_dash_reads_reduced_main_grad(distributed: bool) -> None:
+    """DASH after a step equals the row formula on the gathered master and the reduced gradient."""
+    from nam_plasticity import DashConfig, dash_scale, find_blocks, resolve
+    from nam_plasticity.dash import Dash
+
+    ddp, opt = bf16_model_and_optimizer(distributed)
+    train_step(ddp, opt, 0)
+    params = dict(ddp.module.named_parameters())
+    masters = {n: resolve(p, opt) for n, p in params.items()}
+    want = {}
+    for n, m in masters.items():
+        w = m.read()
+        want[n] = w * dash_scale(w, reduced_grad(m), 0.3)[:, None] if w.dim() == 2 else w
+    Dash(DashConfig(lam=0.3)).apply(1, find_blocks([ddp.module]), opt)
+    for n, m in masters.items():
+        assert torch.allclose(m.read(), want[n], rtol=1e-6, atol=1e-7), n
+        assert torch.equal(params[n].detach(), m.read().to(torch.bfloat16)), n
