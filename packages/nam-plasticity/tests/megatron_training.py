@@ -25,7 +25,8 @@ def bf16_model_and_optimizer(distributed: bool):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    cfg = config(bf16=True, params_dtype=torch.bfloat16)
+    # hidden 36, ffn 47: the data-parallel shard boundary falls inside an fc1 row
+    cfg = config(bf16=True, params_dtype=torch.bfloat16, hidden_size=36, kv_channels=9, ffn_hidden_size=47)
     chunk = Chunk(cfg).to(torch.bfloat16)
     ddp = DistributedDataParallel(
         cfg,
@@ -52,7 +53,9 @@ def train_step(ddp, opt, seed: int) -> None:
     ddp.zero_grad_buffer()
     opt.zero_grad()
     rank = torch.distributed.get_rank()
-    x = torch.randn(8, 2, 32, generator=torch.Generator().manual_seed(seed + 100 * rank)).to(torch.bfloat16)
+    x = torch.randn(
+        8, 2, ddp.module.config.hidden_size, generator=torch.Generator().manual_seed(seed + 100 * rank)
+    ).to(torch.bfloat16)
     out, _ = ddp.module.mlp(x)
     out.float().square().mean().backward()
     ddp.finish_grad_sync()
@@ -123,6 +126,9 @@ def check_dash_reads_reduced_main_grad(distributed: bool) -> None:
     train_step(ddp, opt, 0)
     params = dict(ddp.module.named_parameters())
     masters = {n: resolve(p, opt) for n, p in params.items()}
+    if distributed:  # a row split between two ranks: its sums come from both
+        fc1 = masters["mlp.linear_fc1.weight"]
+        assert any(0 < b < fc1.tensor.numel() and b % fc1.tensor.shape[-1] for b in fc1.shard), fc1.shard
     want = {}
     for n, m in masters.items():
         w = m.read()
