@@ -147,7 +147,9 @@ def _qkv_rows(module: nn.Module, local_rows: int, tp: int) -> dict[str, torch.Te
     return {"q": q, "k": k, "v": v}
 
 
-def _row_parts(module: nn.Module, parent: nn.Module | None, leaf: str, pname: str, local_rows: int, tp: int):
+def _row_parts(
+    module: nn.Module, parent: nn.Module | None, leaf: str, pname: str, local_rows: int, tp: int
+) -> tuple[str, dict[str, torch.Tensor | None]]:
     """Row index sets of the parts of one local matrix, and the role of the matrix."""
     declared = getattr(parent, "plasticity_row_parts", None)
     parts = declared(f"{leaf}.{pname}") if callable(declared) else None
