@@ -12,12 +12,16 @@ from functools import partial
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
 VOCAB = 64
@@ -94,7 +98,9 @@ def loss(module: torch.nn.Module, data: dict[str, torch.Tensor]) -> torch.Tensor
     return per_token.float().mean()
 
 
-def _loss_func(labels_mask: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _loss_func(
+    labels_mask: torch.Tensor, per_token: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     loss = (per_token.float() * labels_mask).sum() / labels_mask.sum()
     return loss, {"loss": loss.detach().clone()}  # the schedule scales `loss` in place
 
@@ -105,20 +111,48 @@ def _forward_step(data_iterator: Any, module: torch.nn.Module) -> tuple[torch.Te
     return per_token, partial(_loss_func, torch.ones_like(data["labels"], dtype=torch.float32))
 
 
-def train(*, steps: int, global_batch: int, micro_batch: int, moe: bool = True, lr: float = 1e-2) -> list[float]:
+def save(module: GPTModel, directory: str) -> None:
+    """Save `module` with dist_checkpointing (every rank calls it)."""
+    dist_checkpointing.save(module.sharded_state_dict(), directory)
+
+
+def load(module: GPTModel, directory: str) -> None:
+    """Load a dist_checkpointing checkpoint saved at any parallel layout into `module`."""
+    module.load_state_dict(dist_checkpointing.load(module.sharded_state_dict(), directory))
+
+
+def train(
+    *,
+    steps: int,
+    global_batch: int,
+    micro_batch: int,
+    moe: bool = True,
+    lr: float = 1e-2,
+    save_init: str | None = None,
+    load_init: str | None = None,
+) -> list[float]:
     """megatron's whole training path: DDP wrapper, distributed optimizer (Adam), the forward-backward
     schedule of this pipeline size, finalize_model_grads. Returns the loss of every step (the same on
-    every rank); the data-parallel ranks split each global batch."""
+    every rank); the data-parallel ranks split each global batch. `save_init` / `load_init`: a
+    directory to save the initial weights to or load them from (dist_checkpointing), so runs at
+    different layouts start from the same numbers."""
     cfg = config(moe=moe)
+    module = model(cfg)
+    if save_init is not None:
+        save(module, save_init)
+    if load_init is not None:
+        load(module, load_init)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     if global_batch % (micro_batch * dp):
-        raise ValueError(f"global batch {global_batch} is not a multiple of micro batch {micro_batch} x dp {dp}")
+        raise ValueError(
+            f"global batch {global_batch} is not a multiple of micro batch {micro_batch} x dp {dp}"
+        )
     num_micro = global_batch // (micro_batch * dp)
     ddp = DistributedDataParallel(
         cfg,
         DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True),
-        model(cfg),
+        module,
     )
     cfg.finalize_model_grads_func = finalize_model_grads
     cfg.no_sync_func = ddp.no_sync
@@ -128,9 +162,7 @@ def train(*, steps: int, global_batch: int, micro_batch: int, moe: bool = True, 
     schedule = get_forward_backward_func()
     losses = []
     for step in range(steps):
-        micro = [
-            shard(shard(batch(0, global_batch), dp_rank, dp), i, num_micro) for i in range(num_micro)
-        ]
+        micro = [shard(shard(batch(0, global_batch), dp_rank, dp), i, num_micro) for i in range(num_micro)]
         ddp.zero_grad_buffer()
         opt.zero_grad()
         out = schedule(

@@ -49,9 +49,9 @@ def test_failing_rank_traceback_is_in_the_report() -> None:
 
 def test_hung_rank_fails_after_the_timeout() -> None:
     start = time.monotonic()
-    with pytest.raises(RankFailure, match=r"ranks \[1\] of 2 did not finish within 20 s"):
-        run_ranks(_hang_on_rank_one, 2, timeout_s=20)
-    assert time.monotonic() - start < 40
+    with pytest.raises(RankFailure, match=r"ranks \[1\] of 2 did not finish within 15 s"):
+        run_ranks(_hang_on_rank_one, 2, timeout_s=15)
+    assert time.monotonic() - start < 30
 
 
 def test_rejects_an_empty_world() -> None:

@@ -14,14 +14,21 @@ from nam_runtime.testing import run_ranks
 STEPS = 4
 
 
-def _train(*, pp: int = 1) -> list[float]:
+def _train(*, pp: int = 1, **init: str) -> list[float]:
     dist.initialize(pipeline_parallel=pp, seed=11)
-    return gpt.train(steps=STEPS, global_batch=4, micro_batch=2)
+    return gpt.train(steps=STEPS, global_batch=4, micro_batch=2, **init)
 
 
 @pytest.fixture(scope="module")
-def reference() -> list[float]:
-    (losses,) = run_ranks(_train, 1)
+def initial(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The single-process run saves its initial weights here; the other layouts load them (a model
+    built at PP=2 draws its weights in another order)."""
+    return str(tmp_path_factory.mktemp("initial"))
+
+
+@pytest.fixture(scope="module")
+def reference(initial: str) -> list[float]:
+    (losses,) = run_ranks(_train, 1, save_init=initial)
     return losses
 
 
@@ -31,13 +38,13 @@ def test_single_process_trains(reference: list[float]) -> None:
     assert reference[-1] < reference[0] - 0.05, reference
 
 
-def test_dp2_distributed_optimizer_matches_dp1(reference: list[float]) -> None:
-    rank0, rank1 = run_ranks(_train, 2)
+def test_dp2_distributed_optimizer_matches_dp1(reference: list[float], initial: str) -> None:
+    rank0, rank1 = run_ranks(_train, 2, load_init=initial)
     assert rank0 == rank1
     torch.testing.assert_close(torch.tensor(rank0), torch.tensor(reference), rtol=1e-5, atol=1e-6)
 
 
-def test_pp2_schedule_matches_pp1(reference: list[float]) -> None:
-    rank0, rank1 = run_ranks(_train, 2, pp=2)
+def test_pp2_schedule_matches_pp1(reference: list[float], initial: str) -> None:
+    rank0, rank1 = run_ranks(_train, 2, pp=2, load_init=initial)
     assert rank0 == rank1
     torch.testing.assert_close(torch.tensor(rank0), torch.tensor(reference), rtol=1e-5, atol=1e-6)

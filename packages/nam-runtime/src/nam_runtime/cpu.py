@@ -203,6 +203,18 @@ def _current_stream(device: Any = None) -> CpuStream:
     return _CPU_STREAM
 
 
+_SYNCHRONIZE = _row(
+    "torch.cuda.synchronize",
+    "torch.cuda.synchronize (pipeline_parallel.p2p_communication after batched send/recv with "
+    "batch_p2p_sync, the default; ~40 other megatron-core call sites)",
+    "it initialises CUDA and raises without a GPU; on CPU the gloo requests are already waited on",
+)
+
+
+def _synchronize(device: Any = None) -> None:
+    _hit(_SYNCHRONIZE.name)
+
+
 # ---------------------------------------------------------------------------------------------
 # The CUDA RNG tracker (tensor_parallel/random.py): on CPU its states are CPU generator states.
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +357,8 @@ def enable() -> bool:
         torch.cuda.current_device = _current_device
         _ORIGINALS["torch.cuda.current_stream"] = torch.cuda.current_stream
         torch.cuda.current_stream = _current_stream
+        _ORIGINALS["torch.cuda.synchronize"] = torch.cuda.synchronize
+        torch.cuda.synchronize = _synchronize
         _replace_function(_RANDOM, "_get_cuda_rng_state", _get_cuda_rng_state)
         _replace_function(_RANDOM, "_set_cuda_rng_state", _set_cuda_rng_state)
         _replace_method(_RANDOM, "CudaRNGStatesTracker", "add", _tracker_add)
