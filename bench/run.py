@@ -32,6 +32,7 @@ REGISTRY: dict[str, str] = {
     "embed": "bench.embed",
     "mamba": "bench.mamba",
     "m2rnn": "bench.m2rnn",
+    "plasticity": "bench.plasticity",
 }
 
 

@@ -1,0 +1,229 @@
+"""ReDo: find dormant neurons of MLP layers and recycle them.
+
+A neuron of an MLP is one hidden unit: row i of fc1 (for SwiGLU, gate row i and up row i) feeds
+it and column i of fc2 reads it. Its activation is entry i of fc2's input, which is what the
+hook reads, so SwiGLU needs nothing special and an expert (a SequentialMLP expert, or one
+slice of a grouped expert's input) sees only the tokens routed to it.
+
+Score (Sokar et al., "The Dormant Neuron Phenomenon in Deep Reinforcement Learning", 2023):
+s_i = E|a_i| / mean_j E|a_j| over the neurons of the layer (all tensor-parallel ranks), with E
+an EMA over training forwards. Neuron i is dormant when s_i <= tau. Recycling draws its incoming
+rows afresh from the layer's initial distribution and zeroes (or fills with small noise) its
+outgoing column; its score restarts at the layer mean so it is not recycled again at once.
+
+The fresh rows are drawn for the gathered layer from a generator seeded by (seed, step, layer),
+and each rank keeps its own rows, so a tensor-parallel run recycles exactly what a
+single-process run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nam_plasticity.naming import global_names
+from nam_plasticity.params import resolve
+from nam_plasticity.records import Record
+
+
+@dataclass(frozen=True)
+class RedoConfig:
+    """tau: dormancy threshold on the normalised score. beta: EMA decay of the activation
+    statistic. noise_std: std of the outgoing weights of a recycled neuron (0: zeros).
+    init_std: std of the fresh incoming rows; None takes the layer's ``config.init_method_std``
+    (megatron) or nn.Linear's 1 / sqrt(3 fan_in)."""
+
+    tau: float = 0.1
+    beta: float = 0.99
+    noise_std: float = 0.0
+    init_std: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.tau < 0 or not 0 <= self.beta < 1:
+            raise ValueError(
+                f"RedoConfig: need tau >= 0 and 0 <= beta < 1, got tau={self.tau}, beta={self.beta}"
+            )
+
+
+@dataclass
+class MLPLayer:
+    """One MLP (or one expert) ReDo watches: fc1 [(2 x) ffn, hidden], fc2 [hidden, ffn]."""
+
+    name: str
+    fc1: nn.Parameter
+    fc2: nn.Parameter
+    gated: bool
+    group: dist.ProcessGroup | None
+    init_std: float
+    ema: torch.Tensor | None = None
+
+    @property
+    def neurons(self) -> int:
+        return self.fc2.shape[-1]
+
+
+def _find_layers(model_chunks: Iterable[nn.Module], config: RedoConfig) -> list[tuple[nn.Module, MLPLayer]]:
+    layers = []
+    for chunk in model_chunks:
+        names = global_names(chunk)
+        for name, module in chunk.named_modules():
+            fc1, fc2 = getattr(module, "linear_fc1", None), getattr(module, "linear_fc2", None)
+            if not isinstance(fc1, nn.Module) or not isinstance(fc2, nn.Module):
+                continue
+            w1, w2 = getattr(fc1, "weight", None), getattr(fc2, "weight", None)
+            if not isinstance(w1, nn.Parameter) or not isinstance(w2, nn.Parameter) or w1.dim() != 2:
+                continue  # grouped experts (weight0..N) are not tracked here
+            cfg = getattr(module, "config", None)
+            gated = bool(getattr(cfg, "gated_linear_unit", False))
+            if w1.shape[0] != w2.shape[1] * (2 if gated else 1):
+                raise ValueError(
+                    f"ReDo: {name}: fc1 has {w1.shape[0]} rows, fc2 {w2.shape[1]} columns (gated={gated})"
+                )
+            group = getattr(fc2, "tp_group", None)
+            group = group if group is not None and group.size() > 1 else None
+            std = config.init_std or getattr(cfg, "init_method_std", None) or 1 / math.sqrt(3 * w1.shape[1])
+            layers.append((fc2, MLPLayer(names[name], w1, w2, gated, group, float(std))))
+    return layers
+
+
+def _rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    return (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+
+
+@dataclass
+class Redo:
+    """Activation statistics (hooks) and recycling for every MLP / expert of the model."""
+
+    config: RedoConfig = field(default_factory=RedoConfig)
+    seed: int = 0
+    layers: list[MLPLayer] = field(default_factory=list)
+    _handles: list[Any] = field(default_factory=list, repr=False)
+
+    def attach(self, model_chunks: Sequence[nn.Module]) -> None:
+        """Register forward pre-hooks on every fc2; they update the EMA during training forwards."""
+        self.detach()
+        self.layers = []
+        for fc2, layer in _find_layers(model_chunks, self.config):
+            self.layers.append(layer)
+            self._handles.append(fc2.register_forward_pre_hook(self._hook(layer)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, layer: MLPLayer):
+        beta = self.config.beta
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not module.training or not torch.is_grad_enabled():
+                return
+            x = args[0].detach()
+            if x.numel() == 0:
+                return
+            stat = x.reshape(-1, x.shape[-1]).abs().float().mean(0)
+            layer.ema = stat if layer.ema is None else layer.ema.mul_(beta).add_(stat, alpha=1 - beta)
+
+        return hook
+
+    @staticmethod
+    def _mean(layer: MLPLayer) -> torch.Tensor:
+        """Mean EMA over all neurons of the layer, every tensor-parallel rank included."""
+        total = torch.stack([layer.ema.sum(), torch.tensor(float(layer.neurons), device=layer.ema.device)])
+        if layer.group is not None:
+            dist.all_reduce(total, group=layer.group)
+        return total[0] / total[1]
+
+    def scores(self, layer: MLPLayer) -> torch.Tensor | None:
+        """Normalised scores of the local neurons (None before the first forward)."""
+        if layer.ema is None:
+            return None
+        return layer.ema / self._mean(layer).clamp_min(torch.finfo(torch.float32).tiny)
+
+    @staticmethod
+    def _norm(layer: MLPLayer, w1: torch.Tensor, w2: torch.Tensor) -> float:
+        sq = w1.float().square().sum() + w2.float().square().sum()
+        if layer.group is not None:
+            dist.all_reduce(sq, group=layer.group)
+        return float(sq.sqrt())
+
+    def measure(self, metrics: dict[str, float]) -> None:
+        """Dormant fraction per layer into ``metrics``, without touching weights."""
+        for layer in self.layers:
+            s = self.scores(layer)
+            if s is None:
+                continue
+            count = torch.stack([(s <= self.config.tau).sum().float(), torch.tensor(float(s.numel()))])
+            if layer.group is not None:
+                dist.all_reduce(count, group=layer.group)
+            metrics[f"redo/dormant_fraction/{layer.name}"] = float(count[0] / count[1])
+
+    def _draw(self, layer: MLPLayer, step: int, which: str, std: float) -> torch.Tensor:
+        """Normal(0, std) values for this rank's part of the gathered layer: "in" gives fc1-shaped
+        rows ([gate; up] for SwiGLU), "out" fc2-shaped columns. Seeded by (seed, step, layer)."""
+        rank, size = _rank(layer.group)
+        local = layer.neurons
+        digest = hashlib.sha256(f"{self.seed}/{step}/{layer.name}/{which}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        mine = slice(rank * local, (rank + 1) * local)
+        if which == "out":
+            return (torch.randn(layer.fc2.shape[0], local * size, generator=gen) * std)[:, mine]
+        parts = 2 if layer.gated else 1
+        full = torch.randn(parts, local * size, layer.fc1.shape[1], generator=gen) * std
+        return full[:, mine].reshape(parts * local, -1)
+
+    def apply(self, step: int, optimizer: Any, metrics: dict[str, float]) -> list[Record]:
+        """Recycle the dormant neurons of every layer; returns one record per layer recycled."""
+        records = []
+        for layer in self.layers:
+            s = self.scores(layer)
+            if s is None:
+                continue
+            dormant = s <= self.config.tau
+            count = torch.stack([dormant.sum().float(), torch.tensor(float(s.numel()))])
+            if layer.group is not None:
+                dist.all_reduce(count, group=layer.group)
+            metrics[f"redo/dormant_fraction/{layer.name}"] = float(count[0] / count[1])
+            if count[0] == 0:  # the same decision on every rank of the layer: counts are global
+                continue
+            mean = self._mean(layer)
+            idx = torch.nonzero(dormant).reshape(-1)
+            fc1, fc2 = resolve(layer.fc1, optimizer), resolve(layer.fc2, optimizer)
+            w1, w2 = fc1.read(), fc2.read()
+            before = self._norm(layer, w1, w2)
+
+            rows = torch.cat([idx + k * layer.neurons for k in range(2 if layer.gated else 1)])
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+            mask1[rows] = True
+            w1[rows] = self._draw(layer, step, "in", layer.init_std)[rows].to(w1.device)
+            fc1.write(w1, mask1)
+            fc1.reset_state(mask1)
+
+            mask2 = torch.zeros_like(w2, dtype=torch.bool)
+            mask2[:, idx] = True
+            std = self.config.noise_std
+            w2[:, idx] = self._draw(layer, step, "out", std).to(w2.device)[:, idx] if std > 0 else 0.0
+            fc2.write(w2, mask2)
+            fc2.reset_state(mask2)
+
+            layer.ema[idx] = mean
+            records.append(
+                Record(
+                    step=step,
+                    kind="redo",
+                    block=layer.name,
+                    tensors=[f"{layer.name}.linear_fc1.weight", f"{layer.name}.linear_fc2.weight"],
+                    rows=(idx + _rank(layer.group)[0] * layer.neurons).tolist(),
+                    norm_before=before,
+                    norm_after=self._norm(layer, w1, w2),
+                    extra={"dormant_fraction": float(count[0] / count[1]), "tau": self.config.tau},
+                )
+            )
+        return records

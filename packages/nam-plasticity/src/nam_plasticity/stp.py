@@ -1,0 +1,179 @@
+"""STP (Semantic Tube Prediction): a regulariser on the hidden states the forward pass already made.
+
+Consumer protocol (what the stack must offer; nam-spec provides it):
+
+    stack.register_hidden_state_hook(hook) -> handle with .remove()
+    hook(layer_number: int, hidden: Tensor) -> Tensor
+
+called once per layer per forward with the layer's output hidden states (global 1-based layer
+number, sequence-first [s, b, h], this rank's shard); the stack continues with the tensor the
+hook returns, which equals ``hidden`` in value. Document boundaries of packed rows come from
+``STP.set_documents(doc_ids)`` ([b, s] integer ids, called by the trainer before the forward);
+without them every row is one document.
+
+Forms, over samples drawn within one document of one row, averaged over samples and layers:
+- "straight" (default): positions s < r < t; loss = 1 - cos(h_r - h_s, h_t - h_r), a
+  straightness penalty on the trajectory.
+- "span": a random span s < r and the rest of the document, t = its last position;
+  loss = 1 - cos(h_r - h_s, h_t - h_r) (Huang, LeCun, Balestriero, "Semantic Tube Prediction",
+  2026: a span's direction predicts the rest of the trajectory).
+
+Weight: lambda(step) = 0 before ``start``, then rising linearly to ``lam`` over ``warmup`` steps.
+The loss enters backward the way megatron's MoE aux loss does: the returned hidden state carries
+it through ``MoEAuxLossAutoScaler``, so on any pipeline stage the gradient of lambda * loss flows
+into the layers at and below the selected ones when the stage's output gradient arrives, scaled
+like the main loss. At lambda 0 nothing is attached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+Form = Literal["straight", "span"]
+HiddenStateHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class HiddenStateHooks(Protocol):
+    """What STP needs from the stack."""
+
+    def register_hidden_state_hook(self, hook: HiddenStateHook) -> torch.utils.hooks.RemovableHandle: ...
+
+
+@dataclass(frozen=True)
+class STPConfig:
+    layers: tuple[int, ...]
+    lam: float = 0.02
+    start: int = 0
+    warmup: int = 0
+    form: Form = "straight"
+    samples: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.layers or min(self.layers) < 1:
+            raise ValueError(f"STPConfig.layers: need global 1-based layer numbers, got {self.layers}")
+        if self.form not in ("straight", "span"):
+            raise ValueError(f"STPConfig.form must be 'straight' or 'span', got {self.form!r}")
+        if self.lam < 0 or self.start < 0 or self.warmup < 0 or self.samples < 1:
+            raise ValueError(f"STPConfig: lam, start, warmup >= 0 and samples >= 1 required, got {self}")
+
+
+def lambda_at(config: STPConfig, step: int) -> float:
+    if step < config.start:
+        return 0.0
+    if config.warmup == 0:
+        return config.lam
+    return config.lam * min(1.0, (step - config.start + 1) / config.warmup)
+
+
+def _document_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last position of each token's document, both [b, s]."""
+    b, s = doc_ids.shape
+    pos = torch.arange(s, device=doc_ids.device).expand(b, s)
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(new, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    last_flag = torch.ones_like(new)
+    last_flag[:, :-1] = new[:, 1:]
+    last = torch.where(last_flag, pos, torch.full_like(pos, s)).flip(1).cummin(dim=1).values.flip(1)
+    return first, last
+
+
+def sample_triples(
+    doc_ids: torch.Tensor, samples: int, form: Form, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, s, r, t) index vectors with s < r < t inside one document; rows per sample."""
+    b, n = doc_ids.shape
+    first, last = _document_bounds(doc_ids.cpu())
+    row = torch.randint(b, (samples,), generator=gen)
+    anchor = torch.randint(n, (samples,), generator=gen)
+    lo, hi = first[row, anchor], last[row, anchor]
+    keep = hi - lo >= 2
+    row, lo, hi = row[keep], lo[keep], hi[keep]
+    u = torch.rand(3, row.numel(), generator=gen)
+    s = lo + (u[0] * (hi - lo - 1)).long()  # leaves room for r and t
+    if form == "span":
+        t = hi
+        r = s + 1 + (u[1] * (t - s - 1)).long()
+    else:
+        r = s + 1 + (u[1] * (hi - s - 1)).long()
+        t = r + 1 + (u[2] * (hi - r)).long()
+    return row, s, r, t
+
+
+def stp_loss(
+    hidden: torch.Tensor, row: torch.Tensor, s: torch.Tensor, r: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """Mean of 1 - cos(h_r - h_s, h_t - h_r) over the samples; ``hidden`` is [s, b, h]."""
+    if row.numel() == 0:
+        return hidden.new_zeros((), dtype=torch.float32)
+    dev = hidden.device
+    row, s, r, t = row.to(dev), s.to(dev), r.to(dev), t.to(dev)
+    hs, hr, ht = hidden[s, row].float(), hidden[r, row].float(), hidden[t, row].float()
+    return (1 - F.cosine_similarity(hr - hs, ht - hr, dim=-1, eps=1e-8)).mean()
+
+
+@dataclass
+class STP:
+    """The hook STP registers with the stack; ``step`` sets the schedule's step."""
+
+    config: STPConfig
+    step: int = 0
+    _doc_ids: torch.Tensor | None = field(default=None, repr=False)
+    _calls: int = 0
+    _loss_sum: torch.Tensor | None = field(default=None, repr=False)
+    _loss_count: int = 0
+
+    def register(self, stack: HiddenStateHooks) -> torch.utils.hooks.RemovableHandle:
+        return stack.register_hidden_state_hook(self)
+
+    def set_documents(self, doc_ids: torch.Tensor | None) -> None:
+        """Document ids [b, s] of the coming micro-batch (None: each row is one document).
+        Sampling runs on the CPU: ids already there cost no device synchronisation."""
+        self._doc_ids = None if doc_ids is None else doc_ids.cpu()
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+        self._calls = 0
+
+    def draw(self, layer_number: int, batch: int, seq: int) -> tuple[torch.Tensor, ...]:
+        """The (row, s, r, t) samples of the next call at this layer; seeded by (seed, step, call,
+        layer), so every tensor-parallel rank draws the same ones."""
+        doc_ids = self._doc_ids
+        if doc_ids is None:
+            doc_ids = torch.zeros(batch, seq, dtype=torch.long)
+        elif tuple(doc_ids.shape) != (batch, seq):
+            raise ValueError(
+                f"STP: document ids have shape {tuple(doc_ids.shape)}, hidden states [b, s] = {[batch, seq]}"
+            )
+        key = f"{self.config.seed}/{self.step}/{self._calls}/{layer_number}"
+        self._calls += 1
+        gen = torch.Generator().manual_seed(
+            int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+        )
+        return sample_triples(doc_ids, self.config.samples, self.config.form, gen)
+
+    def __call__(self, layer_number: int, hidden: torch.Tensor) -> torch.Tensor:
+        lam = lambda_at(self.config, self.step)
+        if layer_number not in self.config.layers or lam == 0 or not torch.is_grad_enabled():
+            return hidden
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        loss = stp_loss(hidden, *self.draw(layer_number, hidden.shape[1], hidden.shape[0]))
+        # Kept on the device: a host sync per layer would cost more than the loss itself.
+        self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+        self._loss_count += 1
+        return MoEAuxLossAutoScaler.apply(hidden, loss * (lam / len(self.config.layers)))
+
+    def pop_metrics(self, metrics: dict[str, float]) -> None:
+        """Mean STP loss (unweighted) since the last call into ``metrics``."""
+        if self._loss_sum is not None:
+            metrics["stp/loss"] = float(self._loss_sum) / self._loss_count
+            metrics["stp/lambda"] = lambda_at(self.config, self.step)
+        self._loss_sum, self._loss_count = None, 0
