@@ -1,3 +1,6 @@
 """Mamba-2 SSD and M2RNN sequence mixers with reference paths and Triton kernels."""
 
+from nam_mixers.modules.mamba import MambaCore as MambaCore
+from nam_mixers.modules.mamba import MambaMixer as MambaMixer
+
 __version__ = "0.1.0"
