@@ -60,9 +60,7 @@ def test_triton_matches_reference(case: str) -> None:
         seq_idx = torch.cumsum(torch.rand(b, s, generator=gen) < 0.3, dim=1).to(DEVICE)
         seq_idx[:, chunk % s] += 7
         seq_idx[:, chunk % s :] += 7
-    cfg = M2RNNKernelConfig(
-        forward=PassConfig(*fwd), backward=PassConfig(*bwd), chunk=chunk, precision="ieee"
-    )
+    cfg = M2RNNKernelConfig(forward=PassConfig(*fwd), backward=PassConfig(*bwd), chunk=chunk)
     y, ht = m2rnn_scan(**x, seq_idx=seq_idx, path="triton", config=cfg)
     yr, htr = m2rnn_scan_reference(**x, seq_idx=seq_idx)
     assert _rel(y, yr) < 1e-5
@@ -98,13 +96,18 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="num_warps must be one of"):
         PassConfig(num_warps=3)
     with pytest.raises(
-        ValueError, match=r"chunk \(24\) must be a positive multiple of backward.block_t \(16\)"
+        ValueError, match=r"chunk \(24\) must be a positive multiple of forward.block_t \(16\)"
     ):
-        M2RNNKernelConfig(forward=PassConfig(block_t=8), backward=PassConfig(block_t=16), chunk=24)
+        M2RNNKernelConfig(forward=PassConfig(block_t=16), backward=PassConfig(block_t=8), chunk=24)
+    with pytest.raises(
+        ValueError, match=r"chunk \(20\) must be a positive multiple of backward.block_t \(8\)"
+    ):
+        M2RNNKernelConfig(forward=PassConfig(block_t=4), backward=PassConfig(block_t=8), chunk=20)
     with pytest.raises(ValueError, match="precision must be one of"):
-        M2RNNKernelConfig(precision="bf16")
-    assert M2RNNKernelConfig().dot_precision(input_is_fp32=True) == "ieee"
-    assert M2RNNKernelConfig().dot_precision(input_is_fp32=False) == "tf32"
+        PassConfig(precision="bf16")
+    assert PassConfig().dot_precision(input_is_fp32=True) == "ieee"
+    assert PassConfig().dot_precision(input_is_fp32=False) == "tf32"
+    assert PassConfig(precision="tf32x3").dot_precision(input_is_fp32=True) == "tf32x3"
 
 
 def test_resolve_path() -> None:

@@ -152,7 +152,6 @@ def m2rnn_backward(
     dims: ScanDims,
     cfg: PassConfig,
     chunk: int,
-    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Contiguous inputs in; returns float32 dq, dk [B, S, G, K], dv [B, S, H, V], df [B, S, H],
     dW [H, V, V] and dh0 [B, H, K, V] (None without an initial state)."""
@@ -202,7 +201,7 @@ def m2rnn_backward(
         HAS_DHT=dht is not None,
         HAS_H0=has_h0,
         HAS_SEQ=seq_idx is not None,
-        PRECISION=precision,
+        PRECISION=cfg.dot_precision(v.dtype == torch.float32),
         num_warps=cfg.num_warps,
     )
     return dq, dk, dv.sum(0), df.sum(0), dw.sum((0, 1)), dh0

@@ -109,7 +109,6 @@ def m2rnn_forward(
     dims: ScanDims,
     cfg: PassConfig,
     chunk: int,
-    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contiguous inputs in; returns y [B, S, H, V] (v's dtype), final state and checkpoints (float32).
 
@@ -146,7 +145,7 @@ def m2rnn_forward(
         CHUNK=chunk,
         HAS_H0=h0 is not None,
         HAS_SEQ=seq_idx is not None,
-        PRECISION=precision,
+        PRECISION=cfg.dot_precision(v.dtype == torch.float32),
         num_warps=cfg.num_warps,
     )
     y = y[0] if nk == 1 else y.sum(0)

@@ -61,11 +61,10 @@ class _M2RNNScan(torch.autograd.Function):
         q, k, v, f, w = (t.contiguous() for t in (q, k, v, f, w))
         h0 = h0.contiguous() if h0 is not None else None
         seq_idx = seq_idx.contiguous() if seq_idx is not None else None
-        precision = config.dot_precision(v.dtype == torch.float32)
-        y, ht, ckpt = m2rnn_forward(q, k, v, f, w, h0, seq_idx, dims, config.forward, config.chunk, precision)
+        y, ht, ckpt = m2rnn_forward(q, k, v, f, w, h0, seq_idx, dims, config.forward, config.chunk)
         ctx.save_for_backward(q, k, v, f, w, seq_idx, ckpt)
         ctx.h0_dtype = h0.dtype if h0 is not None else None
-        ctx.dims, ctx.config, ctx.precision = dims, config, precision
+        ctx.dims, ctx.config = dims, config
         ctx.set_materialize_grads(False)
         return y, ht
 
@@ -91,7 +90,6 @@ class _M2RNNScan(torch.autograd.Function):
             ctx.dims,
             cfg.backward,
             cfg.chunk,
-            ctx.precision,
         )
         return (
             dq.to(q.dtype),
