@@ -6,9 +6,9 @@ the best swept pair, the reference at a short sequence, and the whole mixer.
 
 Floors, stated beside the rows (H200, 1.98 GHz boost clock, 4.26 TB/s measured copy bandwidth):
 - chain: the 4096 steps are dependent. One step is at least a V-long dot product (log2 V = 4 dependent
-  FMA levels at best), a tanh (exp and reciprocal on the SFU plus ~3 dependent FMAs) and the gate FMA:
-  about 4*4 + 40 + 3*4 + 4 ~ 72 cycles, ~36 ns, so ~0.15 ms forward and twice that backward (recompute
-  + reverse walk). The `chain probe` row measures 4096 dependent (FMA + tanh) steps with no loads.
+  FMA levels at best, 16 cycles), a tanh (one SFU tanh.approx, ~20 cycles) and the gate's sub + FMA
+  (8 cycles): ~44 cycles, ~22 ns, so ~0.09 ms forward and twice that backward (recompute + reverse
+  walk). The `chain probe` row measures 4096 dependent (FMA + tanh.approx) steps with no loads.
 - bytes: what must cross HBM (inputs, outputs, checkpoints) over 4.26 TB/s; ~0.02 ms, never the limit.
 - fp32 FMA: with precision "ieee" the state matmuls run on CUDA cores: 2*B*H*S*K*V*V flops (forward;
   x3 backward incl. recompute) over 67 TFLOP/s.
@@ -27,19 +27,21 @@ from bench.report import Report
 B, S, H, K, V, G = 4, 4096, 44, 64, 16, 1
 HIDDEN = 3584
 CLOCK_GHZ, HBM_TBS, FP32_TFLOPS = 1.98, 4.26, 67.0
-CHAIN_CYCLES = 72
+CHAIN_CYCLES = 44
 
 # The sweep: every forward variant and every backward variant is compiled and timed once. Compile
 # times on the CPU side (sm_90 target, measured offline): forward 1-4 s each (block_t 32: 12-28 s, left
 # out), backward 2-8 s (block_t 16 spills and takes 15-20 s, left out): about 100 s for the sweep.
+# Math modes: exact fp32 (the float32 default) and tf32 dots with the hardware tanh (the bf16 default);
+# the one ("tf32", False) variant prices the accurate tanh.
+MODES = (("ieee", False), ("tf32", True))
+SPLITS = ((64, 4), (32, 2), (16, 1))  # (block_k, num_warps)
 FWD_SWEEP = [
-    (bt, bk, nw, prec)
-    for bt, (bk, nw), prec in itertools.product((4, 8, 16), ((64, 4), (32, 2), (16, 1)), ("ieee", "tf32"))
-]
+    (bt, bk, nw, prec, fast) for bt, (bk, nw), (prec, fast) in itertools.product((4, 8, 16), SPLITS, MODES)
+] + [(16, 16, 1, "tf32", False)]
 BWD_SWEEP = [
-    (bt, bk, nw, prec, 64)
-    for bt, (bk, nw), prec in itertools.product((4, 8), ((64, 4), (32, 2), (16, 1)), ("ieee", "tf32"))
-] + [(4, 16, 1, "tf32", 32), (4, 16, 1, "tf32", 128)]
+    (bt, bk, nw, prec, fast, 64) for bt, (bk, nw), (prec, fast) in itertools.product((4, 8), SPLITS, MODES)
+] + [(4, 16, 1, "tf32", True, 32), (4, 16, 1, "tf32", True, 128), (4, 16, 1, "tf32", False, 64)]
 
 
 def _rel(a: Any, ref: Any) -> float:
@@ -125,11 +127,11 @@ def _chain_probe_ms(report: Report) -> None:
     def probe(x_ptr, n_steps):
         x = tl.load(x_ptr + tl.program_id(0))
         for _ in range(n_steps):
-            x = tanh_f32(x * 1.0001 + 0.5)
+            x = tanh_f32(x * 1.0001 + 0.5, True)
         tl.store(x_ptr + tl.program_id(0), x)
 
     buf = torch.rand(B * H, device="cuda")
-    report.time("chain probe: 4096 dependent fma+tanh", lambda: probe[(B * H,)](buf, S, num_warps=1))
+    report.time("chain probe: 4096 dependent fma+tanh.approx", lambda: probe[(B * H,)](buf, S, num_warps=1))
 
 
 def main(report: Report) -> None:
@@ -163,9 +165,9 @@ def main(report: Report) -> None:
     default = M2RNNKernelConfig()
     base_y = m2rnn_forward(*args, d, default.forward, default.chunk)[0]
     fwd_best: tuple[float, PassConfig] | None = None
-    for bt, bk, nw, prec in FWD_SWEEP:
-        cfg = PassConfig(block_t=bt, block_k=bk, num_warps=nw, precision=prec)
-        name = f"fwd bt{bt} bk{bk} w{nw} {prec}"
+    for bt, bk, nw, prec, fast in FWD_SWEEP:
+        cfg = PassConfig(block_t=bt, block_k=bk, num_warps=nw, precision=prec, fast_tanh=fast)
+        name = f"fwd bt{bt} bk{bk} w{nw} {prec}{' tanh.approx' if fast else ''}"
         try:
             ok = report.check(name + " vs default", _rel(m2rnn_forward(*args, d, cfg, 64)[0], base_y), 2e-2)
         except Exception as e:  # e.g. out of registers or shared memory for one launch shape
@@ -183,16 +185,16 @@ def main(report: Report) -> None:
             fwd_best = (ms, cfg)
 
     # Backward sweep: gradients of every variant against the default's.
-    ckpts = {c: m2rnn_forward(*args, d, default.forward, c)[2] for c in sorted({v[4] for v in BWD_SWEEP})}
+    ckpts = {c: m2rnn_forward(*args, d, default.forward, c)[2] for c in sorted({v[-1] for v in BWD_SWEEP})}
 
     def bwd(cfg: PassConfig, chunk: int) -> tuple:
         return m2rnn_backward(*args[:5], x["seq_idx"], ckpts[chunk], dy, None, False, d, cfg, chunk)
 
     base_g = bwd(default.backward, default.chunk)
     bwd_best: tuple[float, PassConfig, int] | None = None
-    for bt, bk, nw, prec, chunk in BWD_SWEEP:
-        cfg = PassConfig(block_t=bt, block_k=bk, num_warps=nw, precision=prec)
-        name = f"bwd bt{bt} bk{bk} w{nw} {prec} C{chunk}"
+    for bt, bk, nw, prec, fast, chunk in BWD_SWEEP:
+        cfg = PassConfig(block_t=bt, block_k=bk, num_warps=nw, precision=prec, fast_tanh=fast)
+        name = f"bwd bt{bt} bk{bk} w{nw} {prec}{' tanh.approx' if fast else ''} C{chunk}"
         try:
             got = bwd(cfg, chunk)
             err = max(_rel(a, r) for a, r in zip(got[:5], base_g[:5], strict=True))

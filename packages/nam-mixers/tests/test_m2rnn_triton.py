@@ -108,6 +108,11 @@ def test_config_validation() -> None:
     assert PassConfig().dot_precision(input_is_fp32=True) == "ieee"
     assert PassConfig().dot_precision(input_is_fp32=False) == "tf32"
     assert PassConfig(precision="tf32x3").dot_precision(input_is_fp32=True) == "tf32x3"
+    assert PassConfig().use_fast_tanh(input_is_fp32=False, on_cuda=True)
+    assert not PassConfig().use_fast_tanh(input_is_fp32=False, on_cuda=False)
+    assert not PassConfig().use_fast_tanh(input_is_fp32=True, on_cuda=True)
+    with pytest.raises(ValueError, match="fast_tanh=True needs CUDA"):
+        PassConfig(fast_tanh=True).use_fast_tanh(input_is_fp32=False, on_cuda=False)
 
 
 def test_resolve_path() -> None:

@@ -42,9 +42,9 @@ def _m2rnn_bwd_kernel(
     scratch_ptr,
     B,
     S,
-    H,
-    G,
     NC,
+    H: tl.constexpr,
+    G: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
     BK: tl.constexpr,
@@ -55,6 +55,7 @@ def _m2rnn_bwd_kernel(
     HAS_H0: tl.constexpr,
     HAS_SEQ: tl.constexpr,
     PRECISION: tl.constexpr,
+    FAST_TANH: tl.constexpr,
 ):
     kb = tl.program_id(0)
     nk = tl.num_programs(0)
@@ -102,7 +103,7 @@ def _m2rnn_bwd_kernel(
                     prev = tl.where(live, st, prev)
                 tl.store(scratch + (t - t_start) * BK * BV, h)
                 z = tl.dot(h, w, acc=kt[:, None] * vt[None, :], input_precision=PRECISION)
-                h = h + (1.0 - ft) * (tanh_f32(z) - h)
+                h = h + (1.0 - ft) * (tanh_f32(z, FAST_TANH) - h)
         # Walk the chunk backwards; steps past S have f = 1 and dy = 0, which leave G unchanged.
         nb = tl.cdiv(t_end - t_start, BLOCK_T)
         for jb in range(0, nb):
@@ -117,7 +118,7 @@ def _m2rnn_bwd_kernel(
                 dyt = tl.load(dy_ptr + v_base + t * H * V + cols, mask=cmask & live, other=0.0).to(tl.float32)
                 ft = tl.load(f_ptr + f_base + t * H, mask=live, other=1.0).to(tl.float32)
                 z = tl.dot(hp, w, acc=kt[:, None] * vt[None, :], input_precision=PRECISION)
-                u = tanh_f32(z)
+                u = tanh_f32(z, FAST_TANH)
                 gh += qt[:, None] * dyt[None, :]
                 dqt = tl.sum((hp + (1.0 - ft) * (u - hp)) * dyt[None, :], axis=1)
                 tl.atomic_add(dq_ptr + qk_base + t * G * K + rows, dqt, mask=rmask & live, sem="relaxed")
@@ -189,9 +190,9 @@ def m2rnn_backward(
         scratch,
         d.batch,
         d.seq,
-        d.heads,
-        d.qk_heads,
         nc,
+        H=d.heads,
+        G=d.qk_heads,
         K=d.k,
         V=d.v,
         BK=cfg.block_k,
@@ -202,6 +203,7 @@ def m2rnn_backward(
         HAS_H0=has_h0,
         HAS_SEQ=seq_idx is not None,
         PRECISION=cfg.dot_precision(v.dtype == torch.float32),
+        FAST_TANH=cfg.use_fast_tanh(v.dtype == torch.float32, v.is_cuda),
         num_warps=cfg.num_warps,
     )
     return dq, dk, dv.sum(0), df.sum(0), dw.sum((0, 1)), dh0

@@ -18,12 +18,15 @@ class PassConfig:
     precision: tl.dot input precision of the state matmuls: "ieee" is exact fp32 on CUDA cores,
         "tf32" one tensor-core pass, "tf32x3" three; None picks "ieee" for float32 inputs and "tf32"
         for 16-bit inputs, whose own rounding is coarser than tf32's.
+    fast_tanh: the hardware tanh.approx.f32 (relative error 2^-11) instead of exp and a division;
+        None uses it for 16-bit inputs on CUDA. The Triton interpreter cannot run it.
     """
 
     block_t: int = 16
     block_k: int = 16
     num_warps: int = 1
     precision: str | None = None
+    fast_tanh: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_t < 1:
@@ -41,6 +44,15 @@ class PassConfig:
         if self.precision is not None:
             return self.precision
         return "ieee" if input_is_fp32 else "tf32"
+
+    def use_fast_tanh(self, input_is_fp32: bool, on_cuda: bool) -> bool:
+        if self.fast_tanh is None:
+            return on_cuda and not input_is_fp32
+        if self.fast_tanh and not on_cuda:
+            raise ValueError(
+                "PassConfig.fast_tanh=True needs CUDA tensors: the Triton interpreter cannot run PTX"
+            )
+        return self.fast_tanh
 
 
 @dataclass(frozen=True)

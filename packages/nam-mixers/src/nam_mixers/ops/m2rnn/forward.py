@@ -17,7 +17,12 @@ from nam_mixers.ops.m2rnn.shapes import ScanDims
 
 
 @triton.jit
-def tanh_f32(z):
+def tanh_f32(z, FAST: tl.constexpr):
+    if FAST:
+        # One SFU instruction (relative error 2^-11, finer than bf16's 2^-8) instead of ~12.
+        return tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=True, pack=1
+        )
     # 1 - 2 / (e^{2z} + 1): saturates to +-1 without inf/inf; absolute error ~1e-7 near 0.
     return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
 
@@ -36,9 +41,9 @@ def _m2rnn_fwd_kernel(
     ckpt_ptr,
     B,
     S,
-    H,
-    G,
     NC,
+    H: tl.constexpr,
+    G: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
     BK: tl.constexpr,
@@ -48,6 +53,7 @@ def _m2rnn_fwd_kernel(
     HAS_H0: tl.constexpr,
     HAS_SEQ: tl.constexpr,
     PRECISION: tl.constexpr,
+    FAST_TANH: tl.constexpr,
 ):
     kb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -92,7 +98,7 @@ def _m2rnn_fwd_kernel(
                     h = tl.where(live & (st != prev), 0.0, h)
                     prev = tl.where(live, st, prev)
                 z = tl.dot(h, w, acc=kt[:, None] * vt[None, :], input_precision=PRECISION)
-                h = h + (1.0 - ft) * (tanh_f32(z) - h)
+                h = h + (1.0 - ft) * (tanh_f32(z, FAST_TANH) - h)
                 yt = tl.sum(qt[:, None] * h, axis=0)
                 tl.store(y_ptr + y_base + t * H * V + cols, yt, mask=cmask & live)
     tl.store(ht_ptr + bh * K * V + state_off, h, mask=smask)
@@ -134,9 +140,9 @@ def m2rnn_forward(
         ckpt,
         d.batch,
         d.seq,
-        d.heads,
-        d.qk_heads,
         nc,
+        H=d.heads,
+        G=d.qk_heads,
         K=d.k,
         V=d.v,
         BK=cfg.block_k,
@@ -146,6 +152,7 @@ def m2rnn_forward(
         HAS_H0=h0 is not None,
         HAS_SEQ=seq_idx is not None,
         PRECISION=cfg.dot_precision(v.dtype == torch.float32),
+        FAST_TANH=cfg.use_fast_tanh(v.dtype == torch.float32, v.is_cuda),
         num_warps=cfg.num_warps,
     )
     y = y[0] if nk == 1 else y.sum(0)
