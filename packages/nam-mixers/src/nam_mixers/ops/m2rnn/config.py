@@ -1,0 +1,77 @@
+"""Launch configuration of the M2RNN Triton kernels: what the GPU sweep varies and the default it pins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """One kernel's launch shape.
+
+    block_t: time steps per unrolled block (the compiler sees that many steps' loads at once).
+    block_k: state rows per program; a head's K rows split over ceil(K / block_k) programs whose
+        partial outputs are summed afterwards. At least 16 (the tl.dot minimum), a power of two.
+    num_warps: warps per program.
+    precision: tl.dot input precision of the state matmuls: "ieee" is exact fp32 on CUDA cores,
+        "tf32" one tensor-core pass, "tf32x3" three; None picks "ieee" for float32 inputs and "tf32"
+        for 16-bit inputs, whose own rounding is coarser than tf32's.
+    fast_tanh: the hardware tanh.approx.f32 (relative error 2^-11) instead of exp and a division;
+        None uses it for 16-bit inputs on CUDA. The Triton interpreter cannot run it.
+    """
+
+    block_t: int = 16
+    block_k: int = 16
+    num_warps: int = 1
+    precision: str | None = None
+    fast_tanh: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_t < 1:
+            raise ValueError(f"PassConfig.block_t must be >= 1, got {self.block_t}")
+        if self.block_k < 16 or self.block_k & (self.block_k - 1):
+            raise ValueError(f"PassConfig.block_k must be a power of two >= 16, got {self.block_k}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"PassConfig.num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(
+                f"PassConfig.precision must be one of {PRECISIONS} or None, got {self.precision!r}"
+            )
+
+    def dot_precision(self, input_is_fp32: bool) -> str:
+        if self.precision is not None:
+            return self.precision
+        return "ieee" if input_is_fp32 else "tf32"
+
+    def use_fast_tanh(self, input_is_fp32: bool, on_cuda: bool) -> bool:
+        if self.fast_tanh is None:
+            return on_cuda and not input_is_fp32
+        if self.fast_tanh and not on_cuda:
+            raise ValueError(
+                "PassConfig.fast_tanh=True needs CUDA tensors: the Triton interpreter cannot run PTX"
+            )
+        return self.fast_tanh
+
+
+@dataclass(frozen=True)
+class M2RNNKernelConfig:
+    """Forward and backward launch shapes and the checkpoint interval.
+
+    chunk: the forward stores the state every `chunk` steps; the backward recomputes each chunk from
+        its checkpoint. Activation memory is B*H*ceil(S/chunk)*K*V*4 bytes; the backward's scratch is
+        B*H*chunk*K*max(V,16)*4 bytes. A multiple of both passes' block_t.
+    """
+
+    forward: PassConfig = field(default_factory=lambda: PassConfig(block_t=16))
+    backward: PassConfig = field(default_factory=lambda: PassConfig(block_t=4))
+    chunk: int = 64
+
+    def __post_init__(self) -> None:
+        for name, p in (("forward", self.forward), ("backward", self.backward)):
+            if self.chunk < 1 or self.chunk % p.block_t:
+                raise ValueError(
+                    f"M2RNNKernelConfig.chunk ({self.chunk}) must be a positive multiple of "
+                    f"{name}.block_t ({p.block_t})"
+                )

@@ -1,0 +1,159 @@
+"""Triton forward of the M2RNN scan: one program per (batch, value head, block of state rows).
+
+Rows of the state are independent given W, so a program walks time holding its rows of h and all
+of W in registers. Each unrolled block of BLOCK_T steps has no dependence between its loads and
+the recurrence, so the compiler issues the loads ahead of the chain. The state is stored every
+CHUNK steps for the backward; y is written per row block and summed over row blocks afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nam_mixers.ops.m2rnn.config import PassConfig
+from nam_mixers.ops.m2rnn.shapes import ScanDims
+
+
+@triton.jit
+def tanh_f32(z, FAST: tl.constexpr):
+    if FAST:
+        # One SFU instruction (relative error 2^-11, finer than bf16's 2^-8) instead of ~12.
+        return tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=True, pack=1
+        )
+    # 1 - 2 / (e^{2z} + 1): saturates to +-1 without inf/inf; absolute error ~1e-7 near 0.
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+
+
+@triton.jit
+def _m2rnn_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    f_ptr,
+    w_ptr,
+    h0_ptr,
+    seq_ptr,
+    y_ptr,
+    ht_ptr,
+    ckpt_ptr,
+    B,
+    S,
+    NC,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FAST_TANH: tl.constexpr,
+):
+    kb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    hh = bh % H
+    g = hh // (H // G)
+    rows = kb * BK + tl.arange(0, BK)
+    cols = tl.arange(0, BV)
+    rmask = rows < K
+    cmask = cols < V
+    smask = rmask[:, None] & cmask[None, :]
+    state_off = rows[:, None] * V + cols[None, :]
+    # Padded rows and columns stay exactly zero: their k, v and W entries load as zero.
+    w = tl.load(
+        w_ptr + hh * V * V + cols[:, None] * V + cols[None, :],
+        mask=cmask[:, None] & cmask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + bh * K * V + state_off, mask=smask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BK, BV], dtype=tl.float32)
+
+    qk_base = (b * S * G + g) * K
+    v_base = (b * S * H + hh) * V
+    f_base = b * S * H + hh
+    y_base = ((kb * B + b) * S * H + hh) * V
+    prev = tl.load(seq_ptr + b * S) if HAS_SEQ else 0
+    for c in range(0, NC):
+        tl.store(ckpt_ptr + (bh * NC + c) * K * V + state_off, h, mask=smask)
+        for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, S), BLOCK_T):
+            for i in tl.static_range(BLOCK_T):
+                t = t0 + i
+                live = t < S
+                kt = tl.load(k_ptr + qk_base + t * G * K + rows, mask=rmask & live, other=0.0).to(tl.float32)
+                qt = tl.load(q_ptr + qk_base + t * G * K + rows, mask=rmask & live, other=0.0).to(tl.float32)
+                vt = tl.load(v_ptr + v_base + t * H * V + cols, mask=cmask & live, other=0.0).to(tl.float32)
+                # A step past the end has f = 1, which leaves h exactly unchanged.
+                ft = tl.load(f_ptr + f_base + t * H, mask=live, other=1.0).to(tl.float32)
+                if HAS_SEQ:
+                    st = tl.load(seq_ptr + b * S + t, mask=live, other=0)
+                    h = tl.where(live & (st != prev), 0.0, h)
+                    prev = tl.where(live, st, prev)
+                z = tl.dot(h, w, acc=kt[:, None] * vt[None, :], input_precision=PRECISION)
+                h = h + (1.0 - ft) * (tanh_f32(z, FAST_TANH) - h)
+                yt = tl.sum(qt[:, None] * h, axis=0)
+                tl.store(y_ptr + y_base + t * H * V + cols, yt, mask=cmask & live)
+    tl.store(ht_ptr + bh * K * V + state_off, h, mask=smask)
+
+
+def m2rnn_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    f: torch.Tensor,
+    w: torch.Tensor,
+    h0: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    dims: ScanDims,
+    cfg: PassConfig,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous inputs in; returns y [B, S, H, V] (v's dtype), final state and checkpoints (float32).
+
+    Checkpoint c holds the state before step c * chunk, shaped [B, H, ceil(S / chunk), K, V].
+    """
+    d = dims
+    nk = triton.cdiv(d.k, cfg.block_k)
+    nc = triton.cdiv(d.seq, chunk)
+    dev = v.device
+    y = torch.empty(nk, d.batch, d.seq, d.heads, d.v, device=dev, dtype=torch.float32)
+    ht = torch.empty(d.batch, d.heads, d.k, d.v, device=dev, dtype=torch.float32)
+    ckpt = torch.empty(d.batch, d.heads, nc, d.k, d.v, device=dev, dtype=torch.float32)
+    _m2rnn_fwd_kernel[(nk, d.batch * d.heads)](
+        q,
+        k,
+        v,
+        f,
+        w,
+        h0,
+        seq_idx,
+        y,
+        ht,
+        ckpt,
+        d.batch,
+        d.seq,
+        nc,
+        H=d.heads,
+        G=d.qk_heads,
+        K=d.k,
+        V=d.v,
+        BK=cfg.block_k,
+        BV=max(16, triton.next_power_of_2(d.v)),
+        BLOCK_T=cfg.block_t,
+        CHUNK=chunk,
+        HAS_H0=h0 is not None,
+        HAS_SEQ=seq_idx is not None,
+        PRECISION=cfg.dot_precision(v.dtype == torch.float32),
+        FAST_TANH=cfg.use_fast_tanh(v.dtype == torch.float32, v.is_cuda),
+        num_warps=cfg.num_warps,
+    )
+    y = y[0] if nk == 1 else y.sum(0)
+    return y.to(v.dtype), ht, ckpt
