@@ -29,6 +29,7 @@ from bench.report import Report
 # name -> module under bench/ ; each issue registers its own.
 REGISTRY: dict[str, str] = {
     "ceilings": "bench.ceilings",
+    "embed": "bench.embed",
     "m2rnn": "bench.m2rnn",
 }
 
