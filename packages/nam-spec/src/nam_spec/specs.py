@@ -31,7 +31,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from nam_spec.adapters import M2RNNAdapter, MambaAdapter, MixerLayer, MixerLayerSubmodules
 from nam_spec.backends import Backend
-from nam_spec.config import SPEC_LETTERS
+from nam_spec.config import SPEC_LETTERS, ModelConfig
 
 
 def attention_spec(b: Backend) -> ModuleSpec:
@@ -86,28 +86,54 @@ def mlp_spec(b: Backend) -> ModuleSpec:
     )
 
 
-def mixer_spec(b: Backend, adapter: type) -> ModuleSpec:
+def mixer_spec(b: Backend, adapter: type, geometry: dict[str, object]) -> ModuleSpec:
     return ModuleSpec(
         module=MixerLayer,
         submodules=MixerLayerSubmodules(
             norm=b.norm,
             mixer=ModuleSpec(
                 module=adapter,
-                params={"column_linear": b.column_linear, "row_linear": b.row_linear},
+                params={"column_linear": b.column_linear, "row_linear": b.row_linear, **geometry},
             ),
             bda=get_bias_dropout_add,
         ),
     )
 
 
-def layer_specs(b: Backend) -> dict[str, ModuleSpec]:
+def layer_specs(b: Backend, config: ModelConfig) -> dict[str, ModuleSpec]:
     """letter -> ModuleSpec for every letter nam-spec builds."""
+    m, r = config.mamba, config.m2rnn
     specs = {
         "A": attention_spec(b),
         "E": moe_spec(b),
         "-": mlp_spec(b),
-        "M": mixer_spec(b, MambaAdapter),
-        "R": mixer_spec(b, M2RNNAdapter),
+        "M": mixer_spec(
+            b,
+            MambaAdapter,
+            {
+                "d_state": m.d_state,
+                "head_dim": m.head_dim,
+                "ngroups": m.ngroups,
+                "expand": m.expand,
+                "conv_width": m.conv_width,
+                "chunk_size": m.chunk_size,
+                "path": m.path,
+                "recompute_core": config.recompute_for("M") == "selective",
+            },
+        ),
+        "R": mixer_spec(
+            b,
+            M2RNNAdapter,
+            {
+                "num_heads": r.num_heads,
+                "head_dim_v": r.head_dim_v,
+                "head_dim_k": r.head_dim_k,
+                "num_qk_heads": r.num_qk_heads,
+                "conv_width": r.conv_width,
+                "path": r.path,
+                "recompute_core": config.recompute_for("R") == "selective",
+            },
+        ),
     }
     assert set(specs) == set(SPEC_LETTERS)
     return specs

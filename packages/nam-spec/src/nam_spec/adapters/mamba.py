@@ -19,7 +19,7 @@ from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint, sharded_state_dict_default
-from megatron.core.utils import ensure_metadata_has_dp_cp_group
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from nam_mixers import MambaCore
 
 from nam_spec.adapters.layer import mark_tensor_parallel, seq_idx_from_packed
