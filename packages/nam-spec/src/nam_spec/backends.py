@@ -50,7 +50,9 @@ def local_backend() -> Backend:
 
     from nam_spec.local import GroupedExperts, RMSNorm, SDPAttention
 
-    return Backend("local", RMSNorm, ColumnParallelLinear, RowParallelLinear, None, SDPAttention, GroupedExperts)
+    return Backend(
+        "local", RMSNorm, ColumnParallelLinear, RowParallelLinear, None, SDPAttention, GroupedExperts
+    )
 
 
 def te_backend(*, check: bool = True) -> Backend:

@@ -220,7 +220,9 @@ def validate(config: ModelConfig, layout: Layout) -> None:
             if n % tp:
                 errors.append(f"attention: {what} {n} is not divisible by tensor_parallel {tp}")
     if "-" in kinds and config.ffn_hidden_size % tp:
-        errors.append(f"dense MLP: ffn_hidden_size {config.ffn_hidden_size} not divisible by tensor_parallel {tp}")
+        errors.append(
+            f"dense MLP: ffn_hidden_size {config.ffn_hidden_size} not divisible by tensor_parallel {tp}"
+        )
     if "E" in kinds:
         moe = config.moe
         if moe.num_experts < 1:
@@ -268,6 +270,8 @@ def validate(config: ModelConfig, layout: Layout) -> None:
                 "replicated and its gradient is summed across ranks by the sequence-parallel reduction"
             )
     if config.sequence_parallel and tp > 1 and config.seq_length % tp:
-        errors.append(f"seq_length {config.seq_length} not divisible by tensor_parallel {tp} (sequence parallel)")
+        errors.append(
+            f"seq_length {config.seq_length} not divisible by tensor_parallel {tp} (sequence parallel)"
+        )
     if errors:
         raise SpecConfigError("invalid model config: " + "; ".join(errors))

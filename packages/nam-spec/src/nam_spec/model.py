@@ -10,9 +10,9 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear
+
 from nam_embed.hybrid_embedding import HybridEmbedding
 from nam_layout import Family, Layout, StagePlan, get_family, plan_stages
-
 from nam_spec.backends import Backend, resolve_backend
 from nam_spec.config import ModelConfig, validate
 from nam_spec.specs import layer_specs
@@ -42,7 +42,9 @@ class NamModel(LanguageModule):
         pp_rank, pp_size = self.pp_group.rank(), self.pp_group.size()
         plan = plan or plan_stages(layout, pp_size)
         if plan.stages != pp_size:
-            raise ValueError(f"stage plan has {plan.stages} stages but the pipeline group has {pp_size} ranks")
+            raise ValueError(
+                f"stage plan has {plan.stages} stages but the pipeline group has {pp_size} ranks"
+            )
         chunk = plan.chunk_index(pp_rank, vp_stage)
         self.pre_process = chunk == 0 if pre_process is None else pre_process
         self.post_process = chunk == len(plan.chunks) - 1 if post_process is None else post_process
@@ -119,7 +121,9 @@ class NamModel(LanguageModule):
         hidden = self.decoder(hidden, attention_mask, rotary, packed_seq_params)
         if not self.post_process:
             return hidden
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        weight = (
+            self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        )
         logits, _ = self.output_layer(hidden, weight=weight)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
@@ -136,9 +140,7 @@ def resolve_layout(layout_or_family: Layout | Family | str) -> Layout:
     raise TypeError(f"expected a Layout, a Family or a family name, got {type(layout_or_family).__name__}")
 
 
-def build_model(
-    layout_or_family: Layout | Family | str, config: ModelConfig, **kwargs: Any
-) -> NamModel:
+def build_model(layout_or_family: Layout | Family | str, config: ModelConfig, **kwargs: Any) -> NamModel:
     """The model chunk of this rank (megatron's parallel state must be initialised). Validates the
     config against the layout before allocating anything."""
     layout = resolve_layout(layout_or_family)

@@ -110,7 +110,9 @@ class NamStack(MegatronModule):
             replace_prefix_for_sharding(sd, local, global_)
             out.update(sd)
         if self.final_norm is not None:
-            out.update(sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", sharded_offsets, metadata))
+            out.update(
+                sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", sharded_offsets, metadata)
+            )
         return out
 
 

@@ -36,7 +36,9 @@ class MixerLayer(MegatronModule):
     ) -> None:
         super().__init__(config)
         self.layer_number = layer_number
-        self.norm = submodules.norm(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+        self.norm = submodules.norm(
+            config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+        )
         self.mixer = build_module(
             submodules.mixer, config=config, layer_number=layer_number, pg_collection=pg_collection
         )
@@ -65,7 +67,9 @@ class MixerLayer(MegatronModule):
         return super().sharded_state_dict(prefix, sharded_offsets, metadata)
 
 
-def seq_idx_from_packed(params: PackedSeqParams | None, s: int, b: int, device: torch.device) -> torch.Tensor | None:
+def seq_idx_from_packed(
+    params: PackedSeqParams | None, s: int, b: int, device: torch.device
+) -> torch.Tensor | None:
     """Document index per token [b, s] from cu_seqlens (packed rows are micro-batch 1)."""
     if params is None:
         return None

@@ -21,12 +21,16 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint, sharded_state_dict_default
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-from nam_mixers import M2RNNCore
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
 from torch import nn
 
+from nam_mixers import M2RNNCore
 from nam_spec.adapters.layer import mark_tensor_parallel, seq_idx_from_packed
+from nam_spec.devices import param_device
 
 _REPLICATED = ("qk_conv_weight", "qk_conv_bias")
 
@@ -53,7 +57,7 @@ class M2RNNAdapter(MegatronModule):
         self.tp_group = pg_collection.tp
         tp = self.tp_group.size()
         self.recompute_core = recompute_core
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        device = param_device(config)
         kw = {"device": device, "dtype": config.params_dtype}
         self.qk_weight = nn.Parameter(torch.empty(2 * num_qk_heads * head_dim_k, config.hidden_size, **kw))
         if config.perform_initialization:
@@ -121,14 +125,21 @@ class M2RNNAdapter(MegatronModule):
         out: ShardedStateDict = {}
         for name, module in (("in_proj", self.in_proj), ("out_proj", self.out_proj)):
             out.update(
-                sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group)
+                sharded_state_dict_default(
+                    module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
+                )
             )
         own = {"qk_weight": self.qk_weight}
         own.update({f"core.{k}": v for k, v in self.core.state_dict(prefix="", keep_vars=True).items()})
         split = {k: 0 for k in own if k.startswith("core.") and k.removeprefix("core.") not in _REPLICATED}
         out.update(
             make_sharded_tensors_for_checkpoint(
-                own, prefix, split, sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]
+                own,
+                prefix,
+                split,
+                sharded_offsets,
+                tp_group=self.tp_group,
+                dp_cp_group=metadata["dp_cp_group"],
             )
         )
         return out

@@ -18,11 +18,15 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint, sharded_state_dict_default
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-from nam_mixers import MambaCore
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
 
+from nam_mixers import MambaCore
 from nam_spec.adapters.layer import mark_tensor_parallel, seq_idx_from_packed
+from nam_spec.devices import param_device
 
 
 class MambaAdapter(MegatronModule):
@@ -65,7 +69,7 @@ class MambaAdapter(MegatronModule):
             tp_comm_buffer_name="fc1",
             tp_group=self.tp_group,
         )
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        device = param_device(config)
         self.core = MambaCore(
             self.nheads_local,
             headdim=head_dim,
@@ -111,7 +115,9 @@ class MambaAdapter(MegatronModule):
         out: ShardedStateDict = {}
         for name, module in (("in_proj", self.in_proj), ("out_proj", self.out_proj)):
             out.update(
-                sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group)
+                sharded_state_dict_default(
+                    module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
+                )
             )
         core_state = self.core.state_dict(prefix="", keep_vars=True)
         out.update(

@@ -20,6 +20,8 @@ from megatron.core.transformer.module import MegatronModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nam_spec.devices import param_device
+
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -60,13 +62,15 @@ class GroupedExperts(MegatronModule):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         if pg_collection.expt_tp.size() != 1:
-            raise ValueError("GroupedExperts: experts are not tensor-parallel; set expert_tensor_parallel_size=1")
+            raise ValueError(
+                "GroupedExperts: experts are not tensor-parallel; set expert_tensor_parallel_size=1"
+            )
         if not config.gated_linear_unit or config.add_bias_linear:
             raise ValueError("GroupedExperts: SwiGLU experts without bias only (gated_linear_unit, no bias)")
         self.num_local_experts = num_local_experts
         self.ep_group, self.expt_dp_group = pg_collection.ep, pg_collection.expt_dp
         f, h = config.moe_ffn_hidden_size, config.hidden_size
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        device = param_device(config)
         kw = {"device": device, "dtype": config.params_dtype}
         self.fc1_weight = nn.Parameter(torch.empty(num_local_experts, 2 * f, h, **kw))
         self.fc2_weight = nn.Parameter(torch.empty(num_local_experts, h, f, **kw))
@@ -78,8 +82,8 @@ class GroupedExperts(MegatronModule):
         for p in (self.fc1_weight, self.fc2_weight):
             p.allreduce = False  # reduced over the expert data-parallel group, not all of DP
             p.tensor_model_parallel = False
-        self.recompute_activation = (
-            config.recompute_granularity == "selective" and "moe_act" in (config.recompute_modules or [])
+        self.recompute_activation = config.recompute_granularity == "selective" and "moe_act" in (
+            config.recompute_modules or []
         )
 
     def forward(

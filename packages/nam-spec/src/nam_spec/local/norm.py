@@ -13,13 +13,15 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
+from nam_spec.devices import param_device
+
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension (torch's fused kernel)."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        device = param_device(config)
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=config.params_dtype))
         self.eps = eps
         self.weight.sequence_parallel = config.sequence_parallel
