@@ -47,6 +47,7 @@ class NamStack(MegatronModule):
         self.kinds, self.offset = kinds, offset
         self.pre_process, self.post_process = pre_process, post_process
         self.input_tensor: torch.Tensor | None = None
+        self.tp_group = pg_collection.tp
         self.full_recompute = {k for k, v in recompute.items() if v == "full"}
         self.layers = torch.nn.ModuleList(
             build_module(
@@ -111,7 +112,9 @@ class NamStack(MegatronModule):
             out.update(sd)
         if self.final_norm is not None:
             out.update(
-                sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", sharded_offsets, metadata)
+                sharded_state_dict_default(
+                    self.final_norm, f"{prefix}final_norm.", sharded_offsets, metadata, tp_group=self.tp_group
+                )
             )
         return out
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
@@ -36,6 +35,8 @@ class MixerLayer(MegatronModule):
     ) -> None:
         super().__init__(config)
         self.layer_number = layer_number
+        pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+        self.tp_group = pg_collection.tp
         self.norm = submodules.norm(
             config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
         )
@@ -60,11 +61,6 @@ class MixerLayer(MegatronModule):
             return self.bda(training=self.training, fused=self.config.bias_dropout_fusion)(
                 out_with_bias, residual, self.config.hidden_dropout
             )
-
-    def sharded_state_dict(
-        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
-    ) -> ShardedStateDict:
-        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
 
 
 def seq_idx_from_packed(

@@ -63,7 +63,8 @@ class GroupedExperts(MegatronModule):
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         if pg_collection.expt_tp.size() != 1:
             raise ValueError(
-                "GroupedExperts: experts are not tensor-parallel; set expert_tensor_parallel_size=1"
+                f"GroupedExperts: the expert tensor-parallel group has {pg_collection.expt_tp.size()} ranks; "
+                "experts are not split here: initialise megatron's parallel state with expert_tensor_parallel_size=1"
             )
         if not config.gated_linear_unit or config.add_bias_linear:
             raise ValueError("GroupedExperts: SwiGLU experts without bias only (gated_linear_unit, no bias)")
