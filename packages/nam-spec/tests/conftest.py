@@ -19,6 +19,11 @@ import torch
 import torch.multiprocessing as mp
 from _cpu_standin import cpu_megatron
 
+# megatron-core wraps a few helpers (the router's expert-bias update, bias-dropout-add) in
+# torch.compile; on CPU each process would spend ~20 s compiling C++ for them. Eager runs the same
+# math. Set before any torch.compile call, inherited by the spawned ranks.
+os.environ["TORCHDYNAMO_DISABLE"] = "1"
+
 
 def _free_port() -> int:
     with socket.socket() as s:

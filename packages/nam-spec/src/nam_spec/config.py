@@ -135,6 +135,7 @@ class ModelConfig:
                 "moe_token_dispatcher_type": moe.dispatcher,
                 "expert_model_parallel_size": self.expert_parallel,
                 "expert_tensor_parallel_size": 1,  # small experts are not worth splitting
+                "moe_grouped_gemm": True,  # both backends run grouped experts (and megatron gates 'moe_act' on it)
                 "moe_router_topk_scaling_factor": None,
             }
         return TransformerConfig(

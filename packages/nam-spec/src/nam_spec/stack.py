@@ -9,6 +9,7 @@ hidden-state hook of DESIGN.md.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +65,7 @@ class NamStack(MegatronModule):
             if post_process
             else None
         )
-        self._hooks: dict[int, HiddenStateHook] = {}
+        self._hooks: OrderedDict[int, HiddenStateHook] = OrderedDict()  # weak-referenceable for handles
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         self.input_tensor = input_tensor
