@@ -156,6 +156,7 @@ class ModelConfig:
             init_method_std=self.init_std,
             tensor_model_parallel_size=self.tensor_parallel,
             pipeline_model_parallel_size=self.pipeline_parallel,
+            pipeline_dtype=self.torch_dtype,
             sequence_parallel=self.sequence_parallel,
             params_dtype=self.torch_dtype,
             bf16=self.params_dtype == "bfloat16",

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -74,22 +75,25 @@ class M2RNNAdapter(MegatronModule):
             tp_comm_buffer_name="fc1",
             tp_group=self.tp_group,
         )
-        self.core = M2RNNCore(
-            num_heads // tp,
-            head_dim_k,
-            head_dim_v,
-            num_qk_heads=num_qk_heads,
-            conv_width=conv_width,
-            norm_eps=config.layernorm_epsilon,
-            path=path,
-            **kw,
-        )
+        with tensor_parallel.get_cuda_rng_tracker().fork():  # local heads: TP-rank-specific init
+            self.core = M2RNNCore(
+                num_heads // tp,
+                head_dim_k,
+                head_dim_v,
+                num_qk_heads=num_qk_heads,
+                conv_width=conv_width,
+                norm_eps=config.layernorm_epsilon,
+                path=path,
+                **kw,
+            )
         for name, p in self.core.named_parameters():
             if name in _REPLICATED:
                 p.sequence_parallel = True
+                _broadcast_from_first_rank(p, self.tp_group)  # the shared q/k head is one head
             else:
                 mark_tensor_parallel(p)
         self.qk_weight.sequence_parallel = True
+        _broadcast_from_first_rank(self.qk_weight, self.tp_group)
         self.out_proj = row_linear(
             num_heads * head_dim_v,
             config.hidden_size,
@@ -143,3 +147,10 @@ class M2RNNAdapter(MegatronModule):
             )
         )
         return out
+
+
+@torch.no_grad()
+def _broadcast_from_first_rank(p: torch.Tensor, group: torch.distributed.ProcessGroup) -> None:
+    """Make a replicated parameter identical on all TP ranks (not on meta: there is no data)."""
+    if group.size() > 1 and p.device.type != "meta":
+        torch.distributed.broadcast(p.data, src=torch.distributed.get_global_rank(group, 0), group=group)

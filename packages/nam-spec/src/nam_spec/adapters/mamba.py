@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -70,18 +71,19 @@ class MambaAdapter(MegatronModule):
             tp_group=self.tp_group,
         )
         device = param_device(config)
-        self.core = MambaCore(
-            self.nheads_local,
-            headdim=head_dim,
-            d_state=d_state,
-            ngroups=self.ngroups_local,
-            conv_width=conv_width,
-            chunk_size=chunk_size,
-            norm_eps=config.layernorm_epsilon,
-            path=path,
-            device=device,
-            dtype=config.params_dtype,
-        )
+        with tensor_parallel.get_cuda_rng_tracker().fork():  # local heads: TP-rank-specific init
+            self.core = MambaCore(
+                self.nheads_local,
+                headdim=head_dim,
+                d_state=d_state,
+                ngroups=self.ngroups_local,
+                conv_width=conv_width,
+                chunk_size=chunk_size,
+                norm_eps=config.layernorm_epsilon,
+                path=path,
+                device=device,
+                dtype=config.params_dtype,
+            )
         mark_tensor_parallel(*self.core.parameters())
         self.out_proj = row_linear(
             d_inner,

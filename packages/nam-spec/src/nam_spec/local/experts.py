@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import get_expert_parallel_rng_tracker_name
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
@@ -75,8 +77,11 @@ class GroupedExperts(MegatronModule):
         kw = {"device": device, "dtype": config.params_dtype}
         self.fc1_weight = nn.Parameter(torch.empty(num_local_experts, 2 * f, h, **kw))
         self.fc2_weight = nn.Parameter(torch.empty(num_local_experts, h, f, **kw))
-        if config.perform_initialization:
-            with torch.no_grad():
+        if config.perform_initialization:  # experts differ across EP ranks, agree within expert-DP
+            with (
+                torch.no_grad(),
+                tensor_parallel.get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()),
+            ):
                 for e in range(num_local_experts):
                     config.init_method(self.fc1_weight[e])
                     config.output_layer_init_method(self.fc2_weight[e])
