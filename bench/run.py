@@ -31,6 +31,7 @@ REGISTRY: dict[str, str] = {
     "ceilings": "bench.ceilings",
     "embed": "bench.embed",
     "m2rnn": "bench.m2rnn",
+    "spec": "bench.spec",
 }
 
 
