@@ -34,6 +34,10 @@ def cpu_megatron() -> None:
         return
     except (ImportError, AttributeError):
         pass
+    apply_standin()
+
+
+def apply_standin() -> None:
     if torch.cuda.is_available():
         return
     import megatron.core.tensor_parallel as tensor_parallel

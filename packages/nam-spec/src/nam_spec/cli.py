@@ -10,6 +10,7 @@ Exit codes: 0 ok, 2 invalid input (unknown family or preset, a config that canno
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -101,7 +102,9 @@ def _describe_on_meta(layout, config):
         try:
             parallel_state.initialize_model_parallel(1, 1)
             with torch.device("meta"):
-                model = build_model(layout, config.replace(tensor_parallel=1, pipeline_parallel=1))
+                # the token dispatcher holds no parameters; allgather's needs no CUDA streams
+                moe = dataclasses.replace(config.moe, dispatcher="allgather")
+                model = build_model(layout, config.replace(tensor_parallel=1, pipeline_parallel=1, moe=moe))
             return describe(model)
         finally:
             parallel_state.destroy_model_parallel()

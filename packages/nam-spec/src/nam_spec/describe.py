@@ -73,6 +73,21 @@ def _core(layer: torch.nn.Module, letter: str) -> Any:
     return layer.mixer.core
 
 
+def _spec_core(spec: Any, letter: str) -> str:
+    """The class a spec names for the letter's computation (backend classes may be mocks without TE)."""
+    sub = spec.submodules
+    if letter == "A":
+        core = sub.self_attention.submodules.core_attention
+    elif letter == "E":
+        core = sub.mlp.keywords["submodules"].experts
+        core = getattr(core, "func", core)
+    elif letter == "-":
+        core = sub.mlp.func.__self__  # MLP.as_mlp_submodule bound to the MLP class
+    else:
+        core = sub.mixer.module
+    return _path(core) if isinstance(core, type) else repr(core)
+
+
 def describe(target: Any, config: ModelConfig | None = None) -> Description:
     """``target``: a NamModel, or a Layout with ``config`` (analytic counts, spec classes)."""
     from nam_spec.model import NamModel
@@ -100,15 +115,16 @@ def describe(target: Any, config: ModelConfig | None = None) -> Description:
     elif isinstance(target, Layout):
         if config is None:
             raise ValueError("describe(layout) needs the ModelConfig to count parameters")
-        from nam_spec.backends import local_backend, resolve_backend
+        from nam_spec.backends import local_backend, te_backend
         from nam_spec.specs import layer_specs
 
         layout = target
-        backend = local_backend() if config.backend == "auto" else resolve_backend(config.backend)
+        # naming classes needs no TE installed: the te spec is inspected, never built, here
+        backend = te_backend(check=False) if config.backend == "te" else local_backend()
         specs = layer_specs(backend, config)
         p = model_params(config, layout)
         rows = [
-            LayerRow(i + 1, k, _path(specs[k].module), "-", p.per_letter[k].total)
+            LayerRow(i + 1, k, _path(specs[k].module), _spec_core(specs[k], k), p.per_letter[k].total)
             for i, k in enumerate(layout.kinds)
         ]
         extra = {"embedding": p.embedding, "output": p.output, "final_norm": p.final_norm}
