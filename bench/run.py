@@ -30,6 +30,7 @@ from bench.report import Report
 REGISTRY: dict[str, str] = {
     "ceilings": "bench.ceilings",
     "embed": "bench.embed",
+    "mamba": "bench.mamba",
     "m2rnn": "bench.m2rnn",
     "spec": "bench.spec",
 }

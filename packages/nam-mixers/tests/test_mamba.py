@@ -147,3 +147,50 @@ def test_every_parameter_gets_a_gradient() -> None:
     m(torch.randn(2, 11, 16, dtype=torch.float64)).square().sum().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+def test_auto_prefers_kernels_on_cuda_as_installed(monkeypatch, fresh_imports) -> None:
+    """resolve_path only looks at the device type and what imports, so CUDA resolution is testable here."""
+    cuda = torch.device("cuda")
+    monkeypatch.setitem(sys.modules, "causal_conv1d", None)
+    has_mamba = backends.import_error("mamba_ssm.ops.triton.ssd_combined") is None
+    assert backends.resolve_path("auto", cuda) == ("split" if has_mamba else "reference")
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.triton.ssd_combined", None)
+    backends.import_error.cache_clear()
+    assert backends.resolve_path("auto", cuda) == "reference"
+
+
+def test_core_split_by_heads_equals_the_whole() -> None:
+    """Tensor parallelism's view: two cores holding half the heads and groups each, fed their parts
+    of [z, x, B, C, dt], give the two halves of the whole core's output (the norm is per group)."""
+    torch.manual_seed(3)
+    nheads, headdim, d_state, ngroups, ranks = 4, 3, 5, 2, 2
+    whole = MambaCore(nheads, headdim=headdim, d_state=d_state, ngroups=ngroups, chunk_size=4).double()
+    with torch.no_grad():
+        for p in whole.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    s = whole.shape
+    zxbcdt = torch.randn(2, 9, s.d_in_proj, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+    z, x, B, C, dt = zxbcdt.split([s.d_inner, s.d_inner, ngroups * d_state, ngroups * d_state, nheads], -1)
+    cw_x, cw_B, cw_C = whole.conv_weight.split([s.d_inner, ngroups * d_state, ngroups * d_state])
+    cb_x, cb_B, cb_C = whole.conv_bias.split([s.d_inner, ngroups * d_state, ngroups * d_state])
+
+    def part(t: torch.Tensor, r: int, dim: int = -1) -> torch.Tensor:
+        return t.chunk(ranks, dim=dim)[r]
+
+    halves = []
+    for r in range(ranks):
+        local = MambaCore(
+            nheads // ranks, headdim=headdim, d_state=d_state, ngroups=ngroups // ranks, chunk_size=4
+        )
+        local = local.double()
+        with torch.no_grad():
+            local.conv_weight.copy_(torch.cat([part(cw_x, r, 0), part(cw_B, r, 0), part(cw_C, r, 0)]))
+            local.conv_bias.copy_(torch.cat([part(cb_x, r, 0), part(cb_B, r, 0), part(cb_C, r, 0)]))
+            for name in ("dt_bias", "A_log", "D", "norm_weight"):
+                getattr(local, name).copy_(part(getattr(whole, name), r, 0))
+        local_in = torch.cat([part(t, r) for t in (z, x, B, C, dt)], dim=-1)
+        halves.append(local(local_in, seq_idx))
+    torch.testing.assert_close(torch.cat(halves, dim=-1), whole(zxbcdt, seq_idx), rtol=1e-12, atol=1e-12)

@@ -13,14 +13,16 @@ def causal_conv1d_torch(
 
     out[t] = bias + sum_j weight[:, width - 1 - j] * x[t - j]; a term that reaches back into an
     earlier document (seq_idx[t - j] != seq_idx[t]) is dropped, which is what causal-conv1d does
-    with seq_idx. Written as width shifted products so the mask applies per term.
+    with seq_idx. Without documents that is one depthwise conv; with them, width shifted products
+    so that the mask applies per term.
     """
     seqlen, width = x.shape[1], weight.shape[1]
+    if seq_idx is None:
+        out = F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=width - 1, groups=x.shape[-1])
+        return out[..., :seqlen].transpose(1, 2)
     out = x * weight[:, -1] + bias
     for j in range(1, min(width, seqlen)):
         shifted = F.pad(x[:, : seqlen - j], (0, 0, j, 0))
-        if seq_idx is not None:
-            same = F.pad(seq_idx[:, j:] == seq_idx[:, :-j], (j, 0), value=False)
-            shifted = shifted * same[..., None]
-        out = out + shifted * weight[:, width - 1 - j]
+        same = F.pad(seq_idx[:, j:] == seq_idx[:, :-j], (j, 0), value=False)
+        out = out + shifted * same[..., None] * weight[:, width - 1 - j]
     return out

@@ -90,7 +90,8 @@ def core_split(
     one), then mamba-ssm's Triton chunked scan and its Triton gated RMSNorm.
 
     z, x, B, C and dt stay strided views of the in_proj output: both kernels take the strides, so
-    nothing is copied on the way in (the conv reads the channels-last layout as it is).
+    nothing is copied on the way in (the conv reads the channels-last layout as it is, when the in_proj
+    width is a multiple of 8 as at NAM56R's).
     """
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -99,6 +100,8 @@ def core_split(
     if zxbcdt.is_cuda and import_error("causal_conv1d") is None:
         from causal_conv1d import causal_conv1d_fn
 
+        if xbc.stride(1) % 8:  # its channels-last kernel needs a time stride that is a multiple of 8
+            xbc = xbc.contiguous()
         xbc = causal_conv1d_fn(
             xbc.transpose(1, 2), w.conv_weight, w.conv_bias, seq_idx=seq_idx, activation="silu"
         ).transpose(1, 2)
