@@ -34,7 +34,7 @@ def _single_rank() -> None:
         os.environ.setdefault("MASTER_PORT", "29519")
         torch.distributed.init_process_group("nccl", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1, expert_tensor_parallel_size=1)
+        parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
 
 

@@ -1,9 +1,6 @@
 import json
-import sys
-import types
 
 import pytest
-from _cpu_standin import apply_standin
 
 from nam_spec.cli import main
 
@@ -18,11 +15,7 @@ def test_plan_full_nam56r_from_the_formula(capsys: pytest.CaptureFixture[str]) -
     assert out["layers"][1]["core"] == "nam_spec.local.experts.GroupedExperts"
 
 
-def test_plan_on_the_meta_device_counts_the_same(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # the CLI asks nam_runtime.cpu for megatron on CPU; until it lands, the tests' stand-in answers
-    monkeypatch.setitem(sys.modules, "nam_runtime.cpu", types.SimpleNamespace(install=apply_standin))
+def test_plan_on_the_meta_device_counts_the_same(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "NAM56R", "--preset", "nam56r-small", "--meta", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["total"] == out["formula_total"]

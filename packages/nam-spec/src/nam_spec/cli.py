@@ -10,12 +10,9 @@ Exit codes: 0 ok, 2 invalid input (unknown family or preset, a config that canno
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 from nam_layout import FamilyError, FamilyRegistry, LayoutError, PatternError
 from nam_layout.families import REGISTRY
@@ -42,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--meta",
         action="store_true",
-        help="also build the model on the meta device and count its tensors (needs CUDA or nam_runtime.cpu)",
+        help="also build the model on the meta device and count its tensors (nam_runtime.cpu answers megatron on CPU)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
@@ -81,34 +78,24 @@ def _plan(layout, config, meta: bool):
 
 
 def _describe_on_meta(layout, config):
-    """Build the whole model (TP = PP = 1) on the meta device in a one-rank gloo group."""
+    """Build the whole model (TP = PP = 1) on the meta device. nam_runtime sets up a one-rank
+    group (and megatron-core on CPU) unless the caller already has one."""
     import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
 
+    from nam_runtime import dist
     from nam_spec.describe import describe
     from nam_spec.model import build_model
 
-    if not torch.cuda.is_available():
-        try:  # megatron-core's MoE router and dispatcher ask for a CUDA device; nam-runtime answers on CPU
-            import nam_runtime.cpu as cpu_runtime
-        except ImportError as e:
-            raise SpecConfigError(f"--meta on a machine without CUDA needs nam_runtime.cpu ({e})") from e
-        cpu_runtime.install()
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{Path(tmp) / 'rendezvous'}", rank=0, world_size=1
-        )
-        try:
-            parallel_state.initialize_model_parallel(1, 1)
-            with torch.device("meta"):
-                # the token dispatcher holds no parameters; allgather's needs no CUDA streams
-                moe = dataclasses.replace(config.moe, dispatcher="allgather")
-                model = build_model(layout, config.replace(tensor_parallel=1, pipeline_parallel=1, moe=moe))
-            return describe(model)
-        finally:
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+    owns = not dist.is_initialized()
+    if owns:
+        dist.initialize()
+    try:
+        with torch.device("meta"):
+            model = build_model(layout, config.replace(tensor_parallel=1, pipeline_parallel=1))
+        return describe(model)
+    finally:
+        if owns:
+            dist.teardown()
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ class ModelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     expert_parallel: int = 1
+    expert_tensor_parallel: int | None = None  # None: megatron's default, the tensor-parallel size
     sequence_parallel: bool = False
     recompute: Mapping[str, Recompute] = field(default_factory=dict)  # letter -> policy; absent = none
     params_dtype: str = "float32"  # float32 | bfloat16 | float16
@@ -134,7 +135,7 @@ class ModelConfig:
                 "moe_router_load_balancing_type": moe.load_balancing,
                 "moe_token_dispatcher_type": moe.dispatcher,
                 "expert_model_parallel_size": self.expert_parallel,
-                "expert_tensor_parallel_size": 1,  # small experts are not worth splitting
+                "expert_tensor_parallel_size": self.expert_tensor_parallel or self.tensor_parallel,
                 "moe_grouped_gemm": True,  # both backends run grouped experts (and megatron gates 'moe_act' on it)
                 "moe_router_topk_scaling_factor": None,
             }
@@ -237,6 +238,11 @@ def validate(config: ModelConfig, layout: Layout) -> None:
         elif moe.num_experts % config.expert_parallel:
             errors.append(
                 f"moe.num_experts {moe.num_experts} not divisible by expert_parallel {config.expert_parallel}"
+            )
+        etp = config.expert_tensor_parallel or tp
+        if moe.ffn_hidden_size % etp:
+            errors.append(
+                f"moe: ffn_hidden_size {moe.ffn_hidden_size} not divisible by expert tensor parallel {etp}"
             )
         if moe.ffn_hidden_size < 1 or moe.shared_ffn_hidden_size < 0:
             errors.append("moe: ffn_hidden_size must be >= 1 and shared_ffn_hidden_size >= 0")

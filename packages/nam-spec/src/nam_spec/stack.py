@@ -9,8 +9,9 @@ hidden-state hook of DESIGN.md.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import make_viewless_tensor
+from torch.overrides import _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
@@ -92,7 +94,14 @@ class NamStack(MegatronModule):
                 "packed_seq_params": packed_seq_params,
             }
             if self.training and letter in self.full_recompute:
-                hidden_states = checkpoint(_run_layer, layer, hidden_states, kwargs, use_reentrant=False)
+                hidden_states = checkpoint(
+                    _run_layer,
+                    layer,
+                    hidden_states,
+                    kwargs,
+                    use_reentrant=False,
+                    context_fn=_same_function_modes,
+                )
             else:
                 hidden_states = _run_layer(layer, hidden_states, kwargs)
             for hook in list(self._hooks.values()):
@@ -118,6 +127,20 @@ class NamStack(MegatronModule):
                 )
             )
         return out
+
+
+def _same_function_modes() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Recompute under the torch function modes of the forward: autograd runs the recompute with
+    an empty mode stack, which would drop e.g. nam_runtime's CPU device mapping."""
+    return contextlib.nullcontext(), _entered(_get_current_function_mode_stack())
+
+
+@contextlib.contextmanager
+def _entered(modes: list[Any]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        yield
 
 
 def _run_layer(layer: torch.nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
