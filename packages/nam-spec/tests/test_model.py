@@ -5,7 +5,7 @@ import torch
 from helpers import tiny
 
 from nam_layout import get_family
-from nam_spec.describe import describe
+from nam_spec.description import describe
 from nam_spec.model import build_model
 from nam_spec.moe_metrics import MoECounter, init_megatron_tracker
 from nam_spec.param_groups import no_weight_decay, param_groups

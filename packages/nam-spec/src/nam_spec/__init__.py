@@ -43,7 +43,7 @@ def __getattr__(name: str) -> object:  # megatron-facing names load on first use
 
         return build_model
     if name == "describe":
-        from nam_spec.describe import describe
+        from nam_spec.description import describe
 
         return describe
     if name == "layer_specs":

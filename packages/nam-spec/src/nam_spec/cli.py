@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _plan(layout, config, meta: bool):
     from nam_spec.config import validate
-    from nam_spec.describe import describe
+    from nam_spec.description import describe
 
     validate(config, layout)
     if not meta:
@@ -83,7 +83,7 @@ def _describe_on_meta(layout, config):
     import torch
 
     from nam_runtime import dist
-    from nam_spec.describe import describe
+    from nam_spec.description import describe
     from nam_spec.model import build_model
 
     owns = not dist.is_initialized()
