@@ -133,3 +133,16 @@ def test_megatron_tracker_initialised_on_a_stage_without_experts(megatron_single
     init_megatron_tracker(tiny(), depth=52, device="cpu")
     entry = get_moe_metrics_tracker().metrics["load_balancing_loss"]
     assert entry.values.shape == (52,)
+
+
+def test_tied_output_layer_shares_the_word_embedding(megatron_single_rank: None) -> None:
+    from nam_layout import Layout
+    from nam_spec.accounting import model_params
+
+    config, layout = tiny(untie_output=False), Layout.tile("AE", 2)
+    model = build_model(layout, config)
+    assert model.output_layer.weight is None
+    assert sum(p.numel() for p in model.parameters()) == model_params(config, layout).total
+    ids, pos = _batch()
+    model(ids, pos, labels=ids).mean().backward()
+    assert model.embedding.word_embeddings.weight.grad is not None
