@@ -33,6 +33,7 @@ REGISTRY: dict[str, str] = {
     "mamba": "bench.mamba",
     "m2rnn": "bench.m2rnn",
     "plasticity": "bench.plasticity",
+    "spec": "bench.spec",
 }
 
 

@@ -1,3 +1,53 @@
-"""From a NAM layout to megatron-core module specs and a model."""
+"""From a NAM layout to megatron-core module specs and a model.
+
+Light at import: the config, presets and the parameter formula need no megatron; the builders
+import it when used.
+"""
+
+from nam_spec.accounting import letter_params, model_flops_per_token, model_params
+from nam_spec.config import (
+    AttentionConfig,
+    M2RNNConfig,
+    MambaConfig,
+    ModelConfig,
+    MoEConfig,
+    SpecConfigError,
+    validate,
+)
+from nam_spec.presets import PRESETS, preset
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "AttentionConfig",
+    "M2RNNConfig",
+    "MambaConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "SpecConfigError",
+    "build_model",
+    "describe",
+    "layer_specs",
+    "letter_params",
+    "model_flops_per_token",
+    "model_params",
+    "preset",
+    "validate",
+]
+
+
+def __getattr__(name: str) -> object:  # megatron-facing names load on first use
+    if name == "build_model":
+        from nam_spec.model import build_model
+
+        return build_model
+    if name == "describe":
+        from nam_spec.description import describe
+
+        return describe
+    if name == "layer_specs":
+        from nam_spec.specs import layer_specs
+
+        return layer_specs
+    raise AttributeError(f"module 'nam_spec' has no attribute {name!r}")

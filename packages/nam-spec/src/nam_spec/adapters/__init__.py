@@ -1,0 +1,7 @@
+"""nam-mixers' cores behind megatron-core's layer protocol (sequence-first, TP-split heads)."""
+
+from nam_spec.adapters.layer import MixerLayer, MixerLayerSubmodules
+from nam_spec.adapters.m2rnn import M2RNNAdapter
+from nam_spec.adapters.mamba import MambaAdapter
+
+__all__ = ["M2RNNAdapter", "MambaAdapter", "MixerLayer", "MixerLayerSubmodules"]

@@ -1,0 +1,82 @@
+"""One residual mixer layer (the M and R letters): x + mixer(norm(x)), through megatron's bias-dropout-add.
+
+The mixer adapters take and return megatron's sequence-first [s, b, h] (the local sequence slice
+under sequence parallelism) and return ``(output, bias)`` as megatron's linears do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+
+@dataclass
+class MixerLayerSubmodules:
+    norm: Any
+    mixer: ModuleSpec | type
+    bda: Any
+
+
+class MixerLayer(MegatronModule):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: MixerLayerSubmodules,
+        layer_number: int = 1,
+        pg_collection: ProcessGroupCollection | None = None,
+        **_: object,  # the stack passes the same keywords to every layer kind
+    ) -> None:
+        super().__init__(config)
+        self.layer_number = layer_number
+        pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+        self.tp_group = pg_collection.tp
+        self.norm = submodules.norm(
+            config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+        )
+        self.mixer = build_module(
+            submodules.mixer, config=config, layer_number=layer_number, pg_collection=pg_collection
+        )
+        self.bda = build_module(submodules.bda)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        inference_context: object = None,
+        rotary_pos_emb: torch.Tensor | None = None,
+        *,
+        packed_seq_params: PackedSeqParams | None = None,
+        **_: object,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        out_with_bias = self.mixer(self.norm(hidden_states), packed_seq_params=packed_seq_params)
+        with torch.enable_grad():
+            return self.bda(training=self.training, fused=self.config.bias_dropout_fusion)(
+                out_with_bias, residual, self.config.hidden_dropout
+            )
+
+
+def seq_idx_from_packed(
+    params: PackedSeqParams | None, s: int, b: int, device: torch.device
+) -> torch.Tensor | None:
+    """Document index per token [b, s] from cu_seqlens (packed rows are micro-batch 1)."""
+    if params is None:
+        return None
+    if b != 1:
+        raise ValueError(f"packed sequences need micro-batch 1 (one packed row), got {b}")
+    cu = params.cu_seqlens_q.to(device=device, dtype=torch.long)
+    pos = torch.arange(s, device=device)
+    return torch.searchsorted(cu[1:], pos, right=True).to(torch.int32).unsqueeze(0)
+
+
+def mark_tensor_parallel(*params: torch.nn.Parameter) -> None:
+    """Heads split across TP ranks along dim 0: megatron counts them once per rank in norms."""
+    for p in params:
+        p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1

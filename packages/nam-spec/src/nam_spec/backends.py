@@ -1,0 +1,94 @@
+"""Which module fills each slot of a layer: the `local` and `te` backends, and `auto`.
+
+`te` names Transformer Engine's fused modules through megatron-core's wrappers. TE cannot be
+installed on our machines, so the `te` backend is tested structurally only (which class each
+slot names) and never run here. `auto` picks `te` only when CUDA is available and
+``transformer_engine.pytorch`` imports; on a machine without a driver TE raises RuntimeError or
+OSError rather than ImportError, so any exception means "not available".
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_TE_MODULE = "megatron.core.extensions.transformer_engine"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Module classes per slot. ``fused_norm`` means the norm lives inside the first linear."""
+
+    name: str
+    norm: Any
+    column_linear: Any
+    row_linear: Any
+    norm_column_linear: Any  # norm + column linear in one module (te), or None
+    core_attention: Any
+    experts: Any  # an ExpertsBuilder for MoELayer
+
+    @property
+    def fused_norm(self) -> bool:
+        return self.norm_column_linear is not None
+
+
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception:  # driverless machines raise RuntimeError/OSError, not ImportError
+        return False
+    return True
+
+
+def local_backend() -> Backend:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from nam_spec.local import GroupedExperts, RMSNorm, SDPAttention
+
+    return Backend(
+        "local", RMSNorm, ColumnParallelLinear, RowParallelLinear, None, SDPAttention, GroupedExperts
+    )
+
+
+def te_backend(*, check: bool = True) -> Backend:
+    """The TE backend; ``check=False`` builds it without TE for structural inspection only."""
+    if check and not te_available():
+        raise RuntimeError(
+            "backend 'te' requested, but Transformer Engine is not usable here (needs CUDA and an "
+            "importable transformer_engine.pytorch); use backend='local' or 'auto'"
+        )
+    from functools import partial
+
+    from megatron.core.transformer.moe.experts import GroupedMLPSubmodules, TEGroupedMLP
+
+    te = importlib.import_module(_TE_MODULE)
+    experts = partial(
+        TEGroupedMLP,
+        submodules=GroupedMLPSubmodules(
+            linear_fc1=te.TEColumnParallelGroupedLinear, linear_fc2=te.TERowParallelGroupedLinear
+        ),
+    )
+    return Backend(
+        "te",
+        te.TENorm,
+        te.TEColumnParallelLinear,
+        te.TERowParallelLinear,
+        te.TELayerNormColumnParallelLinear,
+        te.TEDotProductAttention,
+        experts,
+    )
+
+
+def resolve_backend(name: str) -> Backend:
+    if name == "local":
+        return local_backend()
+    if name == "te":
+        return te_backend()
+    if name == "auto":
+        return te_backend() if te_available() else local_backend()
+    raise ValueError(f"backend {name!r} is unknown; accepted: 'auto', 'local', 'te'")

@@ -1,0 +1,148 @@
+"""build_model: HybridEmbedding (first stage), the NamStack of this pipeline stage, output layer (last)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import ColumnParallelLinear
+
+from nam_embed.hybrid_embedding import HybridEmbedding
+from nam_layout import Family, Layout, StagePlan, get_family, plan_stages
+from nam_spec.backends import Backend, resolve_backend
+from nam_spec.config import ModelConfig, validate
+from nam_spec.specs import layer_specs
+from nam_spec.stack import NamStack
+
+
+class NamModel(LanguageModule):
+    """A NAM language model chunk: forward(input_ids, position_ids, labels) -> per-token loss [b, s]
+    (or logits [b, s, vocab/tp] without labels; the hidden states on stages before the last)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layout: Layout,
+        *,
+        pg_collection: ProcessGroupCollection | None = None,
+        plan: StagePlan | None = None,
+        pre_process: bool | None = None,
+        post_process: bool | None = None,
+        vp_stage: int = 0,
+        embedding_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        validate(config, layout)
+        tc = config.transformer_config(layout)
+        pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+        super().__init__(config=tc, pg_collection=pg_collection)
+        pp_rank, pp_size = self.pp_group.rank(), self.pp_group.size()
+        plan = plan or plan_stages(layout, pp_size)
+        if plan.stages != pp_size:
+            raise ValueError(
+                f"stage plan has {plan.stages} stages but the pipeline group has {pp_size} ranks"
+            )
+        chunk = plan.chunk_index(pp_rank, vp_stage)
+        self.pre_process = chunk == 0 if pre_process is None else pre_process
+        self.post_process = chunk == len(plan.chunks) - 1 if post_process is None else post_process
+        self.vp_stage = vp_stage
+        self.model_config, self.layout, self.plan = config, layout, plan
+        self.backend: Backend = resolve_backend(config.backend)
+        self.share_embeddings_and_output_weights = not config.untie_output
+        self.vocab_size, self.max_sequence_length = config.vocab_size, config.seq_length
+        self.position_embedding_type = "rope"
+        if self.pre_process:
+            self.embedding = HybridEmbedding(
+                tc,
+                config.vocab_size,
+                config.seq_length,
+                position_embedding_type="none",
+                tp_group=self.tp_group,
+                **(embedding_kwargs or {}),
+            )
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.head_dim,
+            rotary_percent=1.0,
+            rotary_base=int(config.attention.rope_base),
+            use_cpu_initialization=tc.use_cpu_initialization,
+        )
+        kinds = plan.chunk_kinds(pp_rank, vp_stage)
+        letters = set(kinds)
+        self.decoder = NamStack(
+            tc,
+            kinds,
+            plan.offset(pp_rank, vp_stage),
+            layer_specs(self.backend, config),
+            {k: config.transformer_config(layout, k) for k in letters},
+            {k: config.recompute_for(k) for k in letters},
+            self.backend.norm,
+            pg_collection,
+            pre_process=self.pre_process,
+            post_process=self.post_process,
+        )
+        if self.post_process:
+            self.output_layer = ColumnParallelLinear(
+                tc.hidden_size,
+                config.vocab_size,
+                config=tc,
+                init_method=tc.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
+                tp_group=self.tp_group,
+            )
+        if self.pre_process or self.post_process:
+            self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        **embedding_inputs: Any,
+    ) -> torch.Tensor:
+        hidden = None
+        if self.pre_process:
+            hidden = self.embedding(input_ids=input_ids, position_ids=position_ids, **embedding_inputs)
+        local = hidden if hidden is not None else self.decoder.input_tensor
+        seq_len = local.shape[0] * (self.tp_group.size() if self.config.sequence_parallel else 1)
+        rotary = self.rotary_pos_emb(seq_len)
+        hidden = self.decoder(hidden, attention_mask, rotary, packed_seq_params)
+        if not self.post_process:
+            return hidden
+        weight = (
+            self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        )
+        logits, _ = self.output_layer(hidden, weight=weight)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
+
+
+def resolve_layout(layout_or_family: Layout | Family | str) -> Layout:
+    if isinstance(layout_or_family, Layout):
+        return layout_or_family
+    if isinstance(layout_or_family, Family):
+        return layout_or_family.layout()
+    if isinstance(layout_or_family, str):
+        return get_family(layout_or_family).layout()
+    raise TypeError(f"expected a Layout, a Family or a family name, got {type(layout_or_family).__name__}")
+
+
+def build_model(layout_or_family: Layout | Family | str, config: ModelConfig, **kwargs: Any) -> NamModel:
+    """The model chunk of this rank (megatron's parallel state must be initialised). Validates the
+    config against the layout before allocating anything."""
+    layout = resolve_layout(layout_or_family)
+    validate(config, layout)
+    return NamModel(config, layout, **kwargs)

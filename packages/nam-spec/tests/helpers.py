@@ -1,0 +1,22 @@
+"""Tiny geometries shared by the tests: every letter, widths that keep each test well under a second."""
+
+from __future__ import annotations
+
+from nam_spec.config import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
+
+
+def tiny(**changes: object) -> ModelConfig:
+    config = ModelConfig(
+        hidden_size=32,
+        vocab_size=64,
+        seq_length=8,
+        ffn_hidden_size=48,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2),
+        moe=MoEConfig(
+            num_experts=4, top_k=2, ffn_hidden_size=16, shared_ffn_hidden_size=16, dispatcher="allgather"
+        ),
+        mamba=MambaConfig(d_state=8, head_dim=8, ngroups=2, chunk_size=4, path="reference"),
+        m2rnn=M2RNNConfig(num_heads=4, head_dim_v=4, head_dim_k=8, path="reference"),
+        backend="local",
+    )
+    return config.replace(**changes) if changes else config

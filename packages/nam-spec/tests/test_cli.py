@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from nam_spec.cli import main
+
+
+def test_plan_full_nam56r_from_the_formula(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "NAM56R", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total"] == out["formula_total"] == 5_574_492_448
+    assert [row["letter"] for row in out["layers"][:12]] == list("AEMEAEMEAEMR")
+    assert out["layers"][11]["core"] == "nam_spec.adapters.m2rnn.M2RNNAdapter"
+    assert out["layers"][0]["core"] == "nam_spec.local.attention.SDPAttention"
+    assert out["layers"][1]["core"] == "nam_spec.local.experts.GroupedExperts"
+
+
+def test_plan_on_the_meta_device_counts_the_same(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "NAM56R", "--preset", "nam56r-small", "--meta", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total"] == out["formula_total"]
+    assert out["layers"][11]["core"] == "nam_mixers.modules.m2rnn.M2RNNCore"
+
+
+def test_plan_table_and_te_names(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "NAM52", "--backend", "te"]) == 0
+    out = capsys.readouterr().out
+    assert "NAM52 with preset nam56r (te backend): 52 layers" in out and "TEGroupedMLP" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["plan", "NAM99"], "NAM99"),
+        (["plan", "NAM56R", "--preset", "huge"], "no preset 'huge'"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,168 @@
+"""A small model with the NAM56R pattern and depth: builds, trains one step's worth, describes itself."""
+
+import pytest
+import torch
+from helpers import tiny
+
+from nam_layout import get_family
+from nam_spec.description import describe
+from nam_spec.model import build_model
+from nam_spec.moe_metrics import MoECounter, init_megatron_tracker
+from nam_spec.param_groups import no_weight_decay, param_groups
+
+FAMILY = get_family("NAM56R")
+
+
+def _batch(seed: int = 0, b: int = 2, s: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (b, s), generator=g)
+    return ids, torch.arange(s).expand(b, s)
+
+
+def _loss_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ids, pos = _batch()
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, pos, labels=ids).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_nam56r_pattern_builds_and_every_parameter_gets_a_gradient(megatron_single_rank: None) -> None:
+    torch.manual_seed(0)
+    model = build_model(FAMILY, tiny())
+    assert model.decoder.kinds == FAMILY.layout().kinds and len(model.decoder.layers) == 52
+    assert [layer.layer_number for layer in model.decoder.layers] == list(range(1, 53))
+    loss, grads = _loss_and_grads(model)
+    assert torch.isfinite(loss)
+    missing = [n for n, p in model.named_parameters() if n not in grads]
+    assert missing == []
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("policy", ["selective", "full"])
+def test_recomputation_changes_memory_not_results(policy: str, megatron_single_rank: None) -> None:
+    torch.manual_seed(0)
+    plain = build_model(FAMILY, tiny())
+    torch.manual_seed(0)
+    recomputed = build_model(FAMILY, tiny(recompute=dict.fromkeys("AEMR-", policy)))
+    recomputed.load_state_dict(plain.state_dict())
+    loss_a, grads_a = _loss_and_grads(plain)
+    loss_b, grads_b = _loss_and_grads(recomputed)
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+    saved = _saved_activation_bytes(plain), _saved_activation_bytes(recomputed)
+    assert saved[1] < saved[0], saved
+
+
+def _saved_activation_bytes(model: torch.nn.Module) -> int:
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if not isinstance(t, torch.nn.Parameter):
+            total += t.numel() * t.element_size()
+        return t
+
+    ids, pos = _batch()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, pos, labels=ids).mean()
+    return total
+
+
+def test_hidden_state_hook_sees_every_layer_output(megatron_single_rank: None) -> None:
+    model = build_model(FAMILY, tiny())
+    seen: list[tuple[int, str, tuple[int, ...]]] = []
+    handle = model.decoder.register_hidden_state_hook(lambda n, k, h: seen.append((n, k, tuple(h.shape))))
+    ids, pos = _batch(b=2, s=8)
+    model(ids, pos)
+    assert [(n, k) for n, k, _ in seen] == [(i + 1, k) for i, k in enumerate(FAMILY.layout().kinds)]
+    assert {shape for _, _, shape in seen} == {(8, 2, 32)}  # sequence-first
+    handle.remove()
+    model(ids, pos)
+    assert len(seen) == 52
+
+
+def test_describe_lists_layers_and_totals(megatron_single_rank: None) -> None:
+    model = build_model(FAMILY, tiny())
+    d = describe(model)
+    assert [r.letter for r in d.rows] == list(FAMILY.layout().kinds)
+    assert d.total == sum(p.numel() for p in model.parameters()) == d.formula_total
+    assert d.rows[11].core == "nam_mixers.modules.m2rnn.M2RNNCore" and d.rows[11].layer == 12
+    assert d.rows[0].core == "nam_spec.local.attention.SDPAttention"
+    assert d.active < d.total
+    assert "R" in d.table() and d.as_dict()["by_letter"]["R"] == 4 * d.rows[11].params
+    from_layout = describe(FAMILY.layout(), tiny())
+    assert from_layout.total == d.total
+
+
+def test_parameter_groups_policy(megatron_single_rank: None) -> None:
+    model = build_model(FAMILY, tiny())
+    names = dict(model.named_parameters())
+    exempt = {n for n, p in names.items() if no_weight_decay(n, p)}
+    for suffix in ("core.A_log", "core.D", "core.dt_bias", "input_layernorm.weight", "final_norm.weight"):
+        assert any(n.endswith(suffix) for n in exempt), suffix
+    for n in exempt:
+        assert "linear_qkv" not in n and "fc1_weight" not in n and "word_embeddings" not in n
+    groups = param_groups(model.named_parameters(), 0.1)
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == len(exempt)
+
+
+def test_moe_counter_counts_every_routed_token(megatron_single_rank: None) -> None:
+    config = tiny()
+    model = build_model(FAMILY, config)
+    counter = MoECounter([model], config, depth=52)
+    ids, pos = _batch(b=2, s=8)
+    model(ids, pos)
+    stats = counter.collect()
+    e_layers = [n for n in FAMILY.layout().positions("E")]
+    assert stats.layers == e_layers
+    assert (stats.tokens[[n - 1 for n in e_layers]].sum(dim=1) == 16 * config.moe.top_k).all()
+    imbalance, dead = stats.imbalance(), stats.dead()
+    assert all(v >= 1.0 for v in imbalance.values()) and set(dead) == set(e_layers)
+    metrics = stats.as_metrics()
+    assert metrics["moe/dead_experts"] == sum(dead.values())
+    counter.remove()
+
+
+def test_megatron_tracker_initialised_on_a_stage_without_experts(megatron_single_rank: None) -> None:
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    init_megatron_tracker(tiny(), depth=52, device="cpu")
+    entry = get_moe_metrics_tracker().metrics["load_balancing_loss"]
+    assert entry.values.shape == (52,)
+
+
+def test_tied_output_layer_shares_the_word_embedding(megatron_single_rank: None) -> None:
+    from nam_layout import Layout
+    from nam_spec.accounting import model_params
+
+    config, layout = tiny(untie_output=False), Layout.tile("AE", 2)
+    model = build_model(layout, config)
+    assert model.output_layer.weight is None
+    assert sum(p.numel() for p in model.parameters()) == model_params(config, layout).total
+    ids, pos = _batch()
+    model(ids, pos, labels=ids).mean().backward()
+    assert model.embedding.word_embeddings.weight.grad is not None
+
+
+def test_packed_rows_equal_documents_run_alone(megatron_single_rank: None) -> None:
+    """Two documents in one row (cu_seqlens): every letter restarts at the boundary (attention
+    mask, Mamba and M2RNN state and convs), so each document's per-token loss equals its own run."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from nam_layout import Layout
+
+    torch.manual_seed(0)
+    model = build_model(Layout.tile("AEMR-", 5), tiny(seq_length=16))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 64, (1, 16), generator=g)
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+    packed = PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=11, max_seqlen_kv=11)
+    with torch.no_grad():
+        both = model(ids, torch.arange(16)[None], labels=ids, packed_seq_params=packed)
+        for a, b in ((0, 5), (5, 16)):
+            alone = model(ids[:, a:b], torch.arange(b - a)[None], labels=ids[:, a:b])
+            torch.testing.assert_close(both[:, a:b], alone, rtol=1e-5, atol=1e-5)

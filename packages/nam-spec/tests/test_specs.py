@@ -1,0 +1,68 @@
+"""Which class each slot names, per backend. The te backend is only inspected here: Transformer
+Engine cannot be installed on our machines, so it is never run in these tests."""
+
+import importlib
+
+import pytest
+from helpers import tiny
+from megatron.core.models.gpt.moe_module_specs import _build_shared_experts
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.moe.experts import TEGroupedMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
+
+from nam_spec.adapters import M2RNNAdapter, MambaAdapter, MixerLayer
+from nam_spec.backends import local_backend, resolve_backend, te_available, te_backend
+from nam_spec.local import GroupedExperts, RMSNorm, SDPAttention
+from nam_spec.specs import layer_specs
+
+TE = importlib.import_module("megatron.core.extensions.transformer_engine")
+
+
+def test_local_specs_name_our_modules() -> None:
+    specs = layer_specs(local_backend(), tiny())
+    a = specs["A"].submodules
+    assert specs["A"].module is TransformerLayer and a.input_layernorm is RMSNorm
+    att = a.self_attention
+    assert att.module is SelfAttention and att.params["attn_mask_type"].name == "causal"
+    assert att.submodules.linear_qkv is ColumnParallelLinear
+    assert att.submodules.core_attention is SDPAttention
+    assert att.submodules.linear_proj is RowParallelLinear
+    e = specs["E"]
+    assert e.module is MoETransformerLayer and e.submodules.pre_mlp_layernorm is RMSNorm
+    moe = e.submodules.mlp
+    assert moe.func is MoELayer and moe.keywords["submodules"].experts is GroupedExperts
+    assert moe.keywords["submodules"].shared_experts.func is _build_shared_experts
+    for letter, adapter in (("M", MambaAdapter), ("R", M2RNNAdapter)):
+        s = specs[letter]
+        assert (
+            s.module is MixerLayer and s.submodules.norm is RMSNorm and s.submodules.mixer.module is adapter
+        )
+        assert s.submodules.mixer.params["column_linear"] is ColumnParallelLinear
+    assert specs["-"].submodules.pre_mlp_layernorm is RMSNorm
+
+
+def test_te_specs_name_transformer_engine_modules() -> None:
+    specs = layer_specs(te_backend(check=False), tiny())
+    a = specs["A"].submodules
+    assert a.input_layernorm is IdentityOp  # the norm lives in TE's fused norm+linear
+    assert a.self_attention.submodules.linear_qkv is TE.TELayerNormColumnParallelLinear
+    assert a.self_attention.submodules.core_attention is TE.TEDotProductAttention
+    assert a.self_attention.submodules.linear_proj is TE.TERowParallelLinear
+    experts = specs["E"].submodules.mlp.keywords["submodules"].experts
+    assert experts.func is TEGroupedMLP
+    assert experts.keywords["submodules"].linear_fc1 is TE.TEColumnParallelGroupedLinear
+    assert specs["E"].submodules.pre_mlp_layernorm is TE.TENorm
+    assert specs["-"].submodules.mlp.keywords["submodules"].linear_fc1 is TE.TELayerNormColumnParallelLinear
+    assert specs["M"].submodules.mixer.params["row_linear"] is TE.TERowParallelLinear
+
+
+def test_auto_picks_local_without_cuda_and_te_fails_clearly() -> None:
+    assert not te_available()
+    assert resolve_backend("auto").name == "local"
+    with pytest.raises(RuntimeError, match="Transformer Engine is not usable here"):
+        resolve_backend("te")
+    with pytest.raises(ValueError, match="accepted: 'auto', 'local', 'te'"):
+        resolve_backend("tex")
