@@ -23,6 +23,8 @@ class PassConfig:
         inputs, whose own rounding is coarser than tf32's.
     fast_tanh: the hardware tanh.approx.f32 (relative error 2^-11) instead of exp and a division;
         None uses it for 16-bit inputs on CUDA. The Triton interpreter cannot run it.
+    prefetch: load k, q, v as [block_t, rows] tiles one block ahead and store y once per block, so
+        no load waits behind a store inside the step chain (forward only).
     """
 
     block_t: int = 16
@@ -30,6 +32,7 @@ class PassConfig:
     num_warps: int = 1
     precision: str | None = None
     fast_tanh: bool | None = None
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         if self.block_t < 1:
@@ -82,6 +85,8 @@ class M2RNNKernelConfig:
     dqk: str = "per_head"
 
     def __post_init__(self) -> None:
+        if self.backward.prefetch:
+            raise ValueError("M2RNNKernelConfig.backward.prefetch is not implemented; use it for the forward")
         if self.dqk not in DQK_REDUCTIONS:
             raise ValueError(f"M2RNNKernelConfig.dqk must be one of {DQK_REDUCTIONS}, got {self.dqk!r}")
         for name, p in (("forward", self.forward), ("backward", self.backward)):
