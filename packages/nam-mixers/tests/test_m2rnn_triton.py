@@ -28,9 +28,22 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 CASES = {
     # name: (B, S, G, H, K, V, h0, packed, forward (block_t, block_k, warps, prefetch),
-    #        backward (block_t, block_k, warps), chunk, dqk)
-    "NAM56R head (K 64, V 16)": (1, 9, 1, 2, 64, 16, True, False, (4, 64, 4, True), (2, 32, 2), 4, "atomic"),
-    "one row block": (1, 11, 1, 3, 16, 16, False, False, (4, 16, 1, False), (2, 16, 1), 4, "per_head"),
+    #        backward (block_t, block_k, warps, prefetch), chunk, dqk)
+    "NAM56R head (K 64, V 16)": (
+        1,
+        9,
+        1,
+        2,
+        64,
+        16,
+        True,
+        False,
+        (4, 64, 4, True),
+        (2, 32, 2, True),
+        4,
+        "atomic",
+    ),
+    "one row block": (1, 11, 1, 3, 16, 16, False, False, (4, 16, 1, False), (2, 16, 1, True), 4, "per_head"),
     "K split over row blocks, V padded": (
         2,
         13,
@@ -41,7 +54,7 @@ CASES = {
         True,
         True,
         (4, 16, 1, False),
-        (2, 16, 2),
+        (2, 16, 2, False),
         4,
         "atomic",
     ),
@@ -55,7 +68,7 @@ CASES = {
         True,
         False,
         (4, 16, 1, True),
-        (4, 32, 1),
+        (4, 32, 1, True),
         8,
         "per_head",
     ),
@@ -69,7 +82,7 @@ CASES = {
         False,
         True,
         (3, 16, 1, True),
-        (2, 16, 1),
+        (3, 16, 1, True),
         6,
         "atomic",
     ),
@@ -101,7 +114,9 @@ def test_triton_matches_reference(case: str) -> None:
         seq_idx[:, chunk % s] += 7
         seq_idx[:, chunk % s :] += 7
     fwd_cfg = PassConfig(fwd[0], fwd[1], fwd[2], prefetch=fwd[3])
-    cfg = M2RNNKernelConfig(forward=fwd_cfg, backward=PassConfig(*bwd), chunk=chunk, dqk=dqk)
+    cfg = M2RNNKernelConfig(
+        forward=fwd_cfg, backward=PassConfig(bwd[0], bwd[1], bwd[2], prefetch=bwd[3]), chunk=chunk, dqk=dqk
+    )
     y, ht = m2rnn_scan(**x, seq_idx=seq_idx, path="triton", config=cfg)
     yr, htr = m2rnn_scan_reference(**x, seq_idx=seq_idx)
     assert _rel(y, yr) < 1e-5

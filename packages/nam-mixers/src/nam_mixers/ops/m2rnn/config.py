@@ -24,7 +24,8 @@ class PassConfig:
     fast_tanh: the hardware tanh.approx.f32 (relative error 2^-11) instead of exp and a division;
         None uses it for 16-bit inputs on CUDA. The Triton interpreter cannot run it.
     prefetch: load k, q, v as [block_t, rows] tiles one block ahead and store y once per block, so
-        no load waits behind a store inside the step chain (forward only).
+        no load waits behind a store inside the step chain (the backward also takes f and the document
+        starts as tiles, and stores dq, dk, dv, df per block).
     """
 
     block_t: int = 16
@@ -79,14 +80,12 @@ class M2RNNKernelConfig:
         bitwise reproducible, and H heads contend for the same addresses).
     """
 
-    forward: PassConfig = field(default_factory=lambda: PassConfig(block_t=16))
+    forward: PassConfig = field(default_factory=lambda: PassConfig(block_t=16, prefetch=True))
     backward: PassConfig = field(default_factory=lambda: PassConfig(block_t=4))
     chunk: int = 32
     dqk: str = "per_head"
 
     def __post_init__(self) -> None:
-        if self.backward.prefetch:
-            raise ValueError("M2RNNKernelConfig.backward.prefetch is not implemented; use it for the forward")
         if self.dqk not in DQK_REDUCTIONS:
             raise ValueError(f"M2RNNKernelConfig.dqk must be one of {DQK_REDUCTIONS}, got {self.dqk!r}")
         for name, p in (("forward", self.forward), ("backward", self.backward)):

@@ -51,8 +51,23 @@ def _step(h, w, kt, vt, ft, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
 def _block_tile(ptr, stride, t0, S, tb, idx, imask, BLOCK_T: tl.constexpr):
     """[BLOCK_T_P2, len(idx)] float32 tile of steps t0 + tb (zero past S); rows past BLOCK_T are unused."""
     t = t0 + tb
-    mask = ((tb < BLOCK_T) & (t < S))[:, None] & imask[None, :]
+    mask = ((tb < BLOCK_T) & (t >= 0) & (t < S))[:, None] & imask[None, :]
     return tl.load(ptr + t[:, None] * stride + idx[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gate_tile(ptr, stride, t0, S, tb, BLOCK_T: tl.constexpr):
+    """[BLOCK_T_P2] forget gates of steps t0 + tb; 1 (state unchanged) outside [0, S)."""
+    t = t0 + tb
+    return tl.load(ptr + t * stride, mask=(tb < BLOCK_T) & (t >= 0) & (t < S), other=1.0).to(tl.float32)
+
+
+@triton.jit
+def _reset_tile(seq_row, t0, S, tb, BLOCK_T: tl.constexpr):
+    """[BLOCK_T_P2] int32, 1 where step t0 + tb starts a document (seq_idx changes from step t - 1)."""
+    t = t0 + tb
+    m = (tb < BLOCK_T) & (t > 0) & (t < S)
+    return (tl.load(seq_row + t, mask=m, other=0) != tl.load(seq_row + t - 1, mask=m, other=0)).to(tl.int32)
 
 
 @triton.jit
