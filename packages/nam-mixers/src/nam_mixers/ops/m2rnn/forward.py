@@ -126,41 +126,41 @@ def _m2rnn_fwd_kernel(
     v_base = (b * S * H + hh) * V
     f_base = b * S * H + hh
     y_base = ((kb * B + b) * S * H + hh) * V
-    prev = tl.load(seq_ptr + b * S) if HAS_SEQ else 0
     if PREFETCH:
-        # k, q, v of a whole block are loaded as tiles one block ahead, and y is stored per block: no
-        # global load waits behind a store inside the step chain (the compiler cannot move a load above
-        # a store it cannot prove disjoint), so load latency is paid once, ahead of use.
+        # k, q, v, f and the document starts of a block are loaded as tiles one block ahead, and y is
+        # stored per block: no global load waits behind a store inside the step chain (the compiler
+        # cannot move a load above a store it cannot prove disjoint), so load latency is hidden.
         tb = tl.arange(0, BLOCK_T_P2)
         kn = _block_tile(k_ptr + qk_base, G * K, 0, S, tb, rows, rmask, BLOCK_T)
         qn = _block_tile(q_ptr + qk_base, G * K, 0, S, tb, rows, rmask, BLOCK_T)
         vn = _block_tile(v_ptr + v_base, H * V, 0, S, tb, cols, cmask, BLOCK_T)
+        fn = _gate_tile(f_ptr + f_base, H, 0, S, tb, BLOCK_T)
+        rn = _reset_tile(seq_ptr + b * S, 0, S, tb, BLOCK_T) if HAS_SEQ else tb * 0
         for t0 in range(0, S, BLOCK_T):
             if t0 % CHUNK == 0:
                 tl.store(ckpt_ptr + (bh * NC + t0 // CHUNK) * K * V + state_off, h, mask=smask)
-            kc, qc, vc = kn, qn, vn
+            kc, qc, vc, fc, rc = kn, qn, vn, fn, rn
             kn = _block_tile(k_ptr + qk_base, G * K, t0 + BLOCK_T, S, tb, rows, rmask, BLOCK_T)
             qn = _block_tile(q_ptr + qk_base, G * K, t0 + BLOCK_T, S, tb, rows, rmask, BLOCK_T)
             vn = _block_tile(v_ptr + v_base, H * V, t0 + BLOCK_T, S, tb, cols, cmask, BLOCK_T)
+            fn = _gate_tile(f_ptr + f_base, H, t0 + BLOCK_T, S, tb, BLOCK_T)
+            rn = _reset_tile(seq_ptr + b * S, t0 + BLOCK_T, S, tb, BLOCK_T) if HAS_SEQ else tb * 0
             yb = tl.zeros([BLOCK_T_P2, BV], dtype=tl.float32)
             for i in tl.static_range(BLOCK_T):
-                t = t0 + i
-                live = t < S
                 sel = (tb == i)[:, None]
                 kt = tl.sum(tl.where(sel, kc, 0.0), axis=0)
                 qt = tl.sum(tl.where(sel, qc, 0.0), axis=0)
                 vt = tl.sum(tl.where(sel, vc, 0.0), axis=0)
-                ft = tl.load(f_ptr + f_base + t * H, mask=live, other=1.0).to(tl.float32)
+                ft = tl.sum(tl.where(tb == i, fc, 0.0))
                 if HAS_SEQ:
-                    st = tl.load(seq_ptr + b * S + t, mask=live, other=0)
-                    h = tl.where(live & (st != prev), 0.0, h)
-                    prev = tl.where(live, st, prev)
+                    h = tl.where(tl.sum(tl.where(tb == i, rc, 0)) != 0, 0.0, h)
                 h = _step(h, w, kt, vt, ft, PRECISION, FAST_TANH)
                 yb = tl.where(sel, tl.sum(qt[:, None] * h, axis=0)[None, :], yb)
             tt = t0 + tb
             ymask = ((tb < BLOCK_T) & (tt < S))[:, None] & cmask[None, :]
             tl.store(y_ptr + y_base + tt[:, None] * (H * V) + cols[None, :], yb, mask=ymask)
     else:
+        prev = tl.load(seq_ptr + b * S) if HAS_SEQ else 0
         for c in range(0, NC):
             tl.store(ckpt_ptr + (bh * NC + c) * K * V + state_off, h, mask=smask)
             for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, S), BLOCK_T):
