@@ -28,8 +28,8 @@ SCRIPT = textwrap.dedent(
         src = triton.compiler.ASTSource(kernel, sig, consts)
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
-    # (input dtype, precision, hardware tanh, block_k, num_warps, dq/dk by atomics, forward prefetch): the
-    # bf16 and float32 defaults (block_t 8 here: 16 compiles ~4x slower) and a split.
+    # (input dtype, precision, hardware tanh, block_k, num_warps, dq/dk by atomics, prefetch): the
+    # bf16 and float32 defaults (at smaller block_t, which compile faster) and a split.
     for dt, prec, fast, bk, nw, atomic, pre in (("bf16", "tf32", True, 16, 1, False, True),
                                                 ("fp32", "ieee", False, 16, 1, False, True),
                                                 ("bf16", "tf32", True, 64, 4, True, False),
@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent(
               dict(q_ptr=p, k_ptr=p, v_ptr=p, f_ptr="*fp32", w_ptr=p, seq_ptr="*i32", ckpt_ptr="*fp32", dy_ptr=p,
                    dht_ptr="*fp32", dq_ptr="*fp32", dk_ptr="*fp32", dv_ptr="*fp32", df_ptr="*fp32",
                    dw_ptr="*fp32", dh0_ptr="*fp32", scratch_ptr="*fp32"),
-              dict(shape, BLOCK_T=4, HAS_DHT=True, HAS_H0=True, ATOMIC_DQK=atomic), nw)
+              dict(shape, BLOCK_T=4, BLOCK_T_P2=4, PREFETCH=pre, HAS_DHT=True, HAS_H0=True, ATOMIC_DQK=atomic), nw)
     print("compiled")
     """
 )
