@@ -72,7 +72,7 @@ CASES = {
         8,
         "per_head",
     ),
-    "default blocks (16 forward, 8 backward), three chunks, packed": (
+    "default blocks (16 forward, 4 backward), three chunks, packed": (
         1,
         70,
         1,
@@ -82,7 +82,7 @@ CASES = {
         True,
         True,
         (16, 16, 1, True),
-        (8, 16, 1, True),
+        (4, 16, 1, True),
         32,
         "per_head",
     ),

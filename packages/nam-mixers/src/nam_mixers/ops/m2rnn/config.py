@@ -81,7 +81,7 @@ class M2RNNKernelConfig:
     """
 
     forward: PassConfig = field(default_factory=lambda: PassConfig(block_t=16, prefetch=True))
-    backward: PassConfig = field(default_factory=lambda: PassConfig(block_t=8, prefetch=True))
+    backward: PassConfig = field(default_factory=lambda: PassConfig(block_t=4, prefetch=True))
     chunk: int = 32
     dqk: str = "per_head"
 
