@@ -378,9 +378,10 @@ def main(report: Report) -> None:
         "scan fwd+bwd default", fwd_bwd(default), floor_ms=3 * chain_ms, goal_ms=7.5, ckpt_mib=ckpt_mib
     )
     if fwd_best and bwd_best:
-        best = M2RNNKernelConfig(
-            forward=fwd_best[1], backward=bwd_best[1], chunk=bwd_best[2], dqk=bwd_best[3]
-        )
+        # The forward stores the checkpoints, so the chunk must be a multiple of its block too; where the
+        # best backward's chunk is not, keep the default chunk (the forward was timed with it).
+        chunk = bwd_best[2] if bwd_best[2] % fwd_best[1].block_t == 0 else default.chunk
+        best = M2RNNKernelConfig(forward=fwd_best[1], backward=bwd_best[1], chunk=chunk, dqk=bwd_best[3])
         report.time("scan fwd best", fwd(best), floor_ms=chain_ms, goal_ms=1.5)
         report.time("scan fwd+bwd best", fwd_bwd(best), floor_ms=3 * chain_ms, goal_ms=7.5, best=repr(best))
 
