@@ -27,9 +27,23 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 CASES = {
-    # name: (B, S, G, H, K, V, h0, packed, forward (block_t, block_k, warps), backward (...), chunk, dqk)
-    "NAM56R head (K 64, V 16)": (1, 9, 1, 2, 64, 16, True, False, (4, 64, 4), (2, 32, 2), 4, "atomic"),
-    "one row block": (1, 11, 1, 3, 16, 16, False, False, (4, 16, 1), (2, 16, 1), 4, "per_head"),
+    # name: (B, S, G, H, K, V, h0, packed, forward (block_t, block_k, warps, prefetch),
+    #        backward (block_t, block_k, warps, prefetch), chunk, dqk)
+    "NAM56R head (K 64, V 16)": (
+        1,
+        9,
+        1,
+        2,
+        64,
+        16,
+        True,
+        False,
+        (4, 64, 4, True),
+        (2, 32, 2, True),
+        4,
+        "atomic",
+    ),
+    "one row block": (1, 11, 1, 3, 16, 16, False, False, (4, 16, 1, False), (2, 16, 1, True), 4, "per_head"),
     "K split over row blocks, V padded": (
         2,
         13,
@@ -39,13 +53,53 @@ CASES = {
         5,
         True,
         True,
-        (4, 16, 1),
-        (2, 16, 2),
+        (4, 16, 1, False),
+        (2, 16, 2, False),
         4,
         "atomic",
     ),
-    "two q/k groups, chunk > seq": (1, 7, 2, 4, 8, 3, True, False, (4, 16, 1), (4, 32, 1), 8, "per_head"),
-    "blocks not dividing seq, packed": (2, 10, 1, 2, 24, 8, False, True, (3, 16, 1), (2, 16, 1), 6, "atomic"),
+    "two q/k groups, chunk > seq": (
+        1,
+        7,
+        2,
+        4,
+        8,
+        3,
+        True,
+        False,
+        (4, 16, 1, True),
+        (4, 32, 1, True),
+        8,
+        "per_head",
+    ),
+    "default blocks (16 forward, 4 backward), three chunks, packed": (
+        1,
+        70,
+        1,
+        2,
+        64,
+        16,
+        True,
+        True,
+        (16, 16, 1, True),
+        (4, 16, 1, True),
+        32,
+        "per_head",
+    ),
+    "blocks not dividing seq, packed": (
+        2,
+        10,
+        1,
+        2,
+        24,
+        8,
+        False,
+        True,
+        (3, 16, 1, True),
+        (3, 16, 1, True),
+        6,
+        "atomic",
+    ),
 }
 
 
@@ -73,7 +127,10 @@ def test_triton_matches_reference(case: str) -> None:
         seq_idx = torch.cumsum(torch.rand(b, s, generator=gen) < 0.3, dim=1).to(DEVICE)
         seq_idx[:, chunk % s] += 7
         seq_idx[:, chunk % s :] += 7
-    cfg = M2RNNKernelConfig(forward=PassConfig(*fwd), backward=PassConfig(*bwd), chunk=chunk, dqk=dqk)
+    fwd_cfg = PassConfig(fwd[0], fwd[1], fwd[2], prefetch=fwd[3])
+    cfg = M2RNNKernelConfig(
+        forward=fwd_cfg, backward=PassConfig(bwd[0], bwd[1], bwd[2], prefetch=bwd[3]), chunk=chunk, dqk=dqk
+    )
     y, ht = m2rnn_scan(**x, seq_idx=seq_idx, path="triton", config=cfg)
     yr, htr = m2rnn_scan_reference(**x, seq_idx=seq_idx)
     assert _rel(y, yr) < 1e-5

@@ -23,6 +23,9 @@ class PassConfig:
         inputs, whose own rounding is coarser than tf32's.
     fast_tanh: the hardware tanh.approx.f32 (relative error 2^-11) instead of exp and a division;
         None uses it for 16-bit inputs on CUDA. The Triton interpreter cannot run it.
+    prefetch: load k, q, v as [block_t, rows] tiles one block ahead and store y once per block, so
+        no load waits behind a store inside the step chain (the backward also takes f and the document
+        starts as tiles, and stores dq, dk, dv, df per block).
     """
 
     block_t: int = 16
@@ -30,6 +33,7 @@ class PassConfig:
     num_warps: int = 1
     precision: str | None = None
     fast_tanh: bool | None = None
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         if self.block_t < 1:
@@ -76,8 +80,8 @@ class M2RNNKernelConfig:
         bitwise reproducible, and H heads contend for the same addresses).
     """
 
-    forward: PassConfig = field(default_factory=lambda: PassConfig(block_t=16))
-    backward: PassConfig = field(default_factory=lambda: PassConfig(block_t=4))
+    forward: PassConfig = field(default_factory=lambda: PassConfig(block_t=16, prefetch=True))
+    backward: PassConfig = field(default_factory=lambda: PassConfig(block_t=4, prefetch=True))
     chunk: int = 32
     dqk: str = "per_head"
 

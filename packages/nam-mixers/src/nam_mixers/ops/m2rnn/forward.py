@@ -41,6 +41,36 @@ def matmul(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _step(h, w, kt, vt, ft, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
+    """One step of the recurrence for a block of state rows: h <- f h + (1 - f) tanh(h W + k v^T)."""
+    z = matmul(h, w, kt[:, None] * vt[None, :], PRECISION)
+    return h + (1.0 - ft) * (tanh_f32(z, FAST_TANH) - h)
+
+
+@triton.jit
+def _block_tile(ptr, stride, t0, S, tb, idx, imask, BLOCK_T: tl.constexpr):
+    """[BLOCK_T_P2, len(idx)] float32 tile of steps t0 + tb (zero past S); rows past BLOCK_T are unused."""
+    t = t0 + tb
+    mask = ((tb < BLOCK_T) & (t >= 0) & (t < S))[:, None] & imask[None, :]
+    return tl.load(ptr + t[:, None] * stride + idx[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gate_tile(ptr, stride, t0, S, tb, BLOCK_T: tl.constexpr):
+    """[BLOCK_T_P2] forget gates of steps t0 + tb; 1 (state unchanged) outside [0, S)."""
+    t = t0 + tb
+    return tl.load(ptr + t * stride, mask=(tb < BLOCK_T) & (t >= 0) & (t < S), other=1.0).to(tl.float32)
+
+
+@triton.jit
+def _reset_tile(seq_row, t0, S, tb, BLOCK_T: tl.constexpr):
+    """[BLOCK_T_P2] int32, 1 where step t0 + tb starts a document (seq_idx changes from step t - 1)."""
+    t = t0 + tb
+    m = (tb < BLOCK_T) & (t > 0) & (t < S)
+    return (tl.load(seq_row + t, mask=m, other=0) != tl.load(seq_row + t - 1, mask=m, other=0)).to(tl.int32)
+
+
+@triton.jit
 def _m2rnn_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -62,7 +92,9 @@ def _m2rnn_fwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    BLOCK_T_P2: tl.constexpr,
     CHUNK: tl.constexpr,
+    PREFETCH: tl.constexpr,
     HAS_H0: tl.constexpr,
     HAS_SEQ: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -94,26 +126,59 @@ def _m2rnn_fwd_kernel(
     v_base = (b * S * H + hh) * V
     f_base = b * S * H + hh
     y_base = ((kb * B + b) * S * H + hh) * V
-    prev = tl.load(seq_ptr + b * S) if HAS_SEQ else 0
-    for c in range(0, NC):
-        tl.store(ckpt_ptr + (bh * NC + c) * K * V + state_off, h, mask=smask)
-        for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, S), BLOCK_T):
+    if PREFETCH:
+        # k, q, v, f and the document starts of a block are loaded as tiles one block ahead, and y is
+        # stored per block: no global load waits behind a store inside the step chain (the compiler
+        # cannot move a load above a store it cannot prove disjoint), so load latency is hidden.
+        tb = tl.arange(0, BLOCK_T_P2)
+        kn = _block_tile(k_ptr + qk_base, G * K, 0, S, tb, rows, rmask, BLOCK_T)
+        qn = _block_tile(q_ptr + qk_base, G * K, 0, S, tb, rows, rmask, BLOCK_T)
+        vn = _block_tile(v_ptr + v_base, H * V, 0, S, tb, cols, cmask, BLOCK_T)
+        fn = _gate_tile(f_ptr + f_base, H, 0, S, tb, BLOCK_T)
+        rn = _reset_tile(seq_ptr + b * S, 0, S, tb, BLOCK_T) if HAS_SEQ else tb * 0
+        for t0 in range(0, S, BLOCK_T):
+            if t0 % CHUNK == 0:
+                tl.store(ckpt_ptr + (bh * NC + t0 // CHUNK) * K * V + state_off, h, mask=smask)
+            kc, qc, vc, fc, rc = kn, qn, vn, fn, rn
+            kn = _block_tile(k_ptr + qk_base, G * K, t0 + BLOCK_T, S, tb, rows, rmask, BLOCK_T)
+            qn = _block_tile(q_ptr + qk_base, G * K, t0 + BLOCK_T, S, tb, rows, rmask, BLOCK_T)
+            vn = _block_tile(v_ptr + v_base, H * V, t0 + BLOCK_T, S, tb, cols, cmask, BLOCK_T)
+            fn = _gate_tile(f_ptr + f_base, H, t0 + BLOCK_T, S, tb, BLOCK_T)
+            rn = _reset_tile(seq_ptr + b * S, t0 + BLOCK_T, S, tb, BLOCK_T) if HAS_SEQ else tb * 0
+            yb = tl.zeros([BLOCK_T_P2, BV], dtype=tl.float32)
             for i in tl.static_range(BLOCK_T):
-                t = t0 + i
-                live = t < S
-                kt = tl.load(k_ptr + qk_base + t * G * K + rows, mask=rmask & live, other=0.0).to(tl.float32)
-                qt = tl.load(q_ptr + qk_base + t * G * K + rows, mask=rmask & live, other=0.0).to(tl.float32)
-                vt = tl.load(v_ptr + v_base + t * H * V + cols, mask=cmask & live, other=0.0).to(tl.float32)
-                # A step past the end has f = 1, which leaves h exactly unchanged.
-                ft = tl.load(f_ptr + f_base + t * H, mask=live, other=1.0).to(tl.float32)
+                sel = (tb == i)[:, None]
+                kt = tl.sum(tl.where(sel, kc, 0.0), axis=0)
+                qt = tl.sum(tl.where(sel, qc, 0.0), axis=0)
+                vt = tl.sum(tl.where(sel, vc, 0.0), axis=0)
+                ft = tl.sum(tl.where(tb == i, fc, 0.0))
                 if HAS_SEQ:
-                    st = tl.load(seq_ptr + b * S + t, mask=live, other=0)
-                    h = tl.where(live & (st != prev), 0.0, h)
-                    prev = tl.where(live, st, prev)
-                z = matmul(h, w, kt[:, None] * vt[None, :], PRECISION)
-                h = h + (1.0 - ft) * (tanh_f32(z, FAST_TANH) - h)
-                yt = tl.sum(qt[:, None] * h, axis=0)
-                tl.store(y_ptr + y_base + t * H * V + cols, yt, mask=cmask & live)
+                    h = tl.where(tl.sum(tl.where(tb == i, rc, 0)) != 0, 0.0, h)
+                h = _step(h, w, kt, vt, ft, PRECISION, FAST_TANH)
+                yb = tl.where(sel, tl.sum(qt[:, None] * h, axis=0)[None, :], yb)
+            tt = t0 + tb
+            ymask = ((tb < BLOCK_T) & (tt < S))[:, None] & cmask[None, :]
+            tl.store(y_ptr + y_base + tt[:, None] * (H * V) + cols[None, :], yb, mask=ymask)
+    else:
+        prev = tl.load(seq_ptr + b * S) if HAS_SEQ else 0
+        for c in range(0, NC):
+            tl.store(ckpt_ptr + (bh * NC + c) * K * V + state_off, h, mask=smask)
+            for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, S), BLOCK_T):
+                for i in tl.static_range(BLOCK_T):
+                    t = t0 + i
+                    live = t < S
+                    kt = tl.load(k_ptr + qk_base + t * G * K + rows, mask=rmask & live, other=0.0)
+                    qt = tl.load(q_ptr + qk_base + t * G * K + rows, mask=rmask & live, other=0.0)
+                    vt = tl.load(v_ptr + v_base + t * H * V + cols, mask=cmask & live, other=0.0)
+                    # A step past the end has f = 1, which leaves h exactly unchanged.
+                    ft = tl.load(f_ptr + f_base + t * H, mask=live, other=1.0).to(tl.float32)
+                    if HAS_SEQ:
+                        st = tl.load(seq_ptr + b * S + t, mask=live, other=0)
+                        h = tl.where(live & (st != prev), 0.0, h)
+                        prev = tl.where(live, st, prev)
+                    h = _step(h, w, kt.to(tl.float32), vt.to(tl.float32), ft, PRECISION, FAST_TANH)
+                    yt = tl.sum(qt.to(tl.float32)[:, None] * h, axis=0)
+                    tl.store(y_ptr + y_base + t * H * V + cols, yt, mask=cmask & live)
     tl.store(ht_ptr + bh * K * V + state_off, h, mask=smask)
 
 
@@ -163,7 +228,9 @@ def m2rnn_forward(
         BK=cfg.block_k,
         BV=max(16, triton.next_power_of_2(d.v)),
         BLOCK_T=cfg.block_t,
+        BLOCK_T_P2=triton.next_power_of_2(cfg.block_t),
         CHUNK=chunk,
+        PREFETCH=cfg.prefetch,
         HAS_H0=h0 is not None,
         HAS_SEQ=seq_idx is not None,
         PRECISION=cfg.dot_precision(v.dtype == torch.float32, v.is_cuda),
