@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch import Tensor
 
 from nam_trainer.data.packing import FIELD_DTYPES
@@ -22,6 +21,9 @@ class PackedSplit(torch.utils.data.Dataset):
     """
 
     def __init__(self, prefix: Path, seq_length: int, channels: tuple[str, ...] = ()) -> None:
+        # Imported here: importing megatron.core costs seconds of CPU, which --dry-run should not pay.
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
         names = ["tokens", "document_ids", "position_ids", "loss_mask", *(["structure"] if channels else [])]
         self.prefix = prefix
         self.seq_length = seq_length

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
 
 from nam_trainer.data.structure import DTYPE as STRUCTURE_DTYPE
 
@@ -37,6 +36,8 @@ FIELD_DTYPES: dict[str, type[np.number]] = {
 
 
 def token_dtype(vocab_size: int) -> type[np.number]:
+    from megatron.core.datasets.indexed_dataset import DType
+
     return DType.optimal_dtype(vocab_size)
 
 
@@ -109,6 +110,9 @@ def pack(
 
 def write_rows(rows: PackedRows, prefix: Path) -> list[str]:
     """Write every field as ``<prefix>.<field>.bin/.idx``; returns the field names written."""
+    # Imported here: importing megatron.core costs seconds of CPU, which --dry-run should not pay.
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
     written = []
     for name, array in rows.fields().items():
         field_prefix = f"{prefix}.{name}"
