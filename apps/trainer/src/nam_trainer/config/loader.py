@@ -152,8 +152,10 @@ def _build(values: dict[str, dict[str, Any]], origins: dict[tuple[str, str], str
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for name, value in values.get(section, {}).items():
-            where = f"{section}.{name} (from {origins[section, name]})"
-            kwargs[name] = _check_type(value, hints[name], where)
+            try:
+                kwargs[name] = _check_type(value, hints[name], f"{section}.{name}")
+            except ConfigError as err:
+                raise ConfigError(f"{err} (set by {origins[section, name]})") from err
         try:
             sections[section] = cls(**kwargs)
         except ConfigError as err:
@@ -162,11 +164,12 @@ def _build(values: dict[str, dict[str, Any]], origins: dict[tuple[str, str], str
 
 
 def _origin_of(message: str, section: str, origins: dict[tuple[str, str], str]) -> str:
-    """Which layer set the key a section's own check complains about (the first key it names)."""
-    for (sec, name), origin in origins.items():
-        if sec == section and f"{sec}.{name} " in message:
-            return origin
-    return "the defaults"
+    """Which layer set the key a section's own check complains about (the key the message names first)."""
+    named = [
+        (message.find(f"{sec}.{name} "), origin) for (sec, name), origin in origins.items() if sec == section
+    ]
+    named = [(at, origin) for at, origin in named if at >= 0]
+    return min(named)[1] if named else "the defaults"
 
 
 def to_toml(config: Config) -> str:
