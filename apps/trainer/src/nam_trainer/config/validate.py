@@ -123,7 +123,7 @@ def check(config: Config, world_size: int) -> Checked:
         if data % p.expert:
             problems.append(
                 f"parallel.expert = {p.expert} does not divide the data-parallel size {data} "
-                "(megatron-core lays expert-parallel groups over data-parallel ranks)"
+                "(megatron-core lays expert-parallel groups over data-parallel ranks; expert tensor size = tensor size)"
             )
         if p.tensor > 1 and not p.sequence_parallel:
             problems.append(

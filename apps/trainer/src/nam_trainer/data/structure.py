@@ -32,9 +32,5 @@ def extractor_version() -> dict[str, str]:
 def cpp_structure(text: str, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
     """[len(CHANNELS), len(offsets)] structure channels of C++ ``text`` for tokens at character spans ``offsets``."""
     channels = extract_cpp_structure(text, offsets)
-    stacked = (
-        np.stack([channels[name].numpy() for name in CHANNELS])
-        if len(offsets)
-        else np.zeros((len(CHANNELS), 0))
-    )
+    stacked = np.stack([channels[name].numpy() for name in CHANNELS])
     return np.minimum(stacked, np.iinfo(DTYPE).max).astype(DTYPE)
