@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -141,7 +142,8 @@ def test_corrupt_or_stale_cache_is_rebuilt_not_used(
     assert logs[0].split()[1] == "using"  # the tokenizer entry is intact
     assert logs[1].startswith(f"cache: rebuilding {entry}: ") and reason in logs[1]
     assert _bytes(data) == _bytes(prepared)  # rebuilt byte for byte
-    assert sorted(p.name for p in (root / "packed").iterdir()) == [entry.name]  # nothing left aside
+    left = sorted(p.name for p in (root / "packed").iterdir() if not p.name.endswith(".lock"))
+    assert left == [entry.name]  # nothing left aside
 
 
 def test_changed_corpus_or_settings_build_new_entries(
@@ -195,7 +197,7 @@ def test_a_failed_build_leaves_no_entry(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="disk full"):
         load_or_build(tmp_path, "packed", {"k": 1}, build, log=lambda _: None)
-    assert list((tmp_path / "packed").iterdir()) == []
+    assert [p.name for p in (tmp_path / "packed").iterdir() if not p.name.endswith(".lock")] == []
 
 
 _KILLED_BUILDER = """
@@ -222,7 +224,7 @@ def test_a_build_killed_midway_is_never_used(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    leftovers = list((tmp_path / "packed").iterdir())
+    leftovers = [p for p in (tmp_path / "packed").iterdir() if not p.name.endswith(".lock")]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-")  # only the temporary name
     logs: list[str] = []
     entry = load_or_build(
@@ -232,3 +234,26 @@ def test_a_build_killed_midway_is_never_used(tmp_path: Path) -> None:
     start = time.monotonic()
     assert load_or_build(tmp_path, "packed", {"k": 1}, lambda out: {}, logs.append) == entry
     assert logs[-1] == f"cache: using {entry}" and time.monotonic() - start < 5
+
+
+def test_concurrent_builders_build_once(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def build(out: Path) -> dict[str, object]:
+        calls.append(1)
+        time.sleep(0.3)
+        (out / "rows.bin").write_bytes(b"z")
+        return {}
+
+    entries: list[Path] = []
+    threads = [
+        threading.Thread(
+            target=lambda: entries.append(load_or_build(tmp_path, "packed", {"k": 2}, build, lambda _: None))
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(entries)) == 1 and len(entries) == 3

@@ -10,6 +10,7 @@ which is never read.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -78,6 +79,20 @@ def load_or_build(
     manifest under ``info``.
     """
     entry = root / kind / cache_key(key_inputs)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    # Processes on one host (torchrun ranks) take turns: the first builds, the others then verify.
+    # Across hosts the lock may not hold (network file systems); the atomic rename still does.
+    with (entry.parent / f".{entry.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _load_or_build_locked(entry, key_inputs, build, log)
+
+
+def _load_or_build_locked(
+    entry: Path,
+    key_inputs: dict[str, Any],
+    build: Callable[[Path], dict[str, Any]],
+    log: Callable[[str], None],
+) -> Path:
     if entry.exists():
         why = problem(entry, key_inputs)
         if why is None:
@@ -86,7 +101,6 @@ def load_or_build(
         log(f"cache: rebuilding {entry}: {why}")
     else:
         log(f"cache: building {entry}")
-    entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

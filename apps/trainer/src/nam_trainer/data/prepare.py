@@ -1,7 +1,7 @@
 """From configuration to datasets: corpus -> split -> tokenizer -> packed rows in the cache.
 
-Run it on one process first (rank 0) and then on the others: the first call builds what is
-missing, later calls only verify and open the cache.
+Every rank may call it: on one host the first caller builds what is missing while the others
+wait on the cache's lock, then verify and open it.
 """
 
 from __future__ import annotations
