@@ -1,0 +1,96 @@
+"""``nam-train``: the command line.
+
+    nam-train [--preset NAME] [--config FILE ...] [--section.key VALUE ...] --dry-run
+    nam-train data [same options]      # build or verify the tokenizer and packed-data cache
+
+Options are layered: preset < config files (in order) < ``--section.key`` overrides.
+Exit codes: 0 success, 2 invalid configuration or input (the message says what and where).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from nam_trainer.config import DEFAULT_PRESET, PRESETS, ConfigError, check, load_config
+from nam_trainer.data import CorpusError, TokenizerError, ToolchainError, prepare_data
+from nam_trainer.dry_run import report
+
+EXIT_INVALID = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nam-train",
+        description="Train NAM hybrid models on megatron-core. Any config key can be set as --section.key VALUE.",
+    )
+    p.add_argument("command", nargs="?", choices=("train", "data"), default="train")
+    p.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        choices=PRESETS,
+        help=f"base configuration (default {DEFAULT_PRESET})",
+    )
+    p.add_argument(
+        "--config", action="append", default=[], metavar="TOML", help="config file layered over the preset"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the layout, parallel plan and data plan, then stop"
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=int(os.environ.get("WORLD_SIZE", "1")),
+        help="number of processes to plan for (default: $WORLD_SIZE from torchrun, else 1)",
+    )
+    return p
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argparse options, ``--section.key VALUE`` overrides): a dotted long option is an override."""
+    options: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            take = 1 if "=" in arg else 2
+            overrides.extend(argv[i : i + take])
+            i += take
+        else:
+            options.append(arg)
+            i += 1
+    return options, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = _parser().parse_args(options)
+    try:
+        config = load_config(args.preset, args.config, overrides)
+        checked = check(config, args.world_size)
+        if args.command == "data":
+            data = prepare_data(config.data, config.tokenizer)
+            for split in ("train", "validation"):
+                if split in data.info:
+                    facts = data.info[split]
+                    print(
+                        f"{split}: {len(facts['documents'])} documents, {facts['tokens']:,} tokens, {facts['rows']} rows"
+                    )
+            print(f"cache: {data.entry}")
+            return 0
+        if args.dry_run:
+            layers = [f"preset {args.preset}", *(f"config {c}" for c in args.config)]
+            report(checked, " < ".join(layers + (["command-line overrides"] if overrides else [])))
+            return 0
+        print(
+            "nam-train: the training loop is not part of this build yet; use --dry-run to check a configuration "
+            "or `nam-train data` to build the data cache",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    except (ConfigError, CorpusError, TokenizerError, ToolchainError) as err:
+        print(f"nam-train: {err}", file=sys.stderr)
+        return EXIT_INVALID

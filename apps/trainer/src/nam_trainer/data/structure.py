@@ -1,0 +1,36 @@
+"""The seam to nam-embed's C++ structure extractor: channels per token as a small integer array.
+
+This is the only module of the trainer that knows the extractor; packing sees a [channels, tokens]
+array. Values are stored as uint16: category and node type are far below that, and the unbounded
+counts (dependency, depth, sibling) saturate at 65535, far above the buckets the embedding's
+schema clamps them to.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Sequence
+
+import numpy as np
+
+from nam_embed.cpp import extract_cpp_structure
+from nam_embed.structure import CHANNELS
+
+DTYPE = np.uint16
+
+
+def extractor_version() -> dict[str, str]:
+    """What the channels depend on, for cache keys: the extractor and the grammar it parses with."""
+    return {
+        "channels": ",".join(CHANNELS),
+        "nam-embed": importlib.metadata.version("nam-embed"),
+        "tree-sitter": importlib.metadata.version("tree-sitter"),
+        "tree-sitter-cpp": importlib.metadata.version("tree-sitter-cpp"),
+    }
+
+
+def cpp_structure(text: str, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+    """[len(CHANNELS), len(offsets)] structure channels of C++ ``text`` for tokens at character spans ``offsets``."""
+    channels = extract_cpp_structure(text, offsets)
+    stacked = np.stack([channels[name].numpy() for name in CHANNELS])
+    return np.minimum(stacked, np.iinfo(DTYPE).max).astype(DTYPE)

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nam_trainer.data import CorpusError, Document, ToolchainError, cxx_header_dirs, fingerprint, load_corpus
+from nam_trainer.data.split import split_documents
+
+
+def test_default_corpus_is_the_compilers_cxx_headers(header_dirs: list[Path]) -> None:
+    assert all("c++" in d.parts for d in header_dirs)
+    assert any((d / "vector").is_file() for d in header_dirs)  # libstdc++ and libc++ both ship <vector>
+    corpus = load_corpus([])
+    names = [d.name for d in corpus.documents]
+    assert len(names) > 100 and names == sorted(names)
+    assert any(n.endswith("/vector") for n in names)
+    assert "C++ standard library headers" in corpus.origin
+    assert fingerprint(load_corpus([]).documents) == fingerprint(corpus.documents)
+
+
+def test_no_compiler_is_a_clear_error() -> None:
+    with pytest.raises(ToolchainError, match="no C\\+\\+ compiler found \\(tried no-such-cxx on PATH\\)"):
+        cxx_header_dirs("no-such-cxx")
+
+
+def test_a_program_that_is_no_compiler_is_a_clear_error() -> None:
+    with pytest.raises(ToolchainError, match="printed no include search list"):
+        cxx_header_dirs("true")
+
+
+def test_directory_sources_skip_and_count_what_is_not_text(tmp_path: Path) -> None:
+    (tmp_path / "sub" / ".git").mkdir(parents=True)
+    (tmp_path / "sub" / "b.hpp").write_text("int b;\n")
+    (tmp_path / "a.cc").write_text("int a;\n")
+    (tmp_path / "sub" / ".git" / "config").write_text("hidden\n")
+    (tmp_path / ".hidden.h").write_text("hidden\n")
+    (tmp_path / "blob.o").write_bytes(b"\x7fELF\0\0\1")
+    (tmp_path / "latin1.h").write_bytes("// caf\xe9\n".encode("latin-1"))
+    (tmp_path / "empty.h").write_text("  \n")
+    corpus = load_corpus([str(tmp_path)])
+    assert [Path(d.name).name for d in corpus.documents] == ["a.cc", "b.hpp"]
+    assert corpus.skipped == {"binary files": 1, "empty files": 1, "non-UTF-8 files": 1}
+
+
+def test_globs_files_and_duplicates(tmp_path: Path, header_slice: list[Path]) -> None:
+    for i in range(3):
+        (tmp_path / f"f{i}.h").write_text(f"int x{i};\n")
+    corpus = load_corpus([str(tmp_path / "f[01].h"), str(tmp_path / "f1.h"), str(tmp_path / "**" / "*.h")])
+    assert [Path(d.name).name for d in corpus.documents] == ["f0.h", "f1.h", "f2.h"]
+    real = load_corpus([str(p) for p in header_slice])
+    assert [d.text for d in real.documents] == [p.read_text() for p in sorted(header_slice, key=str)]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("missing-dir", "data.sources\\[0\\] = '.*missing-dir': no such file or directory"),
+        ("nothing-*.h", "data.sources\\[0\\] = '.*nothing-\\*.h': the glob matches nothing"),
+    ],
+)
+def test_bad_sources_are_named(tmp_path: Path, source: str, message: str) -> None:
+    with pytest.raises(CorpusError, match=message):
+        load_corpus([str(tmp_path / source)])
+
+
+def test_empty_corpus_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty.h").write_text("")
+    with pytest.raises(CorpusError, match="is empty \\(1 files, skipped: 1 empty files\\)"):
+        load_corpus([str(tmp_path)])
+
+
+def test_jsonl_records_are_documents(tmp_path: Path) -> None:
+    f = tmp_path / "docs.jsonl"
+    f.write_text(json.dumps({"code": "int a;"}) + "\n\n" + json.dumps({"code": "int b;", "x": 1}) + "\n")
+    corpus = load_corpus([str(f)], jsonl_text_key="code")
+    assert [(d.name, d.text) for d in corpus.documents] == [(f"{f}:1", "int a;"), (f"{f}:3", "int b;")]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", ":2: not a JSON object"),
+        ('{"body": "x"}', ":2: no 'text' field \\(found \\['body'\\]\\); set data.jsonl_text_key"),
+        ('{"text": 3}', ":2: field 'text' is int, need a string"),
+        ('["text"]', ":2: no 'text' field \\(found list\\)"),
+    ],
+)
+def test_bad_jsonl_names_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    f = tmp_path / "docs.jsonl"
+    f.write_text('{"text": "ok"}\n' + line + "\n")
+    with pytest.raises(CorpusError, match=message):
+        load_corpus([str(f)])
+
+
+def test_fingerprint_sees_edits_and_renames() -> None:
+    base = [Document("a", "x"), Document("b", "y")]
+    assert fingerprint(base) == fingerprint([Document("a", "x"), Document("b", "y")])
+    assert fingerprint(base) != fingerprint([Document("a", "x"), Document("b", "y ")])
+    assert fingerprint(base) != fingerprint([Document("a", "x"), Document("c", "y")])
+
+
+def test_split_is_by_document_deterministic_and_order_free() -> None:
+    docs = [Document(f"file{i}.h", str(i)) for i in range(40)]
+    train, valid = split_documents(docs, 0.1, seed=0)
+    assert len(valid) == 4 and len(train) == 36
+    assert {d.name for d in train}.isdisjoint(d.name for d in valid)
+    assert [d.name for d in train] == sorted(d.name for d in train)
+    assert split_documents(list(reversed(docs)), 0.1, seed=0) == (train, valid)
+    assert split_documents(docs, 0.1, seed=1)[1] != valid
+    assert split_documents(docs, 0.0, seed=0) == (tuple(sorted(docs, key=lambda d: d.name)), ())
+
+
+def test_split_edges() -> None:
+    two = [Document("a", "1"), Document("b", "2")]
+    train, valid = split_documents(two, 0.01, seed=0)
+    assert len(train) == len(valid) == 1
+    assert len(split_documents(two, 0.99, seed=0)[0]) == 1
+    with pytest.raises(CorpusError, match="needs at least 2 documents to split, the corpus has 1"):
+        split_documents(two[:1], 0.1, seed=0)

@@ -1,0 +1,259 @@
+"""The data pipeline end to end on real headers: decoding the packed rows gives the documents
+back, structure channels line up with tokens, and the cache is reused, or rebuilt when it is
+corrupt or stale, never used half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import slice_config
+
+from nam_embed.cpp import extract_cpp_structure
+from nam_trainer.data import PreparedData, load_or_build, prepare_data
+
+
+def _documents_from_rows(data: PreparedData, split: str) -> dict[int, list[int]]:
+    """Token ids per document id, read back through the packed rows (each label once)."""
+    ds = data.train if split == "train" else data.validation
+    assert ds is not None
+    out: dict[int, list[int]] = {}
+    first = ds[0]
+    out.setdefault(int(first["document_ids"][0]), []).append(int(first["tokens"][0]))
+    for i in range(len(ds)):
+        row = ds[i]
+        doc_of_label = np.append(row["document_ids"][1:].numpy(), -2)  # label j belongs to input j + 1
+        for j in np.flatnonzero(row["loss_mask"].numpy()):
+            doc = int(row["document_ids"][j + 1]) if j + 1 < len(row["tokens"]) else None
+            if doc is None:  # the last label of a row: its document is the next row's first input
+                nxt = ds[i + 1] if i + 1 < len(ds) else None
+                doc = (
+                    int(nxt["document_ids"][0]) if nxt is not None else int(doc_of_label[j - 1] if j else -1)
+                )
+            out.setdefault(doc, []).append(int(row["labels"][j]))
+    return out
+
+
+def test_packed_rows_decode_back_to_the_documents(prepared: PreparedData, header_slice: list[Path]) -> None:
+    texts = {str(p): p.read_text() for p in header_slice}
+    tok = prepared.tokenizer
+    for split in ("train", "validation"):
+        names = prepared.info[split]["documents"]
+        docs = _documents_from_rows(prepared, split)
+        assert sorted(docs) == list(range(len(names)))
+        for doc_id, ids in docs.items():
+            assert ids[-1] == tok.eos_id
+            assert tok.tokenizer.decode(ids[:-1]) == texts[names[doc_id]]
+    assert set(prepared.info["train"]["documents"]).isdisjoint(prepared.info["validation"]["documents"])
+    assert len(prepared.info["train"]["documents"]) + len(prepared.info["validation"]["documents"]) == len(
+        texts
+    )
+
+
+def test_structure_channels_line_up_with_tokens(prepared: PreparedData, header_slice: list[Path]) -> None:
+    name = prepared.info["train"]["documents"][0]
+    text = Path(name).read_text()
+    enc = prepared.tokenizer.tokenizer.encode(text, add_special_tokens=False)
+    expected = extract_cpp_structure(text, enc.offsets)
+    seq = prepared.train.seq_length
+    rows = [prepared.train[r] for r in range((len(enc.ids) + seq - 1) // seq)]  # document 0 starts the stream
+    tokens = np.concatenate([r["tokens"].numpy() for r in rows])[: len(enc.ids)]
+    assert tokens.tolist() == enc.ids
+    assert prepared.channels == ("category", "dependency", "depth", "sibling", "node_type")
+    for channel in prepared.channels:
+        got = np.concatenate([r["structure"][channel].numpy() for r in rows])[: len(enc.ids)]
+        assert got.tolist() == expected[channel].tolist()
+    assert len(set(expected["node_type"].tolist())) > 10  # real syntax, not a constant
+
+
+def _copy_cache(prepared: PreparedData, tmp_path: Path) -> Path:
+    root = tmp_path / "cache"
+    shutil.copytree(prepared.entry.parent.parent, root)
+    return root
+
+
+def _run(root: Path, header_slice: list[Path], *extra: str) -> tuple[PreparedData, list[str]]:
+    logs: list[str] = []
+    cfg = slice_config(root, header_slice, *extra)
+    return prepare_data(cfg.data, cfg.tokenizer, logs.append), [
+        line for line in logs if line.startswith("cache:")
+    ]
+
+
+def _bytes(data: PreparedData) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(data.entry.iterdir())}
+
+
+def test_cache_is_reused(prepared: PreparedData, header_slice: list[Path], tmp_path: Path) -> None:
+    root = _copy_cache(prepared, tmp_path)
+    data, logs = _run(root, header_slice)
+    assert [line.split()[1] for line in logs] == ["using", "using"]
+    assert data.entry.name == prepared.entry.name and _bytes(data) == _bytes(prepared)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (
+            "flip a byte of train.tokens.bin",
+            "train.tokens.bin does not match its sha256 in the manifest (corrupt)",
+        ),
+        ("truncate validation.structure.idx", "validation.structure.idx has"),
+        ("delete train.loss_mask.bin", "train.loss_mask.bin is missing"),
+        ("delete manifest.json", "it has no manifest"),
+        ("garble manifest.json", "its manifest is unreadable"),
+        ("change the manifest's key inputs", "it was built from different inputs (stale)"),
+        ("change the manifest's format", "this version writes 1 (stale)"),
+    ],
+)
+def test_corrupt_or_stale_cache_is_rebuilt_not_used(
+    prepared: PreparedData, header_slice: list[Path], tmp_path: Path, damage: str, reason: str
+) -> None:
+    root = _copy_cache(prepared, tmp_path)
+    entry = root / "packed" / prepared.entry.name
+    if damage.startswith("flip"):
+        path = entry / "train.tokens.bin"
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    elif damage.startswith("truncate"):
+        path = entry / "validation.structure.idx"
+        path.write_bytes(path.read_bytes()[:-8])
+    elif damage.startswith("delete"):
+        (entry / damage.split()[1]).unlink()
+    elif damage.startswith("garble"):
+        (entry / "manifest.json").write_text("{")
+    else:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        if "key inputs" in damage:
+            manifest["key_inputs"]["seq_length"] = 65
+        else:
+            manifest["format"] = 0
+        (entry / "manifest.json").write_text(json.dumps(manifest))
+    data, logs = _run(root, header_slice)
+    assert logs[0].split()[1] == "using"  # the tokenizer entry is intact
+    assert logs[1].startswith(f"cache: rebuilding {entry}: ") and reason in logs[1]
+    assert _bytes(data) == _bytes(prepared)  # rebuilt byte for byte
+    left = sorted(p.name for p in (root / "packed").iterdir() if not p.name.endswith(".lock"))
+    assert left == [entry.name]  # nothing left aside
+
+
+def test_changed_corpus_or_settings_build_new_entries(
+    prepared: PreparedData, header_slice: list[Path], tmp_path: Path
+) -> None:
+    root = _copy_cache(prepared, tmp_path)
+    files = tmp_path / "files"
+    files.mkdir()
+    copies = [files / f"{i}_{p.name}" for i, p in enumerate(header_slice)]
+    for src, dst in zip(header_slice, copies, strict=True):
+        shutil.copy(src, dst)
+    first, _ = _run(root, copies)
+    validation_doc = Path(first.info["validation"]["documents"][0])
+    validation_doc.write_text(validation_doc.read_text() + "\n// edited\n")
+    edited, logs = _run(root, copies)  # the BPE sees only the training split: reused; the rows are not
+    assert edited.entry != first.entry and [line.split()[1] for line in logs] == ["using", "building"]
+    train_doc = Path(first.info["train"]["documents"][0])
+    train_doc.write_text(train_doc.read_text() + "\n// edited\n")
+    edited, logs = _run(root, copies)
+    assert [line.split()[1] for line in logs] == ["building", "building"]
+    longer, logs = _run(root, copies, "--data.seq_length", "32")
+    assert longer.entry != edited.entry and [line.split()[1] for line in logs] == ["using", "building"]
+    assert longer.train[0]["tokens"].shape == (32,)
+
+
+def test_without_structure_no_channels_are_written(
+    prepared: PreparedData, header_slice: list[Path], tmp_path: Path
+) -> None:
+    root = _copy_cache(prepared, tmp_path)
+    data, _ = _run(root, header_slice, "--data.structure", "none", "--embedding.structure", "false")
+    assert data.channels == () and "structure" not in data.train[0]
+    assert not any("structure" in p.name for p in data.entry.iterdir())
+    assert data.train[0]["tokens"].tolist() == prepared.train[0]["tokens"].tolist()
+
+
+def test_jsonl_corpus_and_no_validation(tmp_path: Path, header_slice: list[Path]) -> None:
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps({"text": p.read_text()}) + "\n" for p in header_slice[:3]))
+    logs: list[str] = []
+    cfg = slice_config(
+        tmp_path / "cache", [f], "--data.validation_fraction", "0", "--tokenizer.vocab_size", "300"
+    )
+    data = prepare_data(cfg.data, cfg.tokenizer, logs.append)
+    assert data.validation is None and data.info["train"]["documents"] == [f"{f}:{i}" for i in (1, 2, 3)]
+
+
+def test_a_failed_build_leaves_no_entry(tmp_path: Path) -> None:
+    def build(out: Path) -> dict[str, object]:
+        (out / "part.bin").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        load_or_build(tmp_path, "packed", {"k": 1}, build, log=lambda _: None)
+    assert [p.name for p in (tmp_path / "packed").iterdir() if not p.name.endswith(".lock")] == []
+
+
+_KILLED_BUILDER = """
+import sys, time
+from pathlib import Path
+from nam_trainer.data.cache import load_or_build
+
+def build(out):
+    (out / "rows.bin").write_bytes(b"x" * 1000)
+    print("writing", flush=True)
+    time.sleep(60)
+    return {}
+
+load_or_build(Path(sys.argv[1]), "packed", {"k": 1}, build, log=lambda _: None)
+"""
+
+
+def test_a_build_killed_midway_is_never_used(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_BUILDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    leftovers = [p for p in (tmp_path / "packed").iterdir() if not p.name.endswith(".lock")]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-")  # only the temporary name
+    logs: list[str] = []
+    entry = load_or_build(
+        tmp_path, "packed", {"k": 1}, lambda out: (out / "rows.bin").write_bytes(b"y") and {}, logs.append
+    )
+    assert logs == [f"cache: building {entry}"] and (entry / "rows.bin").read_bytes() == b"y"
+    start = time.monotonic()
+    assert load_or_build(tmp_path, "packed", {"k": 1}, lambda out: {}, logs.append) == entry
+    assert logs[-1] == f"cache: using {entry}" and time.monotonic() - start < 5
+
+
+def test_concurrent_builders_build_once(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def build(out: Path) -> dict[str, object]:
+        calls.append(1)
+        time.sleep(0.3)
+        (out / "rows.bin").write_bytes(b"z")
+        return {}
+
+    entries: list[Path] = []
+    threads = [
+        threading.Thread(
+            target=lambda: entries.append(load_or_build(tmp_path, "packed", {"k": 2}, build, lambda _: None))
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(entries)) == 1 and len(entries) == 3
