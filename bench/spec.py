@@ -16,26 +16,12 @@ measured bf16 matmul median of RESULTS.md. ``model TFLOP/s`` is those FLOPs over
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from bench.report import Report
 
 SEQ, BATCH = 4096, 1
 MATMUL_TFLOPS = 700.0
-
-
-def _single_rank() -> None:
-    import torch
-    from megatron.core import parallel_state, tensor_parallel
-
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29519")
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
 
 
 def _config(dtype: str = "bfloat16") -> Any:
@@ -218,10 +204,19 @@ def _time(report: Report, case: str, layer: Any, letter: str, rope: Any) -> None
 
 
 def main(report: Report) -> None:
+    from nam_runtime import dist
+
+    dist.initialize(seed=1234)  # a world of one: megatron's parallel state and RNG tracker
+    try:
+        _bench_layers(report)
+    finally:
+        dist.teardown()  # the next benchmark in this process sets up its own world
+
+
+def _bench_layers(report: Report) -> None:
     import torch
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    _single_rank()
     config = _config()
     rope = RotaryEmbedding(kv_channels=config.head_dim, rotary_percent=1.0)(SEQ)
     for letter in "AE":
