@@ -80,8 +80,8 @@ class M2RNNKernelConfig:
         bitwise reproducible, and H heads contend for the same addresses).
     """
 
-    forward: PassConfig = field(default_factory=lambda: PassConfig(block_t=16, prefetch=True))
-    backward: PassConfig = field(default_factory=lambda: PassConfig(block_t=4, prefetch=True))
+    forward: PassConfig = field(default_factory=lambda: PassConfig(block_t=4, prefetch=True))
+    backward: PassConfig = field(default_factory=lambda: PassConfig(block_t=2, prefetch=True))
     chunk: int = 32
     dqk: str = "per_head"
 
