@@ -178,7 +178,8 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="dqk must be one of"):
         M2RNNKernelConfig(dqk="sum")
     assert PassConfig().dot_precision(input_is_fp32=True, on_cuda=True) == "ieee"
-    assert PassConfig().dot_precision(input_is_fp32=False, on_cuda=True) == "tf32"
+    assert PassConfig().dot_precision(input_is_fp32=False, on_cuda=True) == "bf16"
+    assert PassConfig().dot_precision(input_is_fp32=False, on_cuda=False) == "tf32"
     assert PassConfig(precision="tf32x3").dot_precision(input_is_fp32=True, on_cuda=False) == "tf32x3"
     with pytest.raises(ValueError, match="precision='bf16' needs CUDA"):
         PassConfig(precision="bf16").dot_precision(input_is_fp32=False, on_cuda=False)

@@ -19,8 +19,9 @@ class PassConfig:
     precision: how the state matmuls run: "ieee" exact fp32 on CUDA cores, "tf32" one tensor-core
         pass, "tf32x3" three, "bf16" with both operands rounded to bfloat16 (the state itself stays
         float32; the product's result then feeds the next step's product without a register shuffle,
-        ~15% fewer instructions per step; CUDA only). None picks "ieee" for float32 inputs and "tf32" for 16-bit
-        inputs, whose own rounding is coarser than tf32's.
+        ~15% fewer instructions per step; CUDA only). None picks "ieee" for float32 inputs; for 16-bit
+        inputs, whose own rounding is already bf16's, "bf16" on CUDA (fastest on the H200 at the same
+        error against float64, bench/RESULTS.md) and "tf32" under the interpreter.
     fast_tanh: the hardware tanh.approx.f32 (relative error 2^-11) instead of exp and a division;
         None uses it for 16-bit inputs on CUDA. The Triton interpreter cannot run it.
     prefetch: load k, q, v as [block_t, rows] tiles one block ahead and store y once per block, so
@@ -54,7 +55,9 @@ class PassConfig:
             )
         if self.precision is not None:
             return self.precision
-        return "ieee" if input_is_fp32 else "tf32"
+        if input_is_fp32:
+            return "ieee"
+        return "bf16" if on_cuda else "tf32"
 
     def use_fast_tanh(self, input_is_fp32: bool, on_cuda: bool) -> bool:
         if self.fast_tanh is None:
