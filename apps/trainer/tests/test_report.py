@@ -61,6 +61,12 @@ def test_only_the_groups_present_are_drawn(tmp_path: Path) -> None:
     assert [p.name for p in write_report(tmp_path)] == ["loss.png", "moe.png"]
 
 
+def test_a_key_group_named_like_a_fixed_figure_gets_its_own_file(tmp_path: Path) -> None:
+    with RunLog(tmp_path, tensorboard=False) as log:
+        log.log(1, "train", {"loss": 2.0, "loss/z_loss": 0.1})
+    assert [p.name for p in write_report(tmp_path)] == ["loss.png", "loss-keys.png"]
+
+
 def test_a_step_logged_twice_counts_once(tmp_path: Path) -> None:
     from nam_trainer.metrics.report import load_series
 

@@ -137,6 +137,9 @@ def test_a_malformed_line_in_the_middle_is_an_error_with_file_and_line(tmp_path:
     path.write_text(
         '{"step": 1, "split": "train", "time": 1.0}\nnot json\n{"step": 3, "split": "train", "time": 1.0}\n'
     )
-    with RunLog(tmp_path, tensorboard=False) as log, pytest.raises(MetricsError, match=f"{path}:2: not JSON"):
-        log.truncate_after(5)
-    assert path.read_text().count("\n") == 3  # left as it was
+    with RunLog(tmp_path, tensorboard=False) as log:
+        with pytest.raises(MetricsError, match=f"{path}:2: not JSON"):
+            log.truncate_after(5)
+        assert path.read_text().count("\n") == 3  # left as it was, and still open for appends
+        log.log(4, "train", {"loss": 1.0})
+    assert path.read_text().count("\n") == 4

@@ -100,6 +100,8 @@ def _figures(series: Series) -> list[tuple[str, list[Panel]]]:
         group = (
             (parts[0] or "other") if len(parts) > 1 else "dormant" if key.startswith("dormant") else "other"
         )
+        if group in FIXED:  # e.g. "loss/..." keys: their own figure, not over the fixed one
+            group += "-keys"
         panel = "/".join(parts[:-1]) if len(parts) > 2 else key
         groups.setdefault(group, {}).setdefault(panel, []).append(key)
     for group in sorted(groups, key=lambda g: (g == "other", g)):

@@ -50,8 +50,8 @@ class RunLog:
 
     def truncate_after(self, step: int) -> None:
         """Forget every record of a step after ``step`` (the file is replaced atomically)."""
+        kept = [r for r in read_records(self.path) if r["step"] <= step]  # a bad file raises here, untouched
         self._file.close()
-        kept = [r for r in read_records(self.path) if r["step"] <= step] if self.path.exists() else []
         tmp = self.path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
         with tmp.open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
