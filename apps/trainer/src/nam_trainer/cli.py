@@ -2,6 +2,7 @@
 
     nam-train [--preset NAME] [--config FILE ...] [--section.key VALUE ...] --dry-run
     nam-train data [same options]      # build or verify the tokenizer and packed-data cache
+    nam-train report RUN_DIR           # PNG plots of RUN_DIR/metrics.jsonl into RUN_DIR/report
 
 Options are layered: preset < config files (in order) < ``--section.key`` overrides.
 Exit codes: 0 success, 2 invalid configuration or input (the message says what and where).
@@ -13,10 +14,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from nam_trainer.config import DEFAULT_PRESET, PRESETS, ConfigError, check, load_config
 from nam_trainer.data import CorpusError, TokenizerError, ToolchainError, prepare_data
 from nam_trainer.dry_run import report
+from nam_trainer.metrics import MetricsError
 
 EXIT_INVALID = 2
 
@@ -65,8 +68,28 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return options, overrides
 
 
+def _report(argv: list[str]) -> int:
+    """``nam-train report RUN_DIR``: no configuration, just the run's metrics file."""
+    p = argparse.ArgumentParser(prog="nam-train report", description="Plot a run's metrics.jsonl as PNGs.")
+    p.add_argument("run_dir", type=Path, help="the run directory holding metrics.jsonl")
+    args = p.parse_args(argv)
+    from nam_trainer.metrics.report import write_report  # matplotlib loads only for reports
+
+    try:
+        paths = write_report(args.run_dir)
+    except MetricsError as err:
+        print(f"nam-train report: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    for path in paths:
+        print(path)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    options, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["report"]:
+        return _report(arguments[1:])
+    options, overrides = _split_overrides(arguments)
     args = _parser().parse_args(options)
     try:
         config = load_config(args.preset, args.config, overrides)
