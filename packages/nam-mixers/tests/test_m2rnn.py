@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # see test_m2rnn_triton.py
 
 from nam_mixers import M2RNN
-from nam_mixers.modules.m2rnn import causal_conv
+from nam_mixers.ops.conv import causal_conv1d_torch
 from nam_mixers.ops.m2rnn import M2RNNKernelConfig, PassConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -40,7 +40,7 @@ def test_causal_conv_matches_conv1d() -> None:
         torch.randn(5, generator=gen),
     )
     ref = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), w.unsqueeze(1), b, groups=5).transpose(1, 2)
-    torch.testing.assert_close(causal_conv(x, w, b, None), ref)
+    torch.testing.assert_close(causal_conv1d_torch(x, w, b, None), ref)
 
 
 def test_packed_rows_equal_separate_documents() -> None:

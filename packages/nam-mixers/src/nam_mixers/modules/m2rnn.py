@@ -22,26 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nam_mixers.ops.conv import causal_conv1d_silu, causal_conv1d_torch
 from nam_mixers.ops.m2rnn import PATHS, M2RNNKernelConfig, m2rnn_scan
-
-
-def causal_conv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seq_idx: torch.Tensor | None
-) -> torch.Tensor:
-    """Depthwise causal convolution over time. x [B, S, C], weight [C, width], bias [C].
-
-    out[t] = bias + sum_s weight[:, width - 1 - s] * x[t - s], where a term reaching into an earlier
-    document (seq_idx[t - s] != seq_idx[t]) is dropped.
-    """
-    s_len, width = x.shape[1], weight.shape[1]
-    out = x * weight[:, -1] + bias
-    for s in range(1, min(width, s_len)):
-        xs = F.pad(x, (0, 0, s, 0))[:, :s_len]
-        if seq_idx is not None:
-            same = F.pad(seq_idx[:, s:] == seq_idx[:, :-s], (s, 0), value=False)
-            xs = xs * same.unsqueeze(-1).to(x.dtype)
-        out = out + xs * weight[:, width - 1 - s]
-    return out
 
 
 class M2RNNCore(nn.Module):
@@ -109,6 +91,14 @@ class M2RNNCore(nn.Module):
         self.D.fill_(1.0)
         self.norm_weight.fill_(1.0)
 
+    def _conv(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seq_idx: torch.Tensor | None
+    ) -> torch.Tensor:
+        """SiLU(causal conv); the reference path stays pure PyTorch end to end."""
+        if self.path == "reference":
+            return F.silu(causal_conv1d_torch(x, weight, bias, seq_idx))
+        return causal_conv1d_silu(x, weight, bias, seq_idx)
+
     def forget_gate(self, x_f: torch.Tensor) -> torch.Tensor:
         """f = exp(-exp(A_log) * softplus(x_f + dt_bias)) in float32; x_f [B, S, H]."""
         a = torch.exp(self.A_log.float())
@@ -124,11 +114,11 @@ class M2RNNCore(nn.Module):
                 f"M2RNNCore: expected qk [B, S, {2 * g * dk}] and vgf [B, S, {h * (2 * dv + 1)}], "
                 f"got {tuple(qk.shape)} and {tuple(vgf.shape)}"
             )
-        qk = F.silu(causal_conv(qk, self.qk_conv_weight, self.qk_conv_bias, seq_idx))
+        qk = self._conv(qk, self.qk_conv_weight, self.qk_conv_bias, seq_idx)
         q, k = qk.view(b, s, 2, g, dk).unbind(2)
         vgf = vgf.view(b, s, h, 2 * dv + 1)
         v_in, gate, x_f = vgf.split([dv, dv, 1], dim=-1)
-        v = F.silu(causal_conv(v_in.reshape(b, s, h * dv), self.v_conv_weight, self.v_conv_bias, seq_idx))
+        v = self._conv(v_in.reshape(b, s, h * dv), self.v_conv_weight, self.v_conv_bias, seq_idx)
         v = v.view(b, s, h, dv)
         f = self.forget_gate(x_f.squeeze(-1))
         y, _ = m2rnn_scan(q, k, v, f, self.W, seq_idx=seq_idx, path=self.path, config=self.kernel_config)

@@ -7,19 +7,12 @@ from typing import Any
 
 import torch
 
+from nam_mixers.ops.imports import import_error
 from nam_mixers.ops.m2rnn.config import M2RNNKernelConfig
 from nam_mixers.ops.m2rnn.reference import m2rnn_scan_reference
 from nam_mixers.ops.m2rnn.shapes import ScanDims, check_scan_inputs
 
 PATHS = ("auto", "triton", "reference")
-
-
-def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:  # triton absent, or the interpreter's numpy missing
-        return str(e)
-    return None
 
 
 def resolve_path(path: str, device: torch.device) -> str:
@@ -30,9 +23,9 @@ def resolve_path(path: str, device: torch.device) -> str:
     if path not in PATHS:
         raise ValueError(f"m2rnn path must be one of {PATHS}, got {path!r}")
     if path == "auto":
-        return "triton" if device.type == "cuda" and _triton_import_error() is None else "reference"
+        return "triton" if device.type == "cuda" and import_error("triton") is None else "reference"
     if path == "triton":
-        if (err := _triton_import_error()) is not None:
+        if (err := import_error("triton")) is not None:
             raise RuntimeError(f"m2rnn path='triton' cannot import triton: {err}")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(

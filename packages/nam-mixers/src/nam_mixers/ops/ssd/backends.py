@@ -6,25 +6,15 @@ never at package import, and a path that needs a missing one is an error, never 
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 
 import torch
 
+from nam_mixers.ops.imports import import_error
+
 PATHS = ("fused", "split", "reference")
 CHOICES = ("auto", *PATHS)
 _INSTALL = "see packages/nam-mixers/README.md, 'CUDA paths', or use path='reference'"
-
-
-@functools.cache
-def import_error(module: str) -> str | None:
-    """None if `module` imports, else the reason it does not (cached: imports are not retried)."""
-    try:
-        importlib.import_module(module)
-    except ImportError as e:  # a broken install raises ImportError too; say what it was
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 def _require(path: str, package: str, module: str, needed_for: str) -> None:

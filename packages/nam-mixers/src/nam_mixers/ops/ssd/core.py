@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nam_mixers.ops.ssd.backends import import_error
+from nam_mixers.ops.conv import causal_conv1d_silu, causal_conv1d_torch
 from nam_mixers.ops.ssd.chunked import ssd_chunked
-from nam_mixers.ops.ssd.conv import causal_conv1d_torch
 from nam_mixers.ops.ssd.norm import gated_rmsnorm_torch
 
 
@@ -97,16 +96,7 @@ def core_split(
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     z, xbc, dt = torch.split(zxbcdt, [s.d_inner, s.conv_dim, s.nheads], dim=-1)
-    if zxbcdt.is_cuda and import_error("causal_conv1d") is None:
-        from causal_conv1d import causal_conv1d_fn
-
-        if xbc.stride(1) % 8:  # its channels-last kernel needs a time stride that is a multiple of 8
-            xbc = xbc.contiguous()
-        xbc = causal_conv1d_fn(
-            xbc.transpose(1, 2), w.conv_weight, w.conv_bias, seq_idx=seq_idx, activation="silu"
-        ).transpose(1, 2)
-    else:
-        xbc = F.silu(causal_conv1d_torch(xbc, w.conv_weight, w.conv_bias, seq_idx))
+    xbc = causal_conv1d_silu(xbc, w.conv_weight, w.conv_bias, seq_idx)
     x, B, C = torch.split(xbc, [s.d_inner, s.ngroups * s.d_state, s.ngroups * s.d_state], dim=-1)
     y = mamba_chunk_scan_combined(
         x.unflatten(-1, (s.nheads, s.headdim)),

@@ -1,9 +1,12 @@
-"""The short causal depthwise convolution in plain PyTorch, with document resets."""
+"""The short causal depthwise convolution with document resets: causal-conv1d's CUDA op where it
+imports and the tensors are on CUDA, and a plain PyTorch version that defines the semantics."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from nam_mixers.ops.imports import import_error
 
 
 def causal_conv1d_torch(
@@ -26,3 +29,22 @@ def causal_conv1d_torch(
         same = F.pad(seq_idx[:, j:] == seq_idx[:, :-j], (j, 0), value=False)
         out = out + shifted * same[..., None] * weight[:, width - 1 - j]
     return out
+
+
+def causal_conv1d_silu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seq_idx: torch.Tensor | None
+) -> torch.Tensor:
+    """SiLU(causal_conv1d_torch(...)), by causal-conv1d's CUDA op where it can run.
+
+    x may be a strided view [b, l, d] (e.g. a slice of a projection's output): the op reads its
+    channels-last layout as it is when the time stride is a multiple of 8, else x is copied once.
+    """
+    if not (x.is_cuda and import_error("causal_conv1d") is None):
+        return F.silu(causal_conv1d_torch(x, weight, bias, seq_idx))
+    from causal_conv1d import causal_conv1d_fn
+
+    if x.stride(2) != 1 or x.stride(1) % 8:  # its channels-last kernel's layout requirements
+        x = x.contiguous()
+    return causal_conv1d_fn(x.transpose(1, 2), weight, bias, seq_idx=seq_idx, activation="silu").transpose(
+        1, 2
+    )
