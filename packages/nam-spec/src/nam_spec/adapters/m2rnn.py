@@ -21,22 +21,21 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
-    sharded_state_dict_default,
 )
 from torch import nn
 
 from nam_mixers import M2RNNCore
 from nam_spec.adapters.layer import mark_tensor_parallel, seq_idx_from_packed
+from nam_spec.adapters.projected import ProjectedCoreAdapter
 from nam_spec.devices import param_device
 
 _REPLICATED = ("qk_conv_weight", "qk_conv_bias")
 
 
-class M2RNNAdapter(MegatronModule):
+class M2RNNAdapter(ProjectedCoreAdapter):
     def __init__(
         self,
         config: TransformerConfig,
@@ -53,28 +52,13 @@ class M2RNNAdapter(MegatronModule):
         path: str = "auto",
         recompute_core: bool = False,
     ) -> None:
-        super().__init__(config)
-        pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
-        self.tp_group = pg_collection.tp
+        super().__init__(config, pg_collection, recompute_core)
         tp = self.tp_group.size()
-        self.recompute_core = recompute_core
-        device = param_device(config)
-        kw = {"device": device, "dtype": config.params_dtype}
+        kw = {"device": param_device(config), "dtype": config.params_dtype}
         self.qk_weight = nn.Parameter(torch.empty(2 * num_qk_heads * head_dim_k, config.hidden_size, **kw))
         if config.perform_initialization:
             config.init_method(self.qk_weight)
-        self.in_proj = column_linear(
-            config.hidden_size,
-            num_heads * (2 * head_dim_v + 1),
-            config=config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=False,
-            skip_bias_add=False,
-            is_expert=False,
-            tp_comm_buffer_name="fc1",
-            tp_group=self.tp_group,
-        )
+        self._projections(column_linear, row_linear, num_heads * (2 * head_dim_v + 1), num_heads * head_dim_v)
         with tensor_parallel.get_cuda_rng_tracker().fork():  # local heads: TP-rank-specific init
             self.core = M2RNNCore(
                 num_heads // tp,
@@ -94,18 +78,6 @@ class M2RNNAdapter(MegatronModule):
                 mark_tensor_parallel(p)
         self.qk_weight.sequence_parallel = True
         _broadcast_from_first_rank(self.qk_weight, self.tp_group)
-        self.out_proj = row_linear(
-            num_heads * head_dim_v,
-            config.hidden_size,
-            config=config,
-            init_method=config.output_layer_init_method,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="fc2",
-            tp_group=self.tp_group,
-        )
 
     def forward(
         self, hidden_states: torch.Tensor, packed_seq_params: PackedSeqParams | None = None, **_: object
@@ -116,23 +88,14 @@ class M2RNNAdapter(MegatronModule):
         vgf, _ = self.in_proj(hidden_states)
         qk, vgf = qk.transpose(0, 1), vgf.transpose(0, 1)
         seq_idx = seq_idx_from_packed(packed_seq_params, vgf.shape[1], vgf.shape[0], vgf.device)
-        if self.recompute_core and self.training:
-            y = torch.utils.checkpoint.checkpoint(self.core, qk, vgf, seq_idx, use_reentrant=False)
-        else:
-            y = self.core(qk, vgf, seq_idx)
+        y = self._run_core(qk, vgf, seq_idx)
         return self.out_proj(y.transpose(0, 1).contiguous())
 
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> ShardedStateDict:
         metadata = ensure_metadata_has_dp_cp_group(metadata)
-        out: ShardedStateDict = {}
-        for name, module in (("in_proj", self.in_proj), ("out_proj", self.out_proj)):
-            out.update(
-                sharded_state_dict_default(
-                    module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
-                )
-            )
+        out = self._projections_sharded_state_dict(prefix, sharded_offsets, metadata)
         own = {"qk_weight": self.qk_weight}
         own.update({f"core.{k}": v for k, v in self.core.state_dict(prefix="", keep_vars=True).items()})
         split = {k: 0 for k in own if k.startswith("core.") and k.removeprefix("core.") not in _REPLICATED}

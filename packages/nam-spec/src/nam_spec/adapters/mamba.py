@@ -18,19 +18,18 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
-    sharded_state_dict_default,
 )
 
 from nam_mixers import MambaCore
 from nam_spec.adapters.layer import mark_tensor_parallel, seq_idx_from_packed
+from nam_spec.adapters.projected import ProjectedCoreAdapter
 from nam_spec.devices import param_device
 
 
-class MambaAdapter(MegatronModule):
+class MambaAdapter(ProjectedCoreAdapter):
     def __init__(
         self,
         config: TransformerConfig,
@@ -48,29 +47,13 @@ class MambaAdapter(MegatronModule):
         path: str = "auto",
         recompute_core: bool = False,
     ) -> None:
-        super().__init__(config)
-        pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
-        self.tp_group = pg_collection.tp
+        super().__init__(config, pg_collection, recompute_core)
         tp = self.tp_group.size()
         d_inner = expand * config.hidden_size
         nheads = d_inner // head_dim
         self.d_inner_local, self.ngroups_local, self.nheads_local = d_inner // tp, ngroups // tp, nheads // tp
         self.d_state = d_state
-        self.recompute_core = recompute_core
-        d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads
-        self.in_proj = column_linear(
-            config.hidden_size,
-            d_in_proj,
-            config=config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=False,
-            skip_bias_add=False,
-            is_expert=False,
-            tp_comm_buffer_name="fc1",
-            tp_group=self.tp_group,
-        )
-        device = param_device(config)
+        self._projections(column_linear, row_linear, 2 * d_inner + 2 * ngroups * d_state + nheads, d_inner)
         with tensor_parallel.get_cuda_rng_tracker().fork():  # local heads: TP-rank-specific init
             self.core = MambaCore(
                 self.nheads_local,
@@ -81,22 +64,10 @@ class MambaAdapter(MegatronModule):
                 chunk_size=chunk_size,
                 norm_eps=config.layernorm_epsilon,
                 path=path,
-                device=device,
+                device=param_device(config),
                 dtype=config.params_dtype,
             )
         mark_tensor_parallel(*self.core.parameters())
-        self.out_proj = row_linear(
-            d_inner,
-            config.hidden_size,
-            config=config,
-            init_method=config.output_layer_init_method,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="fc2",
-            tp_group=self.tp_group,
-        )
 
     def forward(
         self, hidden_states: torch.Tensor, packed_seq_params: PackedSeqParams | None = None, **_: object
@@ -104,23 +75,14 @@ class MambaAdapter(MegatronModule):
         zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, local] over the full sequence
         zxbcdt = zxbcdt.transpose(0, 1)
         seq_idx = seq_idx_from_packed(packed_seq_params, zxbcdt.shape[1], zxbcdt.shape[0], zxbcdt.device)
-        if self.recompute_core and self.training:
-            y = torch.utils.checkpoint.checkpoint(self.core, zxbcdt, seq_idx, use_reentrant=False)
-        else:
-            y = self.core(zxbcdt, seq_idx)
+        y = self._run_core(zxbcdt, seq_idx)
         return self.out_proj(y.transpose(0, 1).contiguous())
 
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> ShardedStateDict:
         metadata = ensure_metadata_has_dp_cp_group(metadata)
-        out: ShardedStateDict = {}
-        for name, module in (("in_proj", self.in_proj), ("out_proj", self.out_proj)):
-            out.update(
-                sharded_state_dict_default(
-                    module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
-                )
-            )
+        out = self._projections_sharded_state_dict(prefix, sharded_offsets, metadata)
         core_state = self.core.state_dict(prefix="", keep_vars=True)
         out.update(
             make_sharded_tensors_for_checkpoint(
