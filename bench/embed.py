@@ -25,6 +25,7 @@ without and with the AdamW step counted against a single micro-batch.
 from __future__ import annotations
 
 from bench.report import Report
+from bench.world import one_rank_world
 
 HIDDEN, SEQ, VOCAB = 3584, 4096, 65536
 HEADS, KV_HEADS, HEAD_DIM = 56, 8, 64
@@ -84,13 +85,8 @@ def _attention_layer():
 
 
 def main(report: Report) -> None:
-    from nam_runtime import dist
-
-    dist.initialize(seed=1234)  # a world of one: megatron's parallel state and RNG tracker
-    try:
+    with one_rank_world():
         _bench(report)
-    finally:
-        dist.teardown()  # the next benchmark in this process sets up its own world
 
 
 def _bench(report: Report) -> None:

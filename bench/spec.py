@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.report import Report
+from bench.world import one_rank_world
 
 SEQ, BATCH = 4096, 1
 MATMUL_TFLOPS = 700.0
@@ -204,13 +205,8 @@ def _time(report: Report, case: str, layer: Any, letter: str, rope: Any) -> None
 
 
 def main(report: Report) -> None:
-    from nam_runtime import dist
-
-    dist.initialize(seed=1234)  # a world of one: megatron's parallel state and RNG tracker
-    try:
+    with one_rank_world():
         _bench_layers(report)
-    finally:
-        dist.teardown()  # the next benchmark in this process sets up its own world
 
 
 def _bench_layers(report: Report) -> None:

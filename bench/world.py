@@ -1,0 +1,19 @@
+"""A world of one GPU for benchmarks that build megatron-core modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def one_rank_world(seed: int = 1234) -> Iterator[None]:
+    """megatron's parallel state and RNG tracker for one rank, torn down afterwards so that the next
+    benchmark in the same process can set up its own."""
+    from nam_runtime import dist
+
+    dist.initialize(seed=seed)
+    try:
+        yield
+    finally:
+        dist.teardown()
