@@ -60,7 +60,7 @@ MICRO_BATCH = 1
 MICROBATCHES = 4
 WARMUP_STEPS = 2
 TIMED_STEPS = 5
-PROFILE_STEPS = 2
+PROFILE_STEPS = 1  # of MICROBATCHES micro-batches; summarising the trace costs CPU time per event
 DROP_AFTER = 5  # steps on the fixed batch after which our loss must have dropped
 DENSE_BF16_TFLOPS = 989.0  # H200 datasheet, dense bf16
 MATMUL_TFLOPS = 700.0  # bench/ceilings.py: torch bf16 8192^3 matmul, do_bench median
@@ -684,11 +684,15 @@ def run_model(
 
 def main(report: Report) -> None:
     import torch
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from nam_spec.accounting import model_params
 
     log("initialising one rank")
     _single_rank()
+    # a plain backward through MoE layers earlier in this process (bench/spec.py) leaves a 0-d aux-loss
+    # scale that megatron's schedule cannot copy its [1] scale into: let the schedule create it
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     setup = preset_setup()
     c = setup.config
     log(
