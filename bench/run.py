@@ -34,6 +34,7 @@ REGISTRY: dict[str, str] = {
     "m2rnn": "bench.m2rnn",
     "plasticity": "bench.plasticity",
     "spec": "bench.spec",
+    "trainer": "bench.trainer",
 }
 
 

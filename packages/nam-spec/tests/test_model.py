@@ -166,3 +166,35 @@ def test_packed_rows_equal_documents_run_alone(megatron_single_rank: None) -> No
         for a, b in ((0, 5), (5, 16)):
             alone = model(ids[:, a:b], torch.arange(b - a)[None], labels=ids[:, a:b])
             torch.testing.assert_close(both[:, a:b], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_megatron_schedule_runs_a_step(megatron_single_rank: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """megatron's forward/backward schedule reads the model type and gets the same loss as a call."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    # a plain backward through E layers (earlier tests) leaves a 0-d aux-loss scale that the
+    # schedule cannot copy its [1] scale into; the schedule creates its own from None
+    monkeypatch.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
+
+    torch.manual_seed(0)
+    model = build_model(FAMILY, tiny())
+    ids, pos = _batch()
+
+    def forward_step(data, chunk):
+        ids, pos = next(data)
+        return chunk(ids, pos, labels=ids), lambda out: (out.mean(), {"loss": out.mean().detach().clone()})
+
+    (stats,) = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([(ids, pos)]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=ids.shape[1],
+        micro_batch_size=ids.shape[0],
+    )
+    scheduled = {n: p.grad.clone() for n, p in model.named_parameters()}
+    expect, grads = _loss_and_grads(model)
+    assert torch.allclose(stats["loss"], expect)
+    for n, g in grads.items():
+        assert torch.allclose(scheduled[n], g, rtol=1e-5, atol=1e-6), n

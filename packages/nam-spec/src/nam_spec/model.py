@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -50,6 +51,7 @@ class NamModel(LanguageModule):
         self.post_process = chunk == len(plan.chunks) - 1 if post_process is None else post_process
         self.vp_stage = vp_stage
         self.model_config, self.layout, self.plan = config, layout, plan
+        self.model_type = ModelType.encoder_or_decoder  # megatron's schedules read it
         self.backend: Backend = resolve_backend(config.backend)
         self.share_embeddings_and_output_weights = not config.untie_output
         self.vocab_size, self.max_sequence_length = config.vocab_size, config.seq_length
