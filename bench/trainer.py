@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import Report
+from bench.world import one_rank_world
 
 PRESET = "nam56r-small"
 MICRO_BATCH = 1
@@ -579,15 +580,6 @@ def profile_summary(
 # ------------------------------------------------------------------------------------------------
 
 
-def _single_rank() -> None:
-    from megatron.core import parallel_state
-
-    from nam_runtime import dist
-
-    if not parallel_state.model_parallel_is_initialized():
-        dist.initialize(seed=1234)
-
-
 def expected_initial_loss(config: Any) -> float:
     """Cross-entropy of N(0, s^2) logits over V classes, s^2 = init_std^2 x hidden (the output
     layer on unit-RMS normed states): ln V + s^2 / 2."""
@@ -683,13 +675,17 @@ def run_model(
 
 
 def main(report: Report) -> None:
+    log("initialising one rank")
+    with one_rank_world():
+        _bench(report)
+
+
+def _bench(report: Report) -> None:
     import torch
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from nam_spec.accounting import model_params
 
-    log("initialising one rank")
-    _single_rank()
     # a plain backward through MoE layers earlier in this process (bench/spec.py) leaves a 0-d aux-loss
     # scale that megatron's schedule cannot copy its [1] scale into: let the schedule create it
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
