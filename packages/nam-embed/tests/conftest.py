@@ -3,7 +3,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -15,37 +14,3 @@ def megatron_single_rank() -> Iterator[None]:
     dist.initialize()
     yield
     dist.teardown()
-
-
-class _AllocatesInBackward(torch.autograd.Function):
-    """Allocates on megatron's device in backward, as its sequence-parallel all-gather does."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        return grad + torch.zeros(grad.shape, device=torch.cuda.current_device())
-
-
-def require_cpu_runtime(capability: str) -> None:
-    """Skip, saying why, when nam-runtime's CPU patches do not yet cover what a test needs
-    (probed, not assumed: the test runs as soon as the runtime covers it)."""
-    if torch.cuda.is_available():
-        return
-    from nam_runtime import cpu
-
-    cpu.enable()
-    probes = {
-        # megatron's sequence-parallel all-gather allocates on its device inside backward
-        "backward device arguments": (
-            "CpuDeviceMode does not map device arguments inside autograd backward",
-            lambda: _AllocatesInBackward.apply(torch.ones(2, requires_grad=True)).sum().backward(),
-        ),
-    }
-    gap, probe = probes[capability]
-    try:
-        probe()
-    except RuntimeError:
-        pytest.skip(f"waits on nam-runtime: {gap}")

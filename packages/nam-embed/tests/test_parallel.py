@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from conftest import require_cpu_runtime
 
 from nam_runtime import dist
 from nam_runtime.testing import run_ranks
@@ -119,5 +118,4 @@ def test_tensor_parallel_equals_single_rank_and_checkpoint_reshards(tmp_path: Pa
 
 
 def test_sequence_parallel_equals_single_rank() -> None:
-    require_cpu_runtime("backward device arguments")  # megatron's SP all-gather in backward
     run_ranks(_tp2_equals_tp1, 2, SP_CASES, None, timeout_s=150)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from helpers import tiny
 
 from nam_layout import Layout
 from nam_runtime import dist
-from nam_runtime.testing import RankFailure, run_ranks
+from nam_runtime.testing import run_ranks
 
 TP_LAYOUT = "AEMERM-"  # every letter, two E layers
 PP_LAYOUT = "AEM|R-M"  # stage 1 has no E layer
@@ -79,13 +78,6 @@ def test_tp2_sequence_parallel_equals_tp1_and_checkpoint_reshards(tmp_path: Path
     assert abs(tp2[0]["loss"] - tp1["loss"]) < 1e-5 * abs(tp1["loss"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RankFailure,
-    reason="nam_runtime.cpu's device mode is not active inside autograd's backward, where megatron's "
-    "sequence-parallel linear allocates on torch.cuda.current_device() (0 -> CUDA); passes with a "
-    "current_device that answers 'cpu'",
-)
 def test_tp2_sequence_parallel_gradients_of_replicated_weights(tmp_path: Path) -> None:
     """The shared q/k head, the mixers' pre-norms and the final norm: partial per TP rank, their
     sequence-parallel sums equal the single-process gradients."""

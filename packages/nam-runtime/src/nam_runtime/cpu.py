@@ -7,16 +7,18 @@ its hits, so the test suite can prove each one is still needed. This module is a
 when megatron-core grows a CPU path.
 
 Two kinds of patch:
-- function replacements inside megatron-core (the CUDA RNG tracker, ...), installed wherever
-  megatron bound the original name;
+- function replacements inside megatron-core (the CUDA RNG tracker, its torch.compile'd helpers,
+  ...), installed wherever megatron bound the original name;
 - `CpuDeviceMode`, a TorchFunctionMode that maps the literal CUDA devices megatron passes to
   torch (`device='cuda'`, `device=torch.cuda.current_device()`, `.cuda()`, `.to('cuda')`) to
-  the CPU and answers megatron's `tensor.type() == 'torch.cuda.FloatTensor'` checks.
+  the CPU and answers megatron's `tensor.type() == 'torch.cuda.FloatTensor'` checks; it is
+  entered for the process and around every run of the autograd engine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import sys
@@ -105,42 +107,6 @@ _TYPE_STRING = _row(
 )
 
 
-_BACKWARD = _row(
-    "mode.backward",
-    "torch.autograd.backward / Tensor.backward called by pipeline_parallel.schedules.backward_step; the "
-    "backward of tensor_parallel.mappings._AllToAll (MoE expert-parallel dispatch) allocates on "
-    "torch.cuda.current_device()",
-    "a torch function mode is off while its handler runs, so a backward dispatched through it would "
-    "run megatron's backward functions without the mode: the handler runs the autograd engine with "
-    "the mode re-entered",
-)
-
-
-def _backward_with_mode(mode: TorchFunctionMode, func: Callable[..., Any], args: Any, kwargs: Any) -> None:
-    # torch.autograd.backward's own steps (torch 2.11), with the mode on the stack around the engine
-    bound = inspect.signature(func).bind(*args, **kwargs).arguments
-    tensors = bound.get("self", bound.get("tensors"))
-    grads = bound.get("gradient", bound.get("grad_tensors"))
-    create_graph = bool(bound.get("create_graph", False))
-    retain_graph = bound.get("retain_graph")
-    inputs = bound.get("inputs")
-    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
-    inputs = () if inputs is None else (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    with mode:
-        grads = torch.autograd._make_grads(
-            tensors, torch.autograd._tensor_or_tensors_to_tuple(grads, len(tensors)), is_grads_batched=False
-        )
-        torch.autograd.graph._engine_run_backward(
-            tensors,
-            grads,
-            create_graph if retain_graph is None else retain_graph,
-            create_graph,
-            inputs,
-            allow_unreachable=True,
-            accumulate_grad=True,
-        )
-
-
 def _is_cuda(device: Any) -> bool:
     # An int is what torch.cuda.current_device() returns; as a device argument it means cuda:N.
     if isinstance(device, bool):
@@ -172,9 +138,6 @@ class CpuDeviceMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func is torch.Tensor.backward or func is torch.autograd.backward:
-            _hit(_BACKWARD.name)
-            return _backward_with_mode(self, func, args, kwargs)
         if func is torch.Tensor.cuda:
             _hit(_TENSOR_CUDA.name)
             return args[0]
@@ -255,6 +218,86 @@ _SYNCHRONIZE = _row(
 
 def _synchronize(device: Any = None) -> None:
     _hit(_SYNCHRONIZE.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The autograd engine: megatron's backward functions must run under the mode too.
+# ---------------------------------------------------------------------------------------------
+
+_ENGINE = _row(
+    "torch.autograd._engine_run_backward",
+    "torch.autograd._engine_run_backward, the engine call behind Tensor.backward, torch.autograd.backward "
+    "and torch.autograd.grad; it runs the backward of tensor_parallel.mappings (sequence-parallel "
+    "all-gather / reduce-scatter, expert all-to-all) and of tensor_parallel.layers."
+    "LinearWithGradAccumulationAndAsyncCommunication, which allocate on torch.cuda.current_device()",
+    "a torch function mode is off while its own handler runs, and every autograd entry point is "
+    "dispatched through the mode, so the engine would run megatron's backward functions without it "
+    "(and a backward started on another thread never had it): the engine runs with the mode entered",
+)
+
+
+def _engine_with_mode(run: Callable[..., Any]) -> Callable[..., Any]:
+    def engine_run_backward(*args: Any, **kwargs: Any) -> Any:
+        _hit(_ENGINE.name)
+        with CpuDeviceMode():
+            return run(*args, **kwargs)
+
+    return engine_run_backward
+
+
+# ---------------------------------------------------------------------------------------------
+# megatron's torch.compile'd helpers (jit_fuser): eager on CPU.
+# ---------------------------------------------------------------------------------------------
+
+_COMPILED = _row(
+    "compile.megatron_helpers",
+    "functions megatron-core wraps in torch.compile (megatron.core.jit.jit_fuser or @torch.compile) in "
+    "the megatron modules loaded when enable() runs: fusions.*, activations, transformer.utils, "
+    "transformer.torch_norm.L2Norm._norm, moe.router.TopKRouter._apply_expert_bias (the suite reaches "
+    "this one: the router's expert bias), moe.token_dispatcher",
+    "on CPU inductor compiles C++ for each of them, ~20 s per process; the eager function they wrap is "
+    "the same math. torch.compile outside megatron is left alone",
+)
+
+
+def _eager(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    original = compiled._torchdynamo_orig_callable  # type: ignore[attr-defined]
+
+    @functools.wraps(original)
+    def eager(*args: Any, **kwargs: Any) -> Any:
+        _hit(_COMPILED.name)
+        return original(*args, **kwargs)
+
+    return eager
+
+
+def _is_megatron_compiled(obj: Any) -> bool:
+    original = getattr(obj, "_torchdynamo_orig_callable", None) if inspect.isfunction(obj) else None
+    return original is not None and getattr(original, "__module__", "").startswith("megatron.")
+
+
+def _replace_compiled_helpers() -> None:
+    """Swap every torch.compile'd megatron function bound in a loaded megatron module (module
+    attributes, plain and static methods of its classes) for its eager original."""
+    swapped: dict[int, Callable[..., Any]] = {}  # one eager function per compiled one, however often bound
+
+    def swap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if id(fn) not in swapped:
+            swapped[id(fn)] = _eager(fn)
+        return swapped[id(fn)]
+
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("megatron.") or mod is None:
+            continue
+        for attr, value in list(vars(mod).items()):
+            if _is_megatron_compiled(value):
+                setattr(mod, attr, swap(value))
+            elif inspect.isclass(value) and value.__module__ == name:
+                for cls_attr, member in list(vars(value).items()):
+                    if _is_megatron_compiled(member):
+                        setattr(value, cls_attr, swap(member))
+                    elif isinstance(member, staticmethod) and _is_megatron_compiled(member.__func__):
+                        setattr(value, cls_attr, staticmethod(swap(member.__func__)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,6 +445,9 @@ def enable() -> bool:
         torch.cuda.current_device = _current_device
         torch.cuda.current_stream = _current_stream
         torch.cuda.synchronize = _synchronize
+        # torch.autograd binds the engine call by name; Tensor.backward goes through it as well
+        torch.autograd._engine_run_backward = _engine_with_mode(torch.autograd._engine_run_backward)
+        _replace_compiled_helpers()
         _replace_function(_RANDOM, "_get_cuda_rng_state", _get_cuda_rng_state)
         _replace_function(_RANDOM, "_set_cuda_rng_state", _set_cuda_rng_state)
         _replace_method(_RANDOM, "CudaRNGStatesTracker", "add", _tracker_add)

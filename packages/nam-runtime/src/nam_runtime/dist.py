@@ -29,6 +29,7 @@ class World:
     tensor_parallel: int
     pipeline_parallel: int
     expert_parallel: int
+    expert_tensor_parallel: int  # the tensor-parallel size of expert layers (the TP size unless set)
     data_parallel: int
     seed: int
     device: torch.device
@@ -49,9 +50,15 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _check_sizes(world_size: int, tp: int, pp: int, ep: int, dp: int | None) -> int:
-    for name, size in (("tensor_parallel", tp), ("pipeline_parallel", pp), ("expert_parallel", ep)):
-        if size < 1:
+def _check_sizes(world_size: int, tp: int, pp: int, ep: int, etp: int | None, dp: int | None) -> int:
+    sizes = {
+        "tensor_parallel": tp,
+        "pipeline_parallel": pp,
+        "expert_parallel": ep,
+        "expert_tensor_parallel": etp,
+    }
+    for name, size in sizes.items():
+        if size is not None and size < 1:
             raise ValueError(f"{name}={size}: parallel sizes must be >= 1")
     if world_size % (tp * pp) != 0:
         raise ValueError(
@@ -63,10 +70,18 @@ def _check_sizes(world_size: int, tp: int, pp: int, ep: int, dp: int | None) -> 
             f"data_parallel={dp} but world size {world_size} / (tensor_parallel {tp} x pipeline_parallel "
             f"{pp}) = {derived_dp}; leave data_parallel unset or make them agree"
         )
-    if derived_dp % ep != 0:
+    if etp is None and derived_dp % ep != 0:
         raise ValueError(
             f"expert_parallel={ep} must divide the data-parallel size {derived_dp} "
             f"(world {world_size} / tensor_parallel {tp} / pipeline_parallel {pp})"
+        )
+    # megatron's expert grid: world = expert_tensor_parallel x expert_parallel x pipeline x expert data
+    if etp is not None and world_size % (etp * ep * pp) != 0:
+        accepted = [size for size in range(1, world_size + 1) if world_size % (size * ep * pp) == 0]
+        raise ValueError(
+            f"expert_tensor_parallel={etp}: expert_tensor_parallel x expert_parallel x pipeline_parallel = "
+            f"{etp} x {ep} x {pp} must divide the world size {world_size}; accepted expert_tensor_parallel "
+            f"values with expert_parallel={ep}, pipeline_parallel={pp}: {accepted}"
         )
     return derived_dp
 
@@ -76,6 +91,7 @@ def initialize(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     expert_parallel: int = 1,
+    expert_tensor_parallel: int | None = None,
     data_parallel: int | None = None,
     seed: int = 1234,
     timeout_s: float = 120.0,
@@ -83,6 +99,8 @@ def initialize(
     """Set up torch.distributed (gloo on CPU, NCCL on GPU), megatron-core's parallel state and
     its RNG tracker; on CPU first install `nam_runtime.cpu`'s patches.
 
+    `expert_tensor_parallel` splits the expert layers over that many ranks instead of the
+    tensor-parallel size (megatron's expert grid: world = ETP x EP x PP x expert DP).
     `data_parallel` is derived from the world size; pass it to have that checked. `timeout_s`
     bounds every collective, so a hang fails instead of stalling. Call `teardown()` to undo.
     """
@@ -94,7 +112,9 @@ def initialize(
         raise RuntimeError("nam_runtime.dist.initialize called twice; call nam_runtime.dist.teardown() first")
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
-    dp = _check_sizes(world_size, tensor_parallel, pipeline_parallel, expert_parallel, data_parallel)
+    dp = _check_sizes(
+        world_size, tensor_parallel, pipeline_parallel, expert_parallel, expert_tensor_parallel, data_parallel
+    )
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         cpu.enable()
@@ -116,6 +136,7 @@ def initialize(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
         distributed_timeout_minutes=max(1, round(timeout_s / 60)),
     )
     torch.manual_seed(seed)
@@ -126,6 +147,7 @@ def initialize(
         tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
         expert_parallel=expert_parallel,
+        expert_tensor_parallel=tensor_parallel if expert_tensor_parallel is None else expert_tensor_parallel,
         data_parallel=dp,
         seed=seed,
         device=device,
