@@ -89,51 +89,13 @@ class Setup:
 
 
 def preset_setup(name: str = PRESET) -> Setup:
-    """The trainer preset's geometry as nam-spec's config (the trainer does not build models yet)."""
-    from nam_embed import NgramHashConfig, StructureConfig
-    from nam_spec import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
-    from nam_trainer.config import load_config, resolve_layout
+    """The trainer preset's model, mapped by the trainer itself, on the local backend in bf16."""
+    from nam_trainer.config import load_config
+    from nam_trainer.model_config import model_setup
 
     cfg = load_config(name)
-    m, e = cfg.model, cfg.embedding
-    if m.head_dim != m.hidden_size // m.num_attention_heads:
-        raise ValueError(f"preset {name}: kv_channels {m.head_dim} != hidden / heads; nam-spec derives it")
-    config = ModelConfig(
-        hidden_size=m.hidden_size,
-        vocab_size=cfg.tokenizer.vocab_size,
-        seq_length=cfg.data.seq_length,
-        ffn_hidden_size=m.ffn_hidden_size,
-        attention=AttentionConfig(num_heads=m.num_attention_heads, num_kv_heads=m.num_query_groups),
-        moe=MoEConfig(
-            num_experts=cfg.moe.num_experts,
-            top_k=cfg.moe.router_topk,
-            ffn_hidden_size=cfg.moe.ffn_hidden_size,
-            shared_ffn_hidden_size=cfg.moe.shared_expert_ffn_hidden_size,
-            score_function=cfg.moe.router_score_function,  # type: ignore[arg-type]
-            aux_loss_coeff=cfg.moe.aux_loss_coeff,
-        ),
-        mamba=MambaConfig(
-            d_state=cfg.mamba.state_dim,
-            head_dim=cfg.mamba.head_dim,
-            ngroups=cfg.mamba.num_groups,
-            expand=cfg.mamba.expand,
-            path=cfg.mamba.path,
-        ),
-        m2rnn=M2RNNConfig(
-            num_heads=cfg.m2rnn.num_v_heads, head_dim_v=cfg.m2rnn.v_head_dim, head_dim_k=cfg.m2rnn.k_head_dim
-        ),
-        untie_output=m.untie_embeddings_and_output_weights,
-        backend="local",
-        params_dtype="bfloat16",
-    )
-    embedding: dict[str, Any] = {}
-    if e.ngram:
-        embedding["ngram"] = NgramHashConfig(
-            orders=tuple(e.ngram_orders), heads=e.ngram_heads, table_size=e.ngram_table_size, dim=e.ngram_dim
-        )
-    if e.structure and cfg.data.structure != "none":
-        embedding["structure"] = StructureConfig(bottleneck=e.structure_bottleneck)
-    return Setup(config, resolve_layout(cfg), embedding, cfg.training.lr)
+    model = model_setup(cfg, precision="bf16", backend="local")
+    return Setup(model.config, model.layout, model.embedding, cfg.training.lr)
 
 
 # ------------------------------------------------------------------------------------------------
