@@ -12,6 +12,14 @@ if compgen -G "bench/wheels/*.whl" >/dev/null; then
   # need it, and it is not built for this machine: a placeholder lets the package import.
   [ -n "$(ls /tmp/site/selective_scan_cuda* 2>/dev/null)" ] || echo '# placeholder: Mamba-1 op not built' > /tmp/site/selective_scan_cuda.py
 fi
+# The trainer's needs (module=wheel name), each installed only where the machine cannot import it.
+for pair in tokenizers=tokenizers tensorboard=tensorboard tensorboard_data_server=tensorboard_data_server \
+            google.protobuf=protobuf absl=absl_py grpc=grpcio markdown=markdown werkzeug=werkzeug \
+            markupsafe=markupsafe psutil=psutil; do
+  wheel=$(compgen -G "bench/wheels/optional/${pair#*=}-*.whl" | head -1 || true)
+  [ -z "$wheel" ] || PYTHONPATH=/tmp/site python3 -c "import ${pair%%=*}" 2>/dev/null ||
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$wheel"
+done
 src=$(ls -d "$PWD"/packages/*/src "$PWD"/apps/*/src | paste -sd:)
 export PYTHONPATH=/tmp/site:$src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
