@@ -28,8 +28,10 @@ from torch.overrides import _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
-HiddenStateHook = Callable[[int, str, torch.Tensor], None]
-"""hook(layer_number (1-based, global), letter, hidden_states [s_local, b, h]) after each layer."""
+HiddenStateHook = Callable[[int, str, torch.Tensor], torch.Tensor | None]
+"""hook(layer_number (1-based, global), letter, hidden_states [s_local, b, h]) after each layer.
+A returned tensor (equal in value, e.g. carrying a regulariser's loss into backward as STP's does)
+replaces the hidden states for the layers after it; None leaves them as they are."""
 
 
 class NamStack(MegatronModule):
@@ -105,7 +107,9 @@ class NamStack(MegatronModule):
             else:
                 hidden_states = _run_layer(layer, hidden_states, kwargs)
             for hook in list(self._hooks.values()):
-                hook(layer.layer_number, letter, hidden_states)
+                replaced = hook(layer.layer_number, letter, hidden_states)
+                if replaced is not None:
+                    hidden_states = replaced
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states)
         # pipeline stages send this tensor on; it must own its storage (megatron's convention)
