@@ -1,11 +1,14 @@
 """``nam-train``: the command line.
 
-    nam-train [--preset NAME] [--config FILE ...] [--section.key VALUE ...] --dry-run
+    nam-train [--preset NAME] [--config FILE ...] [--section.key VALUE ...]   # train (or resume)
+    nam-train [same options] --dry-run # what would be built, without building it
     nam-train data [same options]      # build or verify the tokenizer and packed-data cache
     nam-train report RUN_DIR           # PNG plots of RUN_DIR/metrics.jsonl into RUN_DIR/report
 
-Options are layered: preset < config files (in order) < ``--section.key`` overrides.
-Exit codes: 0 success, 2 invalid configuration or input (the message says what and where).
+Options are layered: preset < config files (in order) < ``--section.key`` overrides. Under
+torchrun (``torchrun ... -m nam_trainer``) every process runs the same command.
+Exit codes: 0 success (also after a SIGTERM/SIGINT stop with its checkpoint), 2 invalid
+configuration or input (the message says what and where), 3 stopped by repeated non-finite losses.
 """
 
 from __future__ import annotations
@@ -108,12 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             layers = [f"preset {args.preset}", *(f"config {c}" for c in args.config)]
             report(checked, " < ".join(layers + (["command-line overrides"] if overrides else [])))
             return 0
-        print(
-            "nam-train: the training loop is not part of this build yet; use --dry-run to check a configuration "
-            "or `nam-train data` to build the data cache",
-            file=sys.stderr,
-        )
-        return EXIT_INVALID
+        from nam_trainer.train.checkpoint import CheckpointError
+        from nam_trainer.train.loop import train
+
+        try:
+            return train(checked)
+        except CheckpointError as err:
+            print(f"nam-train: {err}", file=sys.stderr)
+            return EXIT_INVALID
     except (ConfigError, CorpusError, TokenizerError, ToolchainError) as err:
         print(f"nam-train: {err}", file=sys.stderr)
         return EXIT_INVALID

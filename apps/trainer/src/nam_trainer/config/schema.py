@@ -193,15 +193,28 @@ class TrainingConfig:
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     recompute: str = "none"
     eval_interval: int = 50
-    eval_iters: int = 4
+    eval_iters: int = 4  # validation batches (of global_batch_size rows) per evaluation
+    # steps in a row with a non-finite loss (each skipped: no optimizer update) that stop the run (exit 3)
+    max_consecutive_skips: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch_size", "global_batch_size", "eval_interval", "eval_iters"):
+        for name in (
+            "steps",
+            "micro_batch_size",
+            "global_batch_size",
+            "eval_interval",
+            "eval_iters",
+            "max_consecutive_skips",
+        ):
             _at_least(self, name, 1)
         for name in ("warmup_steps", "weight_decay", "clip_grad", "min_lr"):
             _at_least(self, name, 0)
         if not self.lr > 0:
             raise ConfigError(f"training.lr = {self.lr!r}: must be > 0")
+        if self.warmup_steps >= self.steps:
+            raise ConfigError(
+                f"training.warmup_steps = {self.warmup_steps}: must be < training.steps = {self.steps}"
+            )
         if self.min_lr > self.lr:
             raise ConfigError(f"training.min_lr = {self.min_lr!r}: must be <= training.lr = {self.lr!r}")
         _one_of(self, "precision", ("auto", "bf16", "fp32"))
@@ -233,14 +246,61 @@ class CheckpointConfig:
     """Where and how often the loop writes dist_checkpointing checkpoints."""
 
     SECTION: ClassVar[str] = "checkpoint"
-    dir: str = "runs/nam-train"
-    interval: int = 100
+    dir: str = "runs/nam-train"  # the run directory: checkpoints, metrics.jsonl, tb/
+    interval: int = 100  # steps between checkpoints (also written on SIGTERM/SIGINT and at the end)
     keep_last: int = 2
-    resume: bool = True
+    resume: bool = True  # continue from the newest complete checkpoint in dir, if any
 
     def __post_init__(self) -> None:
         _at_least(self, "interval", 1)
         _at_least(self, "keep_last", 1)
+
+
+@dataclass(frozen=True)
+class PlasticityConfig:
+    """nam-plasticity's plan: FIRE, DASH and ReDo at scheduled steps, and the STP regulariser.
+
+    A schedule runs at the steps in ``*_at`` and every ``*_every`` steps (0 = never) after ``*_start``.
+    All off by default.
+    """
+
+    SECTION: ClassVar[str] = "plasticity"
+    fire_at: list[int] = field(default_factory=list)
+    fire_every: int = 0
+    fire_start: int = 0
+    fire_mode: str = "all"  # "all" blocks, or only attention "qk"
+    dash_at: list[int] = field(default_factory=list)
+    dash_every: int = 0
+    dash_start: int = 0
+    dash_lambda: float = 0.3  # lower bound of DASH's per-row shrink factor
+    dash_alpha: float = 0.0  # gradient EMA weight, 0 = the step's gradient alone
+    redo_at: list[int] = field(default_factory=list)
+    redo_every: int = 0
+    redo_start: int = 0
+    redo_tau: float = 0.1  # dormancy threshold on the normalised activation score
+    stp: bool = False
+    stp_layers: list[int] = field(default_factory=list)  # global 1-based layers; [] = every R layer
+    stp_lambda: float = 0.02
+    stp_start: int = 0
+    stp_warmup: int = 0
+    stp_form: str = "straight"
+    stp_samples: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("fire_every", "fire_start", "dash_every", "dash_start", "redo_every", "redo_start"):
+            _at_least(self, name, 0)
+        for name in ("stp_lambda", "stp_start", "stp_warmup", "redo_tau"):
+            _at_least(self, name, 0)
+        _at_least(self, "stp_samples", 1)
+        _one_of(self, "fire_mode", ("all", "qk"))
+        _one_of(self, "stp_form", ("straight", "span"))
+        if not 0 <= self.dash_lambda <= 1:
+            raise ConfigError(f"plasticity.dash_lambda = {self.dash_lambda!r}: must be in [0, 1]")
+        if not 0 <= self.dash_alpha <= 1:
+            raise ConfigError(f"plasticity.dash_alpha = {self.dash_alpha!r}: must be in [0, 1] (0 = no EMA)")
+        for name in ("fire_at", "dash_at", "redo_at", "stp_layers"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ConfigError(f"plasticity.{name} = {getattr(self, name)!r}: steps and layers are >= 1")
 
 
 @dataclass(frozen=True)
@@ -255,6 +315,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {

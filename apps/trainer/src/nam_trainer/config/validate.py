@@ -151,6 +151,21 @@ def check(config: Config, world_size: int) -> Checked:
             '(set data.structure = "cpp" or embedding.structure = false)'
         )
 
+    pl = config.plasticity
+    if pl.stp:
+        if not pl.stp_layers and "R" not in kinds:
+            problems.append(
+                f"plasticity.stp = true with plasticity.stp_layers = [] picks every R layer, but family "
+                f"{m.family} has none: list the layers (1-{layout.depth})"
+            )
+        outside = [n for n in pl.stp_layers if n > layout.depth]
+        if outside:
+            problems.append(
+                f"plasticity.stp_layers = {pl.stp_layers}: {outside} beyond the depth {layout.depth} of {m.family}"
+            )
+    if (pl.redo_at or pl.redo_every) and not kinds & {"E", "-"}:
+        problems.append(f"plasticity.redo_*: ReDo acts on MLP and expert layers; family {m.family} has none")
+
     stages = None
     try:
         stages = plan_stages(layout, p.pipeline, p.virtual_pipeline)

@@ -1,0 +1,136 @@
+"""The process and the megatron-core objects a run trains: parallel state, model chunks wrapped in
+megatron's DistributedDataParallel, its optimizer (Adam, distributed when configured, weight-decay
+groups from nam-spec) and its learning-rate schedule (linear warm-up, cosine decay to min_lr)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nam_runtime import dist
+from nam_runtime.dist import World
+from nam_trainer.config import Checked, ConfigError
+from nam_trainer.model_config import ModelSetup, model_setup, resolved_precision
+
+
+@dataclass
+class Run:
+    """Everything a step needs; ``chunks`` are the DDP-wrapped model chunks of this rank."""
+
+    world: World
+    precision: str
+    model: ModelSetup
+    chunks: list[Any]
+    optimizer: Any
+    scheduler: Any
+
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_world_size()
+
+
+def init_world(checked: Checked) -> World:
+    """torch.distributed and megatron's parallel state from [parallel] (gloo on CPU, NCCL on GPU)."""
+    p = checked.config.parallel
+    if p.virtual_pipeline > 1:
+        raise ConfigError(
+            f"parallel.virtual_pipeline = {p.virtual_pipeline}: the interleaved pipeline schedule is not "
+            "supported by this trainer yet (nam-spec builds one chunk per stage); set it to 1"
+        )
+    try:
+        return dist.initialize(
+            tensor_parallel=p.tensor,
+            pipeline_parallel=p.pipeline,
+            expert_parallel=p.expert,
+            data_parallel=checked.sizes.data,
+            seed=checked.config.training.seed,
+        )
+    except ValueError as err:
+        raise ConfigError(f"[parallel]: {err}") from err
+
+
+def build_run(checked: Checked, world: World) -> Run:
+    """Model chunk(s) from nam-spec, DDP, optimizer and scheduler, as megatron's own training does."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from nam_spec import build_model
+    from nam_spec.param_groups import no_weight_decay
+
+    cfg = checked.config
+    t, p = cfg.training, cfg.parallel
+    precision = resolved_precision(t.precision, cuda=world.device.type == "cuda")
+    setup = model_setup(cfg, precision=precision)
+    model = build_model(setup.layout, setup.config, plan=checked.stages, embedding_kwargs=setup.embedding)
+    model.to(world.device)
+    tc = model.config
+    ddp = DistributedDataParallel(
+        tc,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=p.distributed_optimizer
+        ),
+        model,
+    )
+    tc.no_sync_func = ddp.no_sync
+    tc.finalize_model_grads_func = finalize_model_grads  # data-parallel reduce, expert-bias update
+    chunks = [ddp]
+    no_decay = ParamKey(
+        with_name_predicate=ParamWithNamePredicate(
+            name="nam_spec_no_weight_decay", fn=lambda param, name: no_weight_decay(name, param)
+        )
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            adam_eps=1e-8,
+            bf16=precision == "bf16",
+            params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+            clip_grad=t.clip_grad,
+            use_distributed_optimizer=p.distributed_optimizer,
+        ),
+        chunks,
+        config_overrides={no_decay: {"wd_mult": 0.0}},  # nam-spec's rule replaces megatron's default
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps,
+        lr_decay_steps=t.steps,
+        lr_decay_style="cosine",
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.steps,
+        wd_incr_style="constant",
+    )
+    # The schedule's counter holds the step about to run (1-based): step 1 trains at the first
+    # warm-up rate, not at init_lr = 0, and the last step at min_lr.
+    scheduler.step(1)
+    return Run(world, precision, setup, chunks, optimizer, scheduler)
+
+
+def learning_rate(run: Run) -> float:
+    """The rate of the coming step (megatron sets it on every parameter group)."""
+    return float(run.optimizer.param_groups[0]["lr"])
