@@ -40,11 +40,25 @@ def train(checked: Checked) -> int:
     cfg = checked.config
     data = prepare_data(cfg.data, cfg.tokenizer, log=say)
     checked = _with_tokenizer_vocab(checked, data)
+    _import_training_modules()
     world = init_world(checked)
     try:
         return _train(checked, data, world, say)
     finally:
         dist.teardown()
+
+
+def _import_training_modules() -> None:
+    """Load every megatron module a step touches before nam_runtime's CPU patches are installed:
+    they make megatron's torch.compile'd helpers eager only in modules loaded by then (a helper
+    loaded later compiles C++ with inductor on its first call, tens of seconds per process)."""
+    import megatron.core.distributed
+    import megatron.core.optimizer
+    import megatron.core.optimizer_param_scheduler
+    import megatron.core.pipeline_parallel
+    import nam_spec.model
+    import nam_spec.moe_metrics
+    import nam_trainer.train.checkpoint  # noqa: F401
 
 
 def _stderr(message: str) -> None:

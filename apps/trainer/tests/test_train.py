@@ -1,0 +1,160 @@
+"""The training loop end to end on CPU: nam56r-tiny (shortened) learns, resumes exactly, stops
+cleanly on SIGTERM, runs data-parallel over two gloo processes, skips and stops on non-finite
+losses, and drives the plasticity plan."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from train_runs import STEPS, losses, records, train_args, train_rank
+
+from nam_trainer.cli import main
+from nam_trainer.data import PreparedData
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="session")
+def cache(prepared: PreparedData) -> Path:
+    """The shared data cache (conftest's slice, built once): every run here reuses it."""
+    return prepared.entry.parent.parent
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache: Path, header_slice: list[Path]) -> Path:
+    """One full run of STEPS steps (checkpoints at 5 and 10) that the other tests compare against."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    assert main(train_args(cache, header_slice, run_dir)) == 0
+    return run_dir
+
+
+def test_tiny_preset_learns(uninterrupted: Path) -> None:
+    valid = losses(uninterrupted, "valid")
+    assert sorted(valid) == [0, 5, STEPS]
+    assert valid[STEPS] < valid[0] - 0.5, valid  # from ~ln(400) = 6.0
+    assert valid[5] < valid[0]
+    train = records(uninterrupted, "train")
+    assert sorted(train) == list(range(1, STEPS + 1))
+    last = train[STEPS]
+    assert last["loss"] < train[1]["loss"] and last["skipped_steps"] == 0
+    assert last["lr"] == pytest.approx(3e-4)  # cosine decay ends at min_lr
+    assert train[1]["lr"] == pytest.approx(3e-3)  # one warm-up step, then the peak
+    assert last["grad_norm"] > 0 and last["tokens_per_s"] > 0 and last["tflops"] > 0
+    assert "mfu" not in last  # GPU only
+    assert last["moe/dead_experts"] >= 0 and last["moe/max_imbalance"] >= 1.0
+    assert last["moe/load_balancing_loss"] > 0
+    r = records(uninterrupted, "valid")[STEPS]
+    assert r["ppl"] == pytest.approx(math.exp(r["loss"]))
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").glob("step_*")) == [
+        "step_0000005",
+        "step_0000010",
+    ]
+
+
+def test_resumed_run_matches_the_uninterrupted_one_bitwise(
+    uninterrupted: Path, cache: Path, header_slice: list[Path], tmp_path: Path
+) -> None:
+    """A run that lost everything after its step-5 checkpoint resumes there and logs the same
+    losses, bit for bit (fp32 on CPU), as the run that never stopped."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000010")
+    assert main(train_args(cache, header_slice, run_dir)) == 0
+    assert losses(run_dir) == losses(uninterrupted)
+    assert losses(run_dir, "valid") == losses(uninterrupted, "valid")
+    again = main(train_args(cache, header_slice, run_dir))  # at the last step already: nothing to do
+    assert again == 0 and losses(run_dir) == losses(uninterrupted)
+
+
+def test_sigterm_stops_with_a_checkpoint_and_the_run_resumes_exactly(
+    uninterrupted: Path, cache: Path, header_slice: list[Path], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "nam_trainer", *train_args(cache, header_slice, run_dir)]
+    # a world of one: not the rendezvous port an in-process run left in this process's environment
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run_dir / "metrics.jsonl").exists() and records(run_dir, "train")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the run ended or stalled before its first step:\n{proc.communicate()[1]}")
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    stopped = max(records(run_dir, "train"))
+    assert stopped < STEPS, "SIGTERM came too late to test anything"
+    assert f"SIGTERM: stopped after step {stopped}" in err
+    assert (run_dir / "checkpoints" / f"step_{stopped:07d}").is_dir()
+    assert main(train_args(cache, header_slice, run_dir)) == 0
+    assert losses(run_dir) == losses(uninterrupted)
+
+
+def test_two_process_data_parallel_matches_one_process(
+    cache: Path, header_slice: list[Path], tmp_path: Path
+) -> None:
+    """The same global batch of 4 rows: one process runs 2 micro-batches of 2, each of two gloo
+    ranks one (distributed optimizer sharded over them)."""
+    from nam_runtime.testing import run_ranks
+
+    extra = ("--training.steps", "3", "--training.eval_interval", "3")
+    one = tmp_path / "one"
+    assert main(train_args(cache, header_slice, one, *extra)) == 0
+    two = tmp_path / "two"
+    assert run_ranks(train_rank, 2, train_args(cache, header_slice, two, *extra), timeout_s=240) == [0, 0]
+    for split in ("train", "valid"):
+        a, b = losses(one, split), losses(two, split)
+        assert sorted(a) == sorted(b)
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-4), (split, step)
+    assert (two / "checkpoints" / "step_0000003").is_dir()
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(
+    cache: Path, header_slice: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A learning rate of 1e30 (no warm-up) makes the first update overflow the weights: later
+    losses are NaN, those steps make no update, and two in a row end the run with exit 3 with the
+    step-1 checkpoint (written before the losses went bad) the newest."""
+    from nam_trainer.train.checkpoint import find_latest
+
+    run_dir = tmp_path / "run"
+    extra = (
+        *("--training.lr", "1e30", "--training.min_lr", "0", "--training.warmup_steps", "0"),
+        *("--training.max_consecutive_skips", "2", "--checkpoint.interval", "1"),
+    )
+    assert main(train_args(cache, header_slice, run_dir, *extra)) == 3
+    err = capsys.readouterr().err
+    train = records(run_dir, "train")
+    assert train[1]["loss"] is not None and train[1]["skipped_steps"] == 0
+    assert train[2]["loss"] is None and train[3]["loss"] is None and train[3]["skipped_steps"] == 2
+    assert max(train) == 3
+    assert "stopped at step 3: the loss was not finite for 2 consecutive steps" in err
+    assert find_latest(run_dir) == run_dir / "checkpoints" / "step_0000001"
+    assert f"Last good checkpoint: {run_dir / 'checkpoints' / 'step_0000001'}" in err
+
+
+def test_plasticity_plan_and_stp_run_from_config(
+    cache: Path, header_slice: list[Path], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    extra = (
+        *("--training.steps", "2", "--training.eval_interval", "2"),
+        *("--plasticity.stp", "true", "--plasticity.stp_lambda", "0.1"),
+        *("--plasticity.redo_every", "2", "--plasticity.fire_at", "[2]", "--plasticity.fire_mode", "qk"),
+    )
+    assert main(train_args(cache, header_slice, run_dir, *extra)) == 0
+    train = records(run_dir, "train")
+    assert 0 < train[1]["plasticity/stp/loss"] <= 2 and train[1]["plasticity/stp/lambda"] == 0.1
+    assert any(k.startswith("plasticity/redo/dormant_fraction/") for k in train[1])
