@@ -1,5 +1,5 @@
 """A tiny real training setup for the checkpoint tests, run inside ranks (`run_ranks`) or a killed
-subprocess: nam-spec's model of one short pattern in megatron's DDP, megatron's Adam (distributed
+subprocess: nam-spec's model of one short pattern (with nam-embed's n-gram hash tables) in megatron's DDP, megatron's Adam (distributed
 optimizer optionally), OptimizerParamScheduler (warm-up then cosine), one schedule step per batch.
 
 Each step draws from every RNG a resume must restore: python `random` picks the batch seed, numpy
@@ -64,7 +64,14 @@ class Setup:
     scheduler: Any
 
 
-def build(*, distributed_optimizer: bool, hidden: int = 32, pattern: str = PATTERN) -> Setup:
+def build(
+    *,
+    distributed_optimizer: bool,
+    hidden: int = 32,
+    pattern: str = PATTERN,
+    warmup_steps: int = 2,
+    decay_steps: int = 20,
+) -> Setup:
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -73,10 +80,14 @@ def build(*, distributed_optimizer: bool, hidden: int = 32, pattern: str = PATTE
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from nam_embed import NgramHashConfig
     from nam_layout import Layout
     from nam_spec import build_model
 
-    module = build_model(Layout.tile(pattern, len(pattern)), model_config(hidden))
+    ngram = NgramHashConfig(orders=(2, 3), heads=2, table_size=31, dim=4)  # replica-marked tables
+    module = build_model(
+        Layout.tile(pattern, len(pattern)), model_config(hidden), embedding_kwargs={"ngram": ngram}
+    )
     tc = module.config
     ddp = DistributedDataParallel(
         tc,
@@ -103,8 +114,8 @@ def build(*, distributed_optimizer: bool, hidden: int = 32, pattern: str = PATTE
         init_lr=0.0,
         max_lr=LR,
         min_lr=LR / 10,
-        lr_warmup_steps=2,
-        lr_decay_steps=20,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=decay_steps,
         lr_decay_style="cosine",
         start_wd=0.1,
         end_wd=0.1,

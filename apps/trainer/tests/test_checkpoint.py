@@ -5,6 +5,7 @@ pruning and `latest`, a SIGKILL during a write, and the errors for bad checkpoin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -47,7 +48,12 @@ def _resume_rank(run_dir: Path, distributed_optimizer: bool) -> dict[str, Any]:
     uninterrupted = ckpt_run.train(setup, AFTER)
 
     ckpt_run.seed_all(1234)
-    fresh = ckpt_run.build(distributed_optimizer=distributed_optimizer)
+    # configured with another schedule: the saved one must win, and rank 0 says so
+    fresh = ckpt_run.build(distributed_optimizer=distributed_optimizer, warmup_steps=5, decay_steps=40)
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("nam_trainer.train.checkpoint").addHandler(handler)
     restored_state = load_checkpoint(find_latest(run_dir), fresh.model, fresh.optimizer, fresh.scheduler)
     steps = [
         (id(s["step"]), s["step"].item())
@@ -73,6 +79,7 @@ def _resume_rank(run_dir: Path, distributed_optimizer: bool) -> dict[str, Any]:
         "same_weights": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
         "adam_steps": steps,
         "mismatched_state": mismatched_state,
+        "logged": logged,
     }
 
 
@@ -162,10 +169,11 @@ def _errors_rank(run_dir: Path) -> dict[str, str]:
     (no_common / "common.pt").unlink(missing_ok=True)
     (no_common / ".metadata").unlink()
     attempt("no metadata", no_common)
-    try:
-        save_checkpoint(run_dir, 6, setup.model, setup.optimizer, setup.scheduler, {}, keep_last=0)
-    except CheckpointError as exc:
-        messages["keep_last"] = str(exc)
+    for case, state, keep in (("keep_last", {}, 0), ("tensor state", {"loss": torch.tensor(1.0)}, 2)):
+        try:
+            save_checkpoint(run_dir, 6, setup.model, setup.optimizer, setup.scheduler, state, keep_last=keep)
+        except CheckpointError as exc:
+            messages[case] = str(exc)
     return messages
 
 
@@ -174,7 +182,8 @@ def _errors_rank(run_dir: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_exact_resume(result: dict[str, Any], run_dir: Path) -> None:
+def _check_exact_resume(result: dict[str, Any], run_dir: Path) -> list[str]:
+    """Checks one rank's run; returns what it logged about the schedule."""
     assert result["path"] == run_dir / "checkpoints" / f"step_{BEFORE:07d}"
     assert result["state"] == {"step": BEFORE, "consumed_samples": 4 * BEFORE}
     # losses and learning rates bit for bit (floats compared with ==)
@@ -184,11 +193,17 @@ def _check_exact_resume(result: dict[str, Any], run_dir: Path) -> None:
     # torch's Adam: one step tensor per parameter, at the saved step
     ids, values = zip(*result["adam_steps"], strict=True)
     assert len(set(ids)) == len(ids) and set(values) == {float(BEFORE)}
+    return [m for m in result["logged"] if "schedule continues as saved" in m]
+
+
+def _check_schedule_note(notes: list[str]) -> None:
+    (note,) = notes
+    assert "lr_warmup_steps 5 -> 2" in note and "lr_decay_steps 40 -> 20" in note and "max_lr" not in note
 
 
 def test_exact_resume_dp1(tmp_path: Path) -> None:
     (result,) = run_ranks(_resume_rank, 1, tmp_path, False)
-    _check_exact_resume(result, tmp_path)
+    _check_schedule_note(_check_exact_resume(result, tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +214,8 @@ def dp2_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[s
 
 def test_exact_resume_dp2_distributed_optimizer(dp2_run: tuple[Path, list[dict[str, Any]]]) -> None:
     run_dir, (rank0, rank1) = dp2_run
-    _check_exact_resume(rank0, run_dir)
-    _check_exact_resume(rank1, run_dir)
+    _check_schedule_note(_check_exact_resume(rank0, run_dir))
+    assert _check_exact_resume(rank1, run_dir) == []  # only rank 0 logs
     assert rank0["uninterrupted"] == rank1["uninterrupted"]
     assert "differs between rank 0" in rank0["mismatched_state"] and "ranks [1]" in rank0["mismatched_state"]
 
@@ -336,6 +351,7 @@ def errors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         ("no shards", ["step_0000004", "damaged checkpoint", "earlier checkpoint"]),
         ("no metadata", ["step_0000005", "damaged checkpoint"]),
         ("keep_last", ["keep_last = 0", "at least 1"]),
+        ("tensor state", ["state['loss'] is a Tensor", "plain values", ".item()"]),
     ],
 )
 def test_bad_checkpoints_raise_clear_errors(errors: dict[str, str], case: str, expected: list[str]) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from megatron.core.transformer.module import MegatronModule
 
 __all__ = ["CheckpointError", "find_latest", "load_checkpoint", "save_checkpoint"]
+
+_log = logging.getLogger(__name__)
 
 FORMAT = "nam-trainer-checkpoint"
 FORMAT_VERSION = 1
@@ -188,9 +191,21 @@ def _schedule(scheduler: OptimizerParamScheduler) -> dict[str, Any]:
     return {key: getattr(scheduler, key) for key in _SCHEDULE_KEYS}
 
 
-def _restore_schedule(scheduler: OptimizerParamScheduler, saved: dict[str, Any]) -> None:
+def _restore_schedule(path: Path, scheduler: OptimizerParamScheduler, saved: dict[str, Any]) -> None:
     """The saved schedule exactly: megatron's load_state_dict asserts or overrides values by flags,
-    adds the saved step count to the current one and sets the weight decay before restoring it."""
+    adds the saved step count to the current one and sets the weight decay before restoring it.
+    Where this run was configured otherwise, the checkpoint wins and rank 0 logs what differed."""
+    differing = [
+        f"{key} {getattr(scheduler, key)!r} -> {saved[key]!r}"
+        for key in _SCHEDULE_KEYS
+        if key != "num_steps" and getattr(scheduler, key) != saved[key]
+    ]
+    if differing and torch_dist.get_rank() == 0:
+        _log.warning(
+            "%s: the learning-rate schedule continues as saved, not as configured: %s",
+            path,
+            ", ".join(differing),
+        )
     for key in _SCHEDULE_KEYS:
         setattr(scheduler, key, saved[key])
     scheduler.step(0)  # lr and weight decay of every param group at the restored step
@@ -274,6 +289,26 @@ def _rng_object(states: dict[str, Any] | None) -> Any:
     return ShardedObject("rng_state", states, (world,), (rank,), replica_id=0)
 
 
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """`state` holds plain Python values (compared across ranks, stored in the common file)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise CheckpointError(f"save_checkpoint: {where} has key {key!r}; state keys are strings")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise CheckpointError(
+            f"save_checkpoint: {where} is a {type(value).__name__}; state holds plain values only "
+            "(None, bool, int, float, str and lists/tuples/dicts of them): convert it, e.g. tensor.item()"
+        )
+
+
 def _check_same_on_all_ranks(state: dict[str, Any]) -> None:
     gathered: list[Any] = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(gathered, state)
@@ -355,6 +390,7 @@ def save_checkpoint(
         raise CheckpointError(f"save_checkpoint: step = {step}; steps are >= 0")
     if not isinstance(state, dict):
         raise CheckpointError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
+    _check_plain(state, "state")
     rng = _rng_states()  # before anything below could draw a random number
     chunks = _unwrap(model)
     _check_same_on_all_ranks(state)
@@ -507,7 +543,7 @@ def load_checkpoint(
     ):  # dp_reshardable's loader copies into main params (views of fp32 weights) without it
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)
-    _restore_schedule(scheduler, loaded["scheduler"])
+    _restore_schedule(path, scheduler, loaded["scheduler"])
     _restore_rng(loaded["rng_state"])
     return loaded["state"]
 
