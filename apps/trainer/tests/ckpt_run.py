@@ -39,10 +39,19 @@ def seed_all(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def model_config(hidden: int = 32) -> Any:
+def device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+def model_config(hidden: int = 32, bf16: bool = False) -> Any:
     from nam_spec import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
 
     return ModelConfig(
+        params_dtype="bfloat16" if bf16 else "float32",
         hidden_size=hidden,
         vocab_size=VOCAB,
         seq_length=SEQ,
@@ -71,7 +80,9 @@ def build(
     pattern: str = PATTERN,
     warmup_steps: int = 2,
     decay_steps: int = 20,
+    bf16: bool = False,
 ) -> Setup:
+    """`bf16`: bf16 parameters with fp32 main parameters in the optimizer (megatron's GPU setup)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -86,7 +97,7 @@ def build(
 
     ngram = NgramHashConfig(orders=(2, 3), heads=2, table_size=31, dim=4)  # replica-marked tables
     module = build_model(
-        Layout.tile(pattern, len(pattern)), model_config(hidden), embedding_kwargs={"ngram": ngram}
+        Layout.tile(pattern, len(pattern)), model_config(hidden, bf16), embedding_kwargs={"ngram": ngram}
     )
     tc = module.config
     ddp = DistributedDataParallel(
@@ -106,6 +117,8 @@ def build(
             weight_decay=0.1,
             clip_grad=1.0,
             use_distributed_optimizer=distributed_optimizer,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
         ),
         [ddp],
     )
@@ -133,11 +146,12 @@ def _batch(dp_rank: int, dp: int) -> dict[str, torch.Tensor]:
     masked_row = int(np.random.randint(0, 2 * dp))
     tokens = torch.randint(0, VOCAB, (2 * dp, SEQ + 1), generator=torch.Generator().manual_seed(seed))
     tokens = (tokens + torch.randint(0, VOCAB, (1,))) % VOCAB
-    with get_cuda_rng_tracker().fork():
-        mask = (torch.rand(2 * dp, SEQ) > 0.2).float()
+    with get_cuda_rng_tracker().fork():  # on a GPU the forked CUDA generator, on CPU a CPU one
+        mask = (torch.rand(2 * dp, SEQ, device=device()) > 0.2).float()
     mask[masked_row] = 0.0
     rows = slice(dp_rank * MICRO_BATCH, (dp_rank + 1) * MICRO_BATCH)
-    return {"tokens": tokens[rows, :-1], "labels": tokens[rows, 1:], "mask": mask[rows]}
+    on = device()
+    return {"tokens": tokens[rows, :-1].to(on), "labels": tokens[rows, 1:].to(on), "mask": mask[rows]}
 
 
 def _loss(mask: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -147,7 +161,7 @@ def _loss(mask: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tensor, di
 
 def _forward(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
     data = next(data_iterator)
-    positions = torch.arange(SEQ).expand_as(data["tokens"])
+    positions = torch.arange(SEQ, device=data["tokens"].device).expand_as(data["tokens"])
     return model(data["tokens"], positions, labels=data["labels"]), partial(_loss, data["mask"])
 
 

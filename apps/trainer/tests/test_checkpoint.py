@@ -36,12 +36,12 @@ BEFORE, AFTER = 3, 3  # steps before the checkpoint, and after it in both runs
 # ------------------------------------------------------------------------------------------------
 
 
-def _resume_rank(run_dir: Path, distributed_optimizer: bool) -> dict[str, Any]:
+def _resume_rank(run_dir: Path, distributed_optimizer: bool, bf16: bool = False) -> dict[str, Any]:
     """Train BEFORE steps, save, train AFTER more; then a fresh model (other seeds, other initial
     weights) loads the checkpoint and trains AFTER steps."""
     dist.initialize(seed=3)
     ckpt_run.seed_all(3)
-    setup = ckpt_run.build(distributed_optimizer=distributed_optimizer)
+    setup = ckpt_run.build(distributed_optimizer=distributed_optimizer, bf16=bf16)
     ckpt_run.train(setup, BEFORE)
     state = {"step": BEFORE, "consumed_samples": 4 * BEFORE}
     path = save_checkpoint(run_dir, BEFORE, setup.model, setup.optimizer, setup.scheduler, state, keep_last=2)
@@ -49,7 +49,9 @@ def _resume_rank(run_dir: Path, distributed_optimizer: bool) -> dict[str, Any]:
 
     ckpt_run.seed_all(1234)
     # configured with another schedule: the saved one must win, and rank 0 says so
-    fresh = ckpt_run.build(distributed_optimizer=distributed_optimizer, warmup_steps=5, decay_steps=40)
+    fresh = ckpt_run.build(
+        distributed_optimizer=distributed_optimizer, warmup_steps=5, decay_steps=40, bf16=bf16
+    )
     logged: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
@@ -203,6 +205,14 @@ def _check_schedule_note(notes: list[str]) -> None:
 
 def test_exact_resume_dp1(tmp_path: Path) -> None:
     (result,) = run_ranks(_resume_rank, 1, tmp_path, False)
+    _check_schedule_note(_check_exact_resume(result, tmp_path))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="GPU only: bf16 weights, fp32 main params, CUDA RNG"
+)
+def test_exact_resume_bf16_on_gpu(tmp_path: Path) -> None:
+    (result,) = run_ranks(_resume_rank, 1, tmp_path, True, bf16=True)
     _check_schedule_note(_check_exact_resume(result, tmp_path))
 
 

@@ -265,7 +265,7 @@ def _rng_states() -> dict[str, Any]:
         "cuda": torch.cuda.get_rng_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized()
         else None,
-        "megatron_tracker": None if tracked is None else {k: v.clone() for k, v in tracked.items()},
+        "megatron_tracker": None if tracked is None else {k: _copy(v) for k, v in tracked.items()},
     }
 
 
@@ -278,7 +278,13 @@ def _restore_rng(states: dict[str, Any]) -> None:
     if states["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
     if states["megatron_tracker"] is not None:
-        get_cuda_rng_tracker().set_states({k: v.clone() for k, v in states["megatron_tracker"].items()})
+        get_cuda_rng_tracker().set_states({k: _copy(v) for k, v in states["megatron_tracker"].items()})
+
+
+def _copy(state: Any) -> Any:
+    """A tracker state: a byte tensor (copied: the tracker replaces, never mutates, it), or with
+    megatron's CUDA-graph-safe RNG a generator object, kept as it is."""
+    return state.clone() if isinstance(state, torch.Tensor) else state
 
 
 def _rng_object(states: dict[str, Any] | None) -> Any:
