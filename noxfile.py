@@ -27,7 +27,7 @@ PACKAGES: dict[str, tuple[str, int]] = {
     "nam-embed": ("packages/nam-embed", 600),
     "nam-plasticity": ("packages/nam-plasticity", 600),
     "nam-spec": ("packages/nam-spec", 900),
-    "nam-trainer": ("apps/trainer", 900),
+    "nam-trainer": ("apps/trainer", 1200),
 }
 
 # Two threads per process on the 2-core CI machine; multi-process tests set 1 per rank.

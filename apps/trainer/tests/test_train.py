@@ -158,3 +158,47 @@ def test_plasticity_plan_and_stp_run_from_config(
     train = records(run_dir, "train")
     assert 0 < train[1]["plasticity/stp/loss"] <= 2 and train[1]["plasticity/stp/lambda"] == 0.1
     assert any(k.startswith("plasticity/redo/dormant_fraction/") for k in train[1])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data.sources", "/nonexistent/corpus"], "/nonexistent/corpus: no such file or directory"),
+        (["--training.stpes", "3"], "unknown key training.stpes (did you mean 'steps'?)"),
+        (["--world-size", "2", "--parallel.tensor", "3"], "is not divisible by parallel.tensor = 3"),
+        (["--training.global_batch_size", "3"], "training.global_batch_size = 3 is not divisible by"),
+        (
+            ["--world-size", "2", "--parallel.pipeline", "2", "--parallel.virtual_pipeline", "2"],
+            "parallel.virtual_pipeline = 2: the interleaved pipeline schedule is not supported",
+        ),
+    ],
+)
+def test_bad_training_inputs_exit_2(
+    extra: list[str],
+    message: str,
+    cache: Path,
+    header_slice: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = train_args(cache, header_slice, tmp_path / "run")
+    if extra[0] == "--data.sources":  # replace the slice, keep the rest
+        i = argv.index("--data.sources")
+        argv[i + 1] = extra[1]
+        extra = []
+    assert main([*argv, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_empty_corpus_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty.h").write_text("")
+    assert main(["--data.sources", str(tmp_path), "--data.cache_dir", str(tmp_path / "c")]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_torchrun_entry_point_is_the_cli() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "nam_trainer", "--help"], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0 and "--section.key VALUE" in run.stdout

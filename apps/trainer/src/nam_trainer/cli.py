@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,6 +89,15 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
+def _quiet_library_warnings() -> None:
+    """megatron-core warns at import about optional packages (Apex, Transformer Engine) it falls
+    back from, and torch about CPU-only paths it takes; on a training console that is noise."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint")
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["report"]:
@@ -111,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             layers = [f"preset {args.preset}", *(f"config {c}" for c in args.config)]
             report(checked, " < ".join(layers + (["command-line overrides"] if overrides else [])))
             return 0
+        _quiet_library_warnings()
         from nam_trainer.train.checkpoint import CheckpointError
         from nam_trainer.train.loop import train
 

@@ -24,7 +24,7 @@ from nam_trainer.data import PreparedData, prepare_data
 from nam_trainer.metrics import Progress, RunLog
 from nam_trainer.train.batches import Shard, TrainOrder, collate, validation_samples
 from nam_trainer.train.plasticity import attach, before_forward, build_plan
-from nam_trainer.train.setup import Run, build_run, init_world, learning_rate
+from nam_trainer.train.setup import build_run, init_world, learning_rate
 from nam_trainer.train.signals import StopRequest
 from nam_trainer.train.step import evaluate, train_step
 
@@ -55,9 +55,10 @@ def _import_training_modules() -> None:
     import megatron.core.distributed
     import megatron.core.optimizer
     import megatron.core.optimizer_param_scheduler
-    import megatron.core.pipeline_parallel
+    import megatron.core.pipeline_parallel  # noqa: F401
+
     import nam_spec.model
-    import nam_spec.moe_metrics
+    import nam_spec.moe_metrics  # noqa: F401
     import nam_trainer.train.checkpoint  # noqa: F401
 
 
@@ -111,7 +112,10 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
         return [collate(split, rows, world.device, structure) for rows in shard.rows(samples)]
 
     valid = (
-        [batch(data.validation, s) for s in validation_samples(data.validation, t.eval_iters, t.global_batch_size)]
+        [
+            batch(data.validation, s)
+            for s in validation_samples(data.validation, t.eval_iters, t.global_batch_size)
+        ]
         if data.validation is not None
         else []
     )
@@ -141,7 +145,9 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
         progress.write(f"step {step}: validation loss {loss:.4f}, perplexity {_ppl(loss):.2f}")
 
     def checkpoint(step: int) -> Path:
-        path = save_checkpoint(run_dir, step, run.chunks, run.optimizer, run.scheduler, dict(state), ck.keep_last)
+        path = save_checkpoint(
+            run_dir, step, run.chunks, run.optimizer, run.scheduler, dict(state), ck.keep_last
+        )
         progress.write(f"step {step}: checkpoint {path}")
         return path
 
