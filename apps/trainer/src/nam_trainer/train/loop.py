@@ -96,7 +96,10 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
         say(f"resumed from {latest} at step {state['step']}")
     start = state["step"]
     if start >= t.steps:
-        say(f"nothing to do: the checkpoint in {run_dir} is at step {start} of training.steps = {t.steps}")
+        say(
+            f"nothing to do: the checkpoint in {run_dir} is at step {start} of training.steps = {t.steps}; "
+            "raise --training.steps to continue it, or pass another --checkpoint.dir to start afresh"
+        )
         return EXIT_OK
 
     plan = build_plan(cfg.plasticity, run.model.layout, t.seed)
