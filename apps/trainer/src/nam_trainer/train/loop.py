@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -172,8 +173,11 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
             else:
                 state["consecutive_skips"] = 0
                 if plan is not None:
-                    for record in plan.step(step, run.chunks, run.optimizer, metrics):
-                        progress.write(f"step {step}: plasticity {record.kind} on {record.block}")
+                    records = plan.step(step, run.chunks, run.optimizer, metrics)
+                    if records:
+                        kinds = Counter(r.kind for r in records)
+                        done = ", ".join(f"{kind} on {n} block(s)" for kind, n in sorted(kinds.items()))
+                        progress.write(f"step {step}: plasticity: {done}")
             metrics = {f"plasticity/{k}": v for k, v in metrics.items()}
             metrics.update(moe.collect(shard.microbatches))
             tflops = flops_per_step / seconds / world.world_size / 1e12
