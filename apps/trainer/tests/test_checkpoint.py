@@ -36,12 +36,14 @@ BEFORE, AFTER = 3, 3  # steps before the checkpoint, and after it in both runs
 # ------------------------------------------------------------------------------------------------
 
 
-def _resume_rank(run_dir: Path, distributed_optimizer: bool, bf16: bool = False) -> dict[str, Any]:
+def _resume_rank(
+    run_dir: Path, distributed_optimizer: bool, bf16: bool = False, pipeline: int = 1
+) -> dict[str, Any]:
     """Train BEFORE steps, save, train AFTER more; then a fresh model (other seeds, other initial
     weights) loads the checkpoint and trains AFTER steps."""
-    dist.initialize(seed=3)
+    dist.initialize(seed=3, pipeline_parallel=pipeline)
     ckpt_run.seed_all(3)
-    setup = ckpt_run.build(distributed_optimizer=distributed_optimizer, bf16=bf16)
+    setup = ckpt_run.build(distributed_optimizer=distributed_optimizer, bf16=bf16, pipeline=pipeline)
     ckpt_run.train(setup, BEFORE)
     state = {"step": BEFORE, "consumed_samples": 4 * BEFORE}
     path = save_checkpoint(run_dir, BEFORE, setup.model, setup.optimizer, setup.scheduler, state, keep_last=2)
@@ -50,7 +52,11 @@ def _resume_rank(run_dir: Path, distributed_optimizer: bool, bf16: bool = False)
     ckpt_run.seed_all(1234)
     # configured with another schedule: the saved one must win, and rank 0 says so
     fresh = ckpt_run.build(
-        distributed_optimizer=distributed_optimizer, warmup_steps=5, decay_steps=40, bf16=bf16
+        distributed_optimizer=distributed_optimizer,
+        warmup_steps=5,
+        decay_steps=40,
+        bf16=bf16,
+        pipeline=pipeline,
     )
     logged: list[str] = []
     handler = logging.Handler()
@@ -228,6 +234,16 @@ def test_exact_resume_dp2_distributed_optimizer(dp2_run: tuple[Path, list[dict[s
     assert _check_exact_resume(rank1, run_dir) == []  # only rank 0 logs
     assert rank0["uninterrupted"] == rank1["uninterrupted"]
     assert "differs between rank 0" in rank0["mismatched_state"] and "ranks [1]" in rank0["mismatched_state"]
+
+
+@pytest.mark.parametrize("distributed_optimizer", [True, False], ids=["distributed", "plain"])
+def test_exact_resume_pp2(tmp_path: Path, distributed_optimizer: bool) -> None:
+    """Two pipeline stages (AE | MR): each rank saves its own stage's tensors, optimizer groups
+    and RNG; the second stage has no expert parameters, so no expert optimizer state."""
+    rank0, rank1 = run_ranks(_resume_rank, 2, tmp_path, distributed_optimizer, pipeline=2, timeout_s=180)
+    _check_schedule_note(_check_exact_resume(rank0, tmp_path))
+    assert _check_exact_resume(rank1, tmp_path) == []
+    assert rank0["uninterrupted"] == rank1["uninterrupted"]
 
 
 def _load_at_dp1(path: Path) -> str:
