@@ -100,7 +100,9 @@ def _prune_rank(run_dir: Path) -> dict[str, Any]:
     ckpt_run.seed_all(3)
     setup = ckpt_run.build(distributed_optimizer=True)
     root = run_dir / "checkpoints"
-    seen = []
+    # before the first step (torch's Adam has no state yet), e.g. a SIGTERM right after start-up
+    save_checkpoint(run_dir, 0, setup.model, setup.optimizer, setup.scheduler, {"step": 0}, keep_last=2)
+    seen = [sorted(p.name for p in root.iterdir())]
     for step in (1, 2, 3, 4):
         ckpt_run.train(setup, 1)
         save_checkpoint(
@@ -291,12 +293,16 @@ def test_find_latest_skips_temporary_and_incomplete(tmp_path: Path) -> None:
     assert find_latest(tmp_path) == newest
     (root / "latest").write_text("../elsewhere\n")
     assert find_latest(tmp_path) == newest
+    _fake(tmp_path / "outside", "step_0000099")
+    (root / "latest").write_text("../outside/step_0000099\n")  # only checkpoints of this run
+    assert find_latest(tmp_path) == newest
 
 
 def test_keep_last_prunes_and_latest_points_at_the_newest(tmp_path: Path) -> None:
     (result,) = run_ranks(_prune_rank, 1, tmp_path)
     assert result["seen"] == [
-        ["latest", "step_0000001"],
+        ["latest", "step_0000000"],
+        ["latest", "step_0000000", "step_0000001"],
         ["latest", "step_0000001", "step_0000002"],
         ["latest", "step_0000002", "step_0000003"],
         ["latest", "step_0000003", "step_0000004"],

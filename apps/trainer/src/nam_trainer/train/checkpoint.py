@@ -114,7 +114,7 @@ def find_latest(run_dir: Path) -> Path | None:
     pointer = root / LATEST
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if _STEP_DIR.fullmatch(named.name) and (named / MARKER).is_file():
+        if named.parent == root and _STEP_DIR.fullmatch(named.name) and (named / MARKER).is_file():
             return named
     complete = _complete_checkpoints(root)
     return complete[-1][1] if complete else None
@@ -208,9 +208,10 @@ def _uses_distributed_optimizer(optimizer: MegatronOptimizer) -> bool:
 
 
 def _prime_adam_state(optimizer: MegatronOptimizer) -> None:
-    """Give every parameter of a fresh torch Adam its state (zeros, step 0) before a load: megatron
-    reads the per-parameter `step` while it builds the state dict to load into (torch's Adam,
-    used where TE and Apex are absent, creates it only on its first step). The load overwrites it."""
+    """Give every parameter of a torch Adam that has not stepped yet the state its first step
+    would create (zeros, step 0): megatron reads the per-parameter `step` to build a state dict,
+    for a save before the first step and for the fresh optimizer a load fills (torch's Adam, used
+    where TE and Apex are absent, creates it only on its first step)."""
     for opt in _inner_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
@@ -374,7 +375,8 @@ def _check_plain(value: Any, where: str) -> None:
 def _check_same_on_all_ranks(state: dict[str, Any]) -> None:
     gathered: list[Any] = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(gathered, state)
-    differing = [rank for rank, other in enumerate(gathered) if other != gathered[0]]
+    as_text = [json.dumps(other, sort_keys=True) for other in gathered]  # NaN equals NaN here
+    differing = [rank for rank, text in enumerate(as_text) if text != as_text[0]]
     if differing:
         raise CheckpointError(
             f"save_checkpoint: `state` differs between rank 0 ({gathered[0]!r}) and ranks {differing} "
@@ -455,6 +457,7 @@ def save_checkpoint(
     _check_plain(state, "state")
     rng = _rng_states()  # before anything below could draw a random number
     chunks = _unwrap(model)
+    _prime_adam_state(optimizer)  # a save before the first step: the state Adam would create
     _check_same_on_all_ranks(state)
     root = Path(run_dir) / CHECKPOINTS
     final = root / step_dir_name(step)
