@@ -47,12 +47,13 @@ def device() -> torch.device:
     )
 
 
-def model_config(hidden: int = 32, bf16: bool = False, pipeline: int = 1) -> Any:
+def model_config(hidden: int = 32, bf16: bool = False, pipeline: int = 1, expert: int = 1) -> Any:
     from nam_spec import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
 
     return ModelConfig(
         params_dtype="bfloat16" if bf16 else "float32",
         pipeline_parallel=pipeline,
+        expert_parallel=expert,
         hidden_size=hidden,
         vocab_size=VOCAB,
         seq_length=SEQ,
@@ -83,6 +84,7 @@ def build(
     decay_steps: int = 20,
     bf16: bool = False,
     pipeline: int = 1,
+    expert: int = 1,
 ) -> Setup:
     """`bf16`: bf16 parameters with fp32 main parameters in the optimizer (megatron's GPU setup)."""
     from megatron.core.distributed import (

@@ -1,6 +1,7 @@
 """Checkpoints on a real nam-spec model (pattern AEMR) in megatron's DDP with megatron's Adam and
-schedule: an interrupted run resumes bit for bit (DP=1, and DP=2 with the distributed optimizer),
-pruning and `latest`, a SIGKILL during a write, and the errors for bad checkpoints."""
+schedule: an interrupted run resumes bit for bit (DP=1; DP=2 with EP=2 and PP=2 with the
+distributed optimizer; PP=2 with the plain one); pruning and `latest`; a SIGKILL during a write;
+the errors for bad checkpoints."""
 
 from __future__ import annotations
 
@@ -37,13 +38,15 @@ BEFORE, AFTER = 3, 3  # steps before the checkpoint, and after it in both runs
 
 
 def _resume_rank(
-    run_dir: Path, distributed_optimizer: bool, bf16: bool = False, pipeline: int = 1
+    run_dir: Path, distributed_optimizer: bool, bf16: bool = False, pipeline: int = 1, expert: int = 1
 ) -> dict[str, Any]:
     """Train BEFORE steps, save, train AFTER more; then a fresh model (other seeds, other initial
     weights) loads the checkpoint and trains AFTER steps."""
-    dist.initialize(seed=3, pipeline_parallel=pipeline)
+    dist.initialize(seed=3, pipeline_parallel=pipeline, expert_parallel=expert)
     ckpt_run.seed_all(3)
-    setup = ckpt_run.build(distributed_optimizer=distributed_optimizer, bf16=bf16, pipeline=pipeline)
+    setup = ckpt_run.build(
+        distributed_optimizer=distributed_optimizer, bf16=bf16, pipeline=pipeline, expert=expert
+    )
     ckpt_run.train(setup, BEFORE)
     state = {"step": BEFORE, "consumed_samples": 4 * BEFORE}
     path = save_checkpoint(run_dir, BEFORE, setup.model, setup.optimizer, setup.scheduler, state, keep_last=2)
@@ -227,10 +230,12 @@ def test_exact_resume_bf16_on_gpu(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def dp2_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     run_dir = tmp_path_factory.mktemp("dp2")
-    return run_dir, run_ranks(_resume_rank, 2, run_dir, True, timeout_s=180)
+    # DP=2 with the experts split over the two ranks (EP=2): the dense parameters' distributed
+    # optimizer shards over DP, the experts' over their own (size 1) data-parallel group
+    return run_dir, run_ranks(_resume_rank, 2, run_dir, True, expert=2, timeout_s=180)
 
 
-def test_exact_resume_dp2_distributed_optimizer(dp2_run: tuple[Path, list[dict[str, Any]]]) -> None:
+def test_exact_resume_dp2_ep2_distributed_optimizer(dp2_run: tuple[Path, list[dict[str, Any]]]) -> None:
     run_dir, (rank0, rank1) = dp2_run
     _check_schedule_note(_check_exact_resume(rank0, run_dir))
     assert _check_exact_resume(rank1, run_dir) == []  # only rank 0 logs
@@ -261,7 +266,8 @@ def test_other_data_parallel_size_is_refused(dp2_run: tuple[Path, list[dict[str,
     (message,) = run_ranks(_load_at_dp1, 1, rank0["path"])
     assert str(rank0["path"]) in message
     assert "another parallel layout" in message and "data_parallel 2 -> 1" in message
-    assert "world_size 2 -> 1" in message and "does not reshard" in message
+    assert "world_size 2 -> 1" in message and "expert_parallel 2 -> 1" in message
+    assert "does not reshard" in message
 
 
 # ------------------------------------------------------------------------------------------------
