@@ -47,11 +47,13 @@ def device() -> torch.device:
     )
 
 
-def model_config(hidden: int = 32, bf16: bool = False) -> Any:
+def model_config(hidden: int = 32, bf16: bool = False, pipeline: int = 1, expert: int = 1) -> Any:
     from nam_spec import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
 
     return ModelConfig(
         params_dtype="bfloat16" if bf16 else "float32",
+        pipeline_parallel=pipeline,
+        expert_parallel=expert,
         hidden_size=hidden,
         vocab_size=VOCAB,
         seq_length=SEQ,
@@ -81,6 +83,8 @@ def build(
     warmup_steps: int = 2,
     decay_steps: int = 20,
     bf16: bool = False,
+    pipeline: int = 1,
+    expert: int = 1,
 ) -> Setup:
     """`bf16`: bf16 parameters with fp32 main parameters in the optimizer (megatron's GPU setup)."""
     from megatron.core.distributed import (
@@ -97,7 +101,9 @@ def build(
 
     ngram = NgramHashConfig(orders=(2, 3), heads=2, table_size=31, dim=4)  # replica-marked tables
     module = build_model(
-        Layout.tile(pattern, len(pattern)), model_config(hidden, bf16), embedding_kwargs={"ngram": ngram}
+        Layout.tile(pattern, len(pattern)),
+        model_config(hidden, bf16, pipeline),
+        embedding_kwargs={"ngram": ngram},
     )
     tc = module.config
     ddp = DistributedDataParallel(
@@ -189,7 +195,8 @@ def train(setup: Setup, steps: int) -> list[tuple[float, float]]:
         ok, _, _ = setup.optimizer.step()
         assert ok, "optimizer step skipped"
         setup.scheduler.step(1)
-        loss = stats[0]["loss"].reshape(1)
+        # the loss lives on the last pipeline stage: summed over its data-parallel ranks, shared with all
+        loss = stats[0]["loss"].reshape(1) if stats else torch.zeros(1, device=device())
         torch.distributed.all_reduce(loss)
         out.append(((loss / dp).item(), setup.optimizer.param_groups[0]["lr"]))
     return out

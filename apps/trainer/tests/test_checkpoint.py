@@ -1,6 +1,7 @@
 """Checkpoints on a real nam-spec model (pattern AEMR) in megatron's DDP with megatron's Adam and
-schedule: an interrupted run resumes bit for bit (DP=1, and DP=2 with the distributed optimizer),
-pruning and `latest`, a SIGKILL during a write, and the errors for bad checkpoints."""
+schedule: an interrupted run resumes bit for bit (DP=1; DP=2 with EP=2 and PP=2 with the
+distributed optimizer; PP=2 with the plain one); pruning and `latest`; a SIGKILL during a write;
+the errors for bad checkpoints."""
 
 from __future__ import annotations
 
@@ -36,12 +37,16 @@ BEFORE, AFTER = 3, 3  # steps before the checkpoint, and after it in both runs
 # ------------------------------------------------------------------------------------------------
 
 
-def _resume_rank(run_dir: Path, distributed_optimizer: bool, bf16: bool = False) -> dict[str, Any]:
+def _resume_rank(
+    run_dir: Path, distributed_optimizer: bool, bf16: bool = False, pipeline: int = 1, expert: int = 1
+) -> dict[str, Any]:
     """Train BEFORE steps, save, train AFTER more; then a fresh model (other seeds, other initial
     weights) loads the checkpoint and trains AFTER steps."""
-    dist.initialize(seed=3)
+    dist.initialize(seed=3, pipeline_parallel=pipeline, expert_parallel=expert)
     ckpt_run.seed_all(3)
-    setup = ckpt_run.build(distributed_optimizer=distributed_optimizer, bf16=bf16)
+    setup = ckpt_run.build(
+        distributed_optimizer=distributed_optimizer, bf16=bf16, pipeline=pipeline, expert=expert
+    )
     ckpt_run.train(setup, BEFORE)
     state = {"step": BEFORE, "consumed_samples": 4 * BEFORE}
     path = save_checkpoint(run_dir, BEFORE, setup.model, setup.optimizer, setup.scheduler, state, keep_last=2)
@@ -50,7 +55,11 @@ def _resume_rank(run_dir: Path, distributed_optimizer: bool, bf16: bool = False)
     ckpt_run.seed_all(1234)
     # configured with another schedule: the saved one must win, and rank 0 says so
     fresh = ckpt_run.build(
-        distributed_optimizer=distributed_optimizer, warmup_steps=5, decay_steps=40, bf16=bf16
+        distributed_optimizer=distributed_optimizer,
+        warmup_steps=5,
+        decay_steps=40,
+        bf16=bf16,
+        pipeline=pipeline,
     )
     logged: list[str] = []
     handler = logging.Handler()
@@ -94,7 +103,9 @@ def _prune_rank(run_dir: Path) -> dict[str, Any]:
     ckpt_run.seed_all(3)
     setup = ckpt_run.build(distributed_optimizer=True)
     root = run_dir / "checkpoints"
-    seen = []
+    # before the first step (torch's Adam has no state yet), e.g. a SIGTERM right after start-up
+    save_checkpoint(run_dir, 0, setup.model, setup.optimizer, setup.scheduler, {"step": 0}, keep_last=2)
+    seen = [sorted(p.name for p in root.iterdir())]
     for step in (1, 2, 3, 4):
         ckpt_run.train(setup, 1)
         save_checkpoint(
@@ -219,15 +230,27 @@ def test_exact_resume_bf16_on_gpu(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def dp2_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     run_dir = tmp_path_factory.mktemp("dp2")
-    return run_dir, run_ranks(_resume_rank, 2, run_dir, True, timeout_s=180)
+    # DP=2 with the experts split over the two ranks (EP=2): the dense parameters' distributed
+    # optimizer shards over DP, the experts' over their own (size 1) data-parallel group
+    return run_dir, run_ranks(_resume_rank, 2, run_dir, True, expert=2, timeout_s=180)
 
 
-def test_exact_resume_dp2_distributed_optimizer(dp2_run: tuple[Path, list[dict[str, Any]]]) -> None:
+def test_exact_resume_dp2_ep2_distributed_optimizer(dp2_run: tuple[Path, list[dict[str, Any]]]) -> None:
     run_dir, (rank0, rank1) = dp2_run
     _check_schedule_note(_check_exact_resume(rank0, run_dir))
     assert _check_exact_resume(rank1, run_dir) == []  # only rank 0 logs
     assert rank0["uninterrupted"] == rank1["uninterrupted"]
     assert "differs between rank 0" in rank0["mismatched_state"] and "ranks [1]" in rank0["mismatched_state"]
+
+
+@pytest.mark.parametrize("distributed_optimizer", [True, False], ids=["distributed", "plain"])
+def test_exact_resume_pp2(tmp_path: Path, distributed_optimizer: bool) -> None:
+    """Two pipeline stages (AE | MR): each rank saves its own stage's tensors, optimizer groups
+    and RNG; the second stage has no expert parameters, so no expert optimizer state."""
+    rank0, rank1 = run_ranks(_resume_rank, 2, tmp_path, distributed_optimizer, pipeline=2, timeout_s=180)
+    _check_schedule_note(_check_exact_resume(rank0, tmp_path))
+    assert _check_exact_resume(rank1, tmp_path) == []
+    assert rank0["uninterrupted"] == rank1["uninterrupted"]
 
 
 def _load_at_dp1(path: Path) -> str:
@@ -243,7 +266,8 @@ def test_other_data_parallel_size_is_refused(dp2_run: tuple[Path, list[dict[str,
     (message,) = run_ranks(_load_at_dp1, 1, rank0["path"])
     assert str(rank0["path"]) in message
     assert "another parallel layout" in message and "data_parallel 2 -> 1" in message
-    assert "world_size 2 -> 1" in message and "does not reshard" in message
+    assert "world_size 2 -> 1" in message and "expert_parallel 2 -> 1" in message
+    assert "does not reshard" in message
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,12 +299,16 @@ def test_find_latest_skips_temporary_and_incomplete(tmp_path: Path) -> None:
     assert find_latest(tmp_path) == newest
     (root / "latest").write_text("../elsewhere\n")
     assert find_latest(tmp_path) == newest
+    _fake(tmp_path / "outside", "step_0000099")
+    (root / "latest").write_text("../outside/step_0000099\n")  # only checkpoints of this run
+    assert find_latest(tmp_path) == newest
 
 
 def test_keep_last_prunes_and_latest_points_at_the_newest(tmp_path: Path) -> None:
     (result,) = run_ranks(_prune_rank, 1, tmp_path)
     assert result["seen"] == [
-        ["latest", "step_0000001"],
+        ["latest", "step_0000000"],
+        ["latest", "step_0000000", "step_0000001"],
         ["latest", "step_0000001", "step_0000002"],
         ["latest", "step_0000002", "step_0000003"],
         ["latest", "step_0000003", "step_0000004"],

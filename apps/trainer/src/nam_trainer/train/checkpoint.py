@@ -114,7 +114,7 @@ def find_latest(run_dir: Path) -> Path | None:
     pointer = root / LATEST
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if _STEP_DIR.fullmatch(named.name) and (named / MARKER).is_file():
+        if named.parent == root and _STEP_DIR.fullmatch(named.name) and (named / MARKER).is_file():
             return named
     complete = _complete_checkpoints(root)
     return complete[-1][1] if complete else None
@@ -145,6 +145,62 @@ def _inner_optimizers(optimizer: MegatronOptimizer) -> list[Any]:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def _has_params(opt: Any) -> bool:
+    inner = getattr(opt, "optimizer", None)
+    return inner is not None and any(group["params"] for group in inner.param_groups)
+
+
+def _optimizer_sharded(
+    optimizer: MegatronOptimizer, model_sharded: dict[str, Any], metadata: dict[str, Any], is_loading: bool
+) -> dict[str, Any]:
+    """Each megatron optimizer's sharded state dict, in ChainedOptimizer's format (`chained_<i>.`
+    key prefixes), leaving out optimizers without parameters on this rank (e.g. the expert
+    optimizer on a pipeline stage without E layers): with torch's Adam megatron cannot build their
+    state dict (it reads the step from per-parameter state, and there is none)."""
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import (
+        LocalNonpersistentObject,
+        ShardedBase,
+        ShardedObject,
+    )
+    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = _inner_optimizers(optimizer)
+    parts: dict[str, Any] = {}
+    for index, opt in enumerate(subs):
+        if not _has_params(opt):
+            continue
+        part = opt.sharded_state_dict(model_sharded, is_loading, metadata=metadata)
+        if len(subs) > 1:
+            add_prefix_for_sharding(part, f"chained_{index}.")
+        if not isinstance(opt, DistributedOptimizer):
+            # megatron's other optimizers leave their param groups as plain values, which
+            # dist_checkpointing stores once, from rank 0; pipeline stages hold other groups
+            sharded, plain = extract_matching_values(
+                part, lambda v: isinstance(v, ShardedBase | LocalNonpersistentObject)
+            )
+            key = f"optimizer.chained_{index}.plain.rank_{torch_dist.get_rank()}"
+            part = {"sharded": sharded, "plain": ShardedObject(key, plain, (1,), (0,), replica_id=0)}
+        parts[f"chained_{index}"] = part
+    return parts
+
+
+def _load_optimizer(optimizer: MegatronOptimizer, loaded: dict[str, Any]) -> None:
+    from megatron.core.dist_checkpointing.dict_utils import merge
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for index, opt in enumerate(_inner_optimizers(optimizer)):
+        if not _has_params(opt):
+            continue
+        part = loaded[f"chained_{index}"]
+        if not isinstance(opt, DistributedOptimizer):
+            part = merge(part["sharded"], part["plain"])
+        opt.load_state_dict(part)
+    if len(_inner_optimizers(optimizer)) > 1:
+        optimizer._synchronize_steps()  # what ChainedOptimizer.load_state_dict does last (TE's Adam)
+
+
 def _uses_distributed_optimizer(optimizer: MegatronOptimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -152,9 +208,10 @@ def _uses_distributed_optimizer(optimizer: MegatronOptimizer) -> bool:
 
 
 def _prime_adam_state(optimizer: MegatronOptimizer) -> None:
-    """Give every parameter of a fresh torch Adam its state (zeros, step 0) before a load: megatron
-    reads the per-parameter `step` while it builds the state dict to load into (torch's Adam,
-    used where TE and Apex are absent, creates it only on its first step). The load overwrites it."""
+    """Give every parameter of a torch Adam that has not stepped yet the state its first step
+    would create (zeros, step 0): megatron reads the per-parameter `step` to build a state dict,
+    for a save before the first step and for the fresh optimizer a load fills (torch's Adam, used
+    where TE and Apex are absent, creates it only on its first step)."""
     for opt in _inner_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
@@ -318,7 +375,8 @@ def _check_plain(value: Any, where: str) -> None:
 def _check_same_on_all_ranks(state: dict[str, Any]) -> None:
     gathered: list[Any] = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(gathered, state)
-    differing = [rank for rank, other in enumerate(gathered) if other != gathered[0]]
+    as_text = [json.dumps(other, sort_keys=True) for other in gathered]  # NaN equals NaN here
+    differing = [rank for rank, text in enumerate(as_text) if text != as_text[0]]
     if differing:
         raise CheckpointError(
             f"save_checkpoint: `state` differs between rank 0 ({gathered[0]!r}) and ranks {differing} "
@@ -399,6 +457,7 @@ def save_checkpoint(
     _check_plain(state, "state")
     rng = _rng_states()  # before anything below could draw a random number
     chunks = _unwrap(model)
+    _prime_adam_state(optimizer)  # a save before the first step: the state Adam would create
     _check_same_on_all_ranks(state)
     root = Path(run_dir) / CHECKPOINTS
     final = root / step_dir_name(step)
@@ -412,7 +471,7 @@ def save_checkpoint(
 
     sharded = _model_sharded(chunks, SHARDED_METADATA)
     geometry = _geometry(sharded)
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=SHARDED_METADATA)
+    sharded["optimizer"] = _optimizer_sharded(optimizer, sharded, SHARDED_METADATA, is_loading=False)
     sharded["scheduler"] = _schedule(scheduler)
     sharded["state"] = state
     sharded["rng_state"] = _rng_object(rng)
@@ -536,7 +595,7 @@ def load_checkpoint(
     sharded = _model_sharded(chunks, sharded_metadata)
     _check_geometry(path, meta, _geometry(sharded))
     _prime_adam_state(optimizer)
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=sharded_metadata)
+    sharded["optimizer"] = _optimizer_sharded(optimizer, sharded, sharded_metadata, is_loading=True)
     sharded["rng_state"] = _rng_object(None)
     try:
         loaded = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RAISE_ALL)
@@ -547,7 +606,7 @@ def load_checkpoint(
     with (
         torch.no_grad()
     ):  # dp_reshardable's loader copies into main params (views of fp32 weights) without it
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer(optimizer, loaded["optimizer"])
     _restore_adam_steps(optimizer)
     _restore_schedule(path, scheduler, loaded["scheduler"])
     _restore_rng(loaded["rng_state"])
