@@ -158,6 +158,22 @@ def test_fire_on_one_block_is_a_scaled_isometry_there_and_nothing_else_moves(
             assert not torch.equal(p.detach(), before[n])
 
 
+def test_dash_shrinks_the_rows_of_each_declared_block_by_its_own_gradient(one_rank: None) -> None:
+    from nam_plasticity import Dash, DashConfig, dash_scale, find_blocks
+
+    model = build()
+    gen = torch.Generator().manual_seed(2)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    blocks = [b for b in find_blocks([model]) if b.role == "declared"]
+    Dash(DashConfig(alpha=None)).apply(1, blocks, None)
+    for b in blocks:
+        w, g = b.matrix(before[b.param_name]), b.matrix(b.param.grad)
+        want = w * dash_scale(w, g, 0.3)[:, None]
+        torch.testing.assert_close(b.matrix(b.param.detach()), want, msg=b.name)
+
+
 def test_redo_recycles_one_unit_of_one_grouped_expert(one_rank: None) -> None:
     from nam_plasticity import Redo, RedoConfig
 
