@@ -309,8 +309,9 @@ def _declared_blocks(
 def find_blocks(model_chunks: Iterable[nn.Module], mode: Mode = "all") -> list[Block]:
     """Every eligible logical block of the model chunks ("qk": attention Q and K only).
 
-    Declared parameters (``plasticity_row_parts``) first, then the built-in rules for the
-    weights of linear modules; routers, embeddings and the output layer never.
+    A declared parameter (``plasticity_row_parts``) is split as declared and never by the
+    built-in rules, which split the other weights of linear modules; nothing below a router,
+    an embedding or the output layer is a block.
     """
     if mode not in ("all", "qk"):
         raise ValueError(f"find_blocks: mode must be 'all' or 'qk', got {mode!r}")
