@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -44,7 +45,7 @@ class CostModel:
             ("embedding cost", self.embedding),
             ("output cost", self.output),
         ):
-            if isinstance(cost, bool) or not isinstance(cost, int | float) or not 0 <= cost < math.inf:
+            if isinstance(cost, bool) or not isinstance(cost, numbers.Real) or not 0 <= cost < math.inf:
                 raise LayoutError(f"{what} must be a finite non-negative number, got {cost!r}")
 
     def layer_costs(self, layout: Layout) -> list[float]:
