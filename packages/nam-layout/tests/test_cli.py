@@ -133,8 +133,9 @@ def test_families_lists_builtins_and_user_file(capsys: pytest.CaptureFixture[str
     assert code == 0 and "A 3" in out and "- 3" in out
 
 
-def test_console_script_and_import_time() -> None:
-    """The installed entry point runs, and importing the package stays far under 100 ms."""
+def test_console_script_and_import_footprint() -> None:
+    """The installed entry point runs, and importing the CLI loads only the standard library (what
+    keeps the import at ~37 ms here; a wall-clock bound would make this test flaky under load)."""
     done = subprocess.run(
         [sys.executable, "-m", "nam_layout.cli", "validate", "AEMEAEMEAEMR", "--depth", "52", "--json"],
         capture_output=True,
@@ -143,14 +144,14 @@ def test_console_script_and_import_time() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["layout"]["counts"]["R"] == 4
-    probe = "import time; t = time.perf_counter(); import nam_layout.cli; print(time.perf_counter() - t)"
-    seconds = min(
-        float(
-            subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-        )
-        for _ in range(3)
-    )
-    assert seconds < 0.1
+    probe = "import sys; before = set(sys.modules); import nam_layout.cli; print(*set(sys.modules) - before)"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    foreign = [
+        m
+        for m in loaded.stdout.split()
+        if m.split(".")[0] not in sys.stdlib_module_names and m.split(".")[0] != "nam_layout"
+    ]
+    assert "nam_layout.cli" in loaded.stdout.split() and foreign == []
 
 
 @pytest.mark.parametrize("command", COMMANDS)
