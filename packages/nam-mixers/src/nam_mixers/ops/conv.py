@@ -44,7 +44,7 @@ def causal_conv1d_silu(
         return F.silu(causal_conv1d_torch(x, weight, bias, seq_idx))
     from causal_conv1d import causal_conv1d_fn
 
-    batch_major = x.stride(0) >= x.shape[1] * x.stride(1)
+    batch_major = x.shape[0] == 1 or x.stride(0) >= x.shape[1] * x.stride(1)
     if x.stride(2) != 1 or x.stride(1) % 8 or not batch_major:  # the channels-last kernel's layout
         x = x.contiguous()
     return causal_conv1d_fn(x.transpose(1, 2), weight, bias, seq_idx=seq_idx, activation="silu").transpose(
