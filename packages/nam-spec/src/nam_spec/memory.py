@@ -27,7 +27,7 @@ size of the local shard (``sqrt(v)``).
 
 Calibration (bench/trainer.py on one H200, trainer preset ``nam56r-small``: hidden 2048, local
 backend, bf16, distributed optimizer on one rank, no recompute, seq 4096, micro-batch 1, n-gram and
-structure extras of 128.7 M parameters): measured peak 44.6 GiB, this estimate 44.7 GiB (+0.3%);
+structure extras of 128.7 M parameters): measured peak 44.6 GiB, this estimate 44.8 GiB (+0.4%);
 tests pin the estimate to within 5% of that measurement. The model covers tensor = pipeline =
 expert parallel = 1 and says so for anything else.
 """
@@ -44,7 +44,6 @@ from nam_spec.config import ModelConfig, Recompute, SpecConfigError, validate
 GIB = 2**30
 WORKSPACE_BYTES = 256 * 2**20  # the documented allowance (module docstring)
 M2RNN_CHECKPOINT_STEPS = 32  # nam_mixers M2RNNKernelConfig.chunk: the scan stores its state this often
-ROUTER_FP32_TENSORS = 8  # [tokens, experts] fp32 tensors the router keeps (logits, scores, top-k, aux loss)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -170,7 +169,9 @@ def memory_estimate(
     )
 
 
-def layer_activation_bytes(config: ModelConfig, letter: str, micro_batch: int, policy: Recompute = "none") -> int:
+def layer_activation_bytes(
+    config: ModelConfig, letter: str, micro_batch: int, policy: Recompute = "none"
+) -> int:
     """Bytes one layer of ``letter`` keeps for backward at ``seq_length`` x ``micro_batch``.
 
     Every layer keeps its input (the residual stream, saved by its norm or, under "full", by the
@@ -184,7 +185,9 @@ def layer_activation_bytes(config: ModelConfig, letter: str, micro_batch: int, p
     if policy == "full":
         return layer_input
     selective = policy == "selective"
-    norm = layer_input + 4 * t + a * t * h  # input and fp32 rstd (F.rms_norm), output (the next linear's input)
+    norm = (
+        layer_input + 4 * t + a * t * h
+    )  # input and fp32 rstd (F.rms_norm), output (the next linear's input)
     if letter == "A":
         att, hn = config.attention, config.head_dim
         np_, ng = att.num_heads, att.num_kv_heads
@@ -196,19 +199,23 @@ def layer_activation_bytes(config: ModelConfig, letter: str, micro_batch: int, p
         return norm + qkv + rotated + rope + out + (0 if selective else lse)
     if letter == "E":
         m = config.moe
-        tk, f = t * m.top_k, m.ffn_hidden_size
-        router = ROUTER_FP32_TENSORS * 4 * t * m.num_experts
-        routing = 8 * tk + 4 * tk  # int64 permutation indices, fp32 permuted probs
+        tk, f, e = t * m.top_k, m.ffn_hidden_size, m.num_experts
+        # router (fp32): two sigmoid outputs (routing, aux loss), the probs' transposed copy, the bool
+        # routing map; top-k indices twice (int64), the gathered top-k scores and their sums
+        router = 3 * 4 * t * e + t * e + 2 * 8 * tk + 4 * tk + 2 * 4 * t
+        permutation = 8 * tk + 4 * tk  # sorted indices (int64), permuted probs (fp32)
         permuted = a * tk * h  # the experts' sorted input (saved by fc1's grouped_mm)
         fc1 = a * tk * 2 * f  # gate and up, kept by the SwiGLU
         swiglu = 2 * a * tk * f  # silu(gate), silu(gate) * up; the moe_act checkpoint drops both
         fc2_in = a * tk * f  # SwiGLU x prob, fc2's input
-        fs = m.shared_ffn_hidden_size
-        shared = a * t * 4 * fs  # fc1 output [2F], silu [F], product [F] (fc2's input)
-        return norm + router + routing + permuted + fc1 + (0 if selective else swiglu) + fc2_in + shared
+        shared = a * t * 5 * m.shared_ffn_hidden_size  # megatron MLP, as the '-' letter's
+        experts = permuted + fc1 + (0 if selective else swiglu) + fc2_in
+        return norm + router + permutation + experts + shared
     if letter == "-":
         f = config.ffn_hidden_size
-        return norm + (0 if selective else a * t * 4 * f)  # fc1 [2F], silu [F], product [F]; "mlp" recomputes all
+        # megatron's SwiGLU: fc1 output [2F], silu(gate) [F], up + glu_linear_offset [F], product [F]
+        mlp = a * t * 5 * f  # (fc2's input); the "mlp" checkpoint keeps none of them
+        return norm + (0 if selective else mlp)
     if letter == "M":
         mc = config.mamba
         di = mc.expand * h
@@ -222,20 +229,18 @@ def layer_activation_bytes(config: ModelConfig, letter: str, micro_batch: int, p
         hv, qk = r.num_heads * r.head_dim_v, 2 * r.num_qk_heads * r.head_dim_k
         qk_proj = a * t * qk  # q/k projection output (the conv's input; the checkpoint's too)
         out = a * t * hv  # out_proj's input
+        vgf = a * t * r.num_heads * (2 * r.head_dim_v + 1)  # in_proj output: v, g, x_f per head
         if selective:  # the core checkpoint keeps its two inputs only
-            return norm + qk_proj + a * t * r.num_heads * (2 * r.head_dim_v + 1) + out
+            return norm + qk_proj + vgf + out
         q_k = a * t * qk  # conv output split into q and k, made contiguous for the scan
         v = 2 * a * t * hv  # v before the conv (a copy out of in_proj's output) and after
         gate = 3 * 4 * t * r.num_heads  # fp32 forget gate: softplus input and output, f
         steps = micro_batch * math.ceil(s / M2RNN_CHECKPOINT_STEPS)
         states = 4 * steps * r.num_heads * r.head_dim_k * r.head_dim_v  # the scan's fp32 state checkpoints
         # the fp32 epilogue: (y + D v) * silu(g), then the per-head RMSNorm, keeps six [t, hv] tensors
-        # (g and v upcast, the sum, silu(g), the product, the normed product) and the rsqrt per head
-        if a < 4:
-            epilogue = 6 * 4 * t * hv
-        else:  # in fp32 the upcasts are no-ops: g stays a view of in_proj's output, v is the saved v
-            epilogue = 4 * 4 * t * hv + a * t * r.num_heads * (2 * r.head_dim_v + 1)
-        epilogue += 4 * t * r.num_heads
+        # (g and v upcast, the sum, silu(g), the product, the normed product) and the rsqrt per head;
+        # in fp32 the upcasts are no-ops: g stays a view that keeps in_proj's output, v is the saved v
+        epilogue = (6 * 4 * t * hv if a < 4 else 4 * 4 * t * hv + vgf) + 4 * t * r.num_heads
         return norm + qk_proj + q_k + v + gate + states + epilogue + out
     raise KeyError(f"no activation formula for letter {letter!r}; letters: A E M R -")
 
