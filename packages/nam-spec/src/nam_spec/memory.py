@@ -25,11 +25,18 @@ micro-batch, with every layer's activations held) and ``optimizer.step()``, wher
 foreach Adam (megatron's choice without Transformer Engine or apex) takes one fp32 temporary the
 size of the local shard (``sqrt(v)``).
 
-Calibration (bench/trainer.py on one H200, trainer preset ``nam56r-small``: hidden 2048, local
-backend, bf16, distributed optimizer on one rank, no recompute, seq 4096, micro-batch 1, n-gram and
-structure extras of 128.7 M parameters): measured peak 44.6 GiB, this estimate 44.8 GiB (+0.4%);
-tests pin the estimate to within 5% of that measurement. The model covers tensor = pipeline =
-expert parallel = 1 and says so for anything else.
+Calibration: bench/trainer.py on one H200, trainer preset ``nam56r-small`` (hidden 2048, local
+backend, bf16, distributed optimizer on one rank, seq 4096, n-gram and structure extras of 128.7 M
+parameters), ``torch.cuda.max_memory_allocated`` against this estimate:
+
+    no recompute, micro-batch 1        measured 44.6 GiB   estimate 44.8 GiB   +0.4%
+    selective recompute, micro-batch 1 measured 43.3 GiB   estimate 43.5 GiB   +0.4%
+    selective, micro-batch 2           measured 51.5 GiB   estimate 51.7 GiB   +0.3%
+    selective, micro-batch 4           measured 67.9 GiB   estimate 68.1 GiB   +0.3%
+
+(micro-batches 2 and 4: the peak less what earlier runs of that process still held). Tests pin
+each within 5%. The model covers tensor = pipeline = expert parallel = 1 and says so for
+anything else.
 """
 
 from __future__ import annotations
