@@ -561,6 +561,15 @@ def _extras_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.embedding.extra_parameters())
 
 
+def estimated_peak_gib(setup: Setup, model: Any, micro_batch: int) -> float:
+    """nam_spec.memory's per-GPU peak for our model at this micro-batch (one rank, distributed optimizer)."""
+    from nam_spec.memory import memory_estimate
+
+    return memory_estimate(
+        setup.config, setup.layout, micro_batch_size=micro_batch, extra_params=_extras_parameters(model)
+    ).total_gib
+
+
 def run_model(
     report: Report,
     name: str,
@@ -572,8 +581,10 @@ def run_model(
     formula_params: int,
     params_tol: float,
     layers: list[tuple[str, Any]] | None = None,
+    estimate_gib: float | None = None,
 ) -> dict[str, Any]:
-    """Checks, timed steps and one result row for a built model; profiles it when given its layers."""
+    """Checks, timed steps and one result row for a built model; profiles it when given its layers;
+    checks the measured peak against ``estimate_gib`` (nam_spec.memory) when given."""
     import torch
 
     from nam_spec.accounting import model_flops_per_token
@@ -592,6 +603,13 @@ def run_model(
     steps = WARMUP_STEPS + TIMED_STEPS
     losses, times = train(name, trainer, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else math.nan
+    est = math.nan if estimate_gib is None else estimate_gib
+    if estimate_gib is not None:
+        report.check(
+            f"{name} micro-batch {batches[0]['input_ids'].shape[0]}: |est - measured| / measured peak",
+            abs(est - peak) / peak,
+            0.15,
+        )
     expected = expected_initial_loss(setup.config)
     report.check(
         f"{name}: initial loss - (ln V + std^2 h / 2 = {expected:.2f})", abs(losses[0] - expected), 0.5
@@ -616,6 +634,7 @@ def run_model(
         ms=ms,
         floor_ms=flops / (MATMUL_TFLOPS * 1e12) * 1e3,
         peak_gib=peak,
+        est_gib=est,
         tokens_per_s=result["tokens/s"],
         model_tflops=result["model TFLOP/s"],
         mfu_989=result["MFU 989"],
@@ -625,7 +644,8 @@ def run_model(
     log(
         f"{name}: median step {ms:.0f} ms over {TIMED_STEPS} (after {WARMUP_STEPS} warm-up), "
         f"{result['tokens/s']:,.0f} tokens/s, {result['model TFLOP/s']:.0f} model TFLOP/s, "
-        f"MFU {100 * result['MFU 989']:.1f}% of 989 / {100 * result['MFU 700']:.1f}% of 700, peak {peak:.1f} GiB"
+        f"MFU {100 * result['MFU 989']:.1f}% of 989 / {100 * result['MFU 700']:.1f}% of 700, peak {peak:.1f} GiB "
+        f"(est GiB {est:.1f})"
     )
     if layers is not None:
         try:
@@ -677,6 +697,7 @@ def _bench(report: Report) -> None:
         formula_params=model_params(c, setup.layout).total + _extras_parameters(model),
         params_tol=0.0,
         layers=list(zip(model.decoder.kinds, model.decoder.layers, strict=True)),
+        estimate_gib=estimated_peak_gib(setup, model, MICRO_BATCH),
     )
     drop = ours["losses"][DROP_AFTER] / ours["losses"][0]
     report.check(f"ours: loss after {DROP_AFTER} steps / initial, fixed batch, lr {setup.lr}", drop, 0.995)
@@ -721,9 +742,8 @@ def _bench(report: Report) -> None:
     # ours at larger micro-batches, same tokens per step: what per-launch overhead and the batch-bound
     # scans (M2RNN's 4096-step chain costs the same at any batch) cost at micro-batch 1
     for micro_batch in LARGER_MICRO_BATCHES:
-        log(
-            f"ours at micro-batch {micro_batch}: {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated"
-        )
+        held = torch.cuda.memory_allocated() / 2**30  # counts in this run's peak, so in its estimate too
+        log(f"ours at micro-batch {micro_batch}: {held:.2f} GiB still allocated")
         model = build_ours(setup)
         count = MICRO_BATCH * MICROBATCHES // micro_batch
         try:
@@ -736,6 +756,7 @@ def _bench(report: Report) -> None:
                 make_batches(setup, micro_batch, count, with_extras=True),
                 formula_params=model_params(c, setup.layout).total + _extras_parameters(model),
                 params_tol=0.0,
+                estimate_gib=held + estimated_peak_gib(setup, model, micro_batch),
             )
         except torch.OutOfMemoryError:  # information beyond the comparison: keep the rows so far
             report.fail(f"ours at micro-batch {micro_batch}", traceback.format_exc())
