@@ -7,7 +7,8 @@ Models. Ours: ``nam_spec.build_model`` of the trainer's ``nam56r-small`` preset 
 AEMEAEMEAEMR x 52 layers, hidden 2048, 32/8 heads of 64, 16 experts top-4 of FFN 512 + shared
 576, Mamba state 64 / head 64 / 8 groups, M2RNN 24 heads of 16 with one q/k head of 64, vocab
 65536, untied output, n-gram hash (orders 2 and 3, 8 heads, ~500 k rows, dim 16) and structure
-channels (bottleneck 64) on), local backend, bf16 parameters built on the GPU. Baseline:
+channels (bottleneck 64) on), local backend, bf16 parameters built on the GPU, no activation
+recomputation (the preset's selective recomputation is switched off, as in the baseline). Baseline:
 megatron-core 0.19.2's ``HybridModel`` at the same width, depth and MoE geometry with the
 pattern translated by ``nam_layout.to_megatron`` (R as M), on a local spec (no Transformer
 Engine: MambaLayer with torch RMSNorm and MambaMixer on Column/RowParallelLinear; attention and
@@ -89,11 +90,12 @@ class Setup:
 
 
 def preset_setup(name: str = PRESET) -> Setup:
-    """The trainer preset's model, mapped by the trainer itself, on the local backend in bf16."""
+    """The trainer preset's model, mapped by the trainer itself, on the local backend in bf16, with
+    the preset's recomputation off: megatron's model keeps all its activations too."""
     from nam_trainer.config import load_config
     from nam_trainer.model_config import model_setup
 
-    cfg = load_config(name)
+    cfg = load_config(name, overrides=["--training.recompute", "none"])
     model = model_setup(cfg, precision="bf16", backend="local")
     return Setup(model.config, model.layout, model.embedding, cfg.training.lr)
 
