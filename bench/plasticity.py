@@ -138,7 +138,7 @@ def stp_overhead(report: Report) -> None:
 
     def one_layer() -> None:
         stp.set_step(1)
-        out = stp(1, hidden)
+        out = stp(1, "A", hidden)
         out.backward(torch.zeros_like(out))  # only the STP gradient flows
 
     ms = report.time("STP one layer fwd+bwd, 64 samples, s4096 h3584", one_layer)

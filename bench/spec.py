@@ -134,7 +134,9 @@ def _check_against_megatron(report: Report, letter: str, rope: Any) -> None:
 
 
 def _check_mixer(report: Report, letter: str) -> None:
-    """Adapter (megatron projections, sequence-first) vs the nam-mixers module, same weights, fp32."""
+    """Adapter (megatron projections, sequence-first) vs the nam-mixers module, same weights, fp32,
+    forward and backward at batch 2: sequence-first input reaches the cores batch-strided, which
+    is how a kernel that assumes batch-major memory goes wrong (mamba-ssm's fused backward did)."""
     import torch
 
     from nam_mixers import M2RNN, MambaMixer
@@ -143,7 +145,7 @@ def _check_mixer(report: Report, letter: str) -> None:
     layer = _layer(letter, config)
     adapter = layer.mixer
     s = 512
-    x = torch.randn(s, 1, config.hidden_size, device="cuda")
+    x = torch.randn(s, 2, config.hidden_size, device="cuda", requires_grad=True)
     if letter == "M":
         m = config.mamba
         ref = MambaMixer(
@@ -167,13 +169,16 @@ def _check_mixer(report: Report, letter: str) -> None:
         ref.core.load_state_dict(adapter.core.state_dict())
         if letter == "R":
             ref.qk_proj.weight.copy_(adapter.qk_weight)
-        out, _ = adapter(x)
-        expect = ref(x.transpose(0, 1)).transpose(0, 1)
-    report.check(
-        f"{letter} adapter ({adapter.core.__class__.__name__} auto path) vs nam-mixers reference",
-        _rel(out, expect),
-        5e-3,
-    )
+    x_ref = x.detach().transpose(0, 1).clone().requires_grad_(True)
+    out, _ = adapter(x)
+    expect = ref(x_ref).transpose(0, 1)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    expect.backward(dy)
+    name = f"{letter} adapter ({adapter.core.__class__.__name__} auto path) vs nam-mixers reference, b2"
+    report.check(f"{name}, output", _rel(out, expect), 5e-3)
+    report.check(f"{name}, input grad", _rel(x.grad, x_ref.grad.transpose(0, 1)), 5e-3)
+    report.check(f"{name}, in_proj grad", _rel(adapter.in_proj.weight.grad, ref.in_proj.weight.grad), 5e-3)
 
 
 def _layer_flops(letter: str) -> float:

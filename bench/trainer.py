@@ -7,7 +7,8 @@ Models. Ours: ``nam_spec.build_model`` of the trainer's ``nam56r-small`` preset 
 AEMEAEMEAEMR x 52 layers, hidden 2048, 32/8 heads of 64, 16 experts top-4 of FFN 512 + shared
 576, Mamba state 64 / head 64 / 8 groups, M2RNN 24 heads of 16 with one q/k head of 64, vocab
 65536, untied output, n-gram hash (orders 2 and 3, 8 heads, ~500 k rows, dim 16) and structure
-channels (bottleneck 64) on), local backend, bf16 parameters built on the GPU. Baseline:
+channels (bottleneck 64) on), local backend, bf16 parameters built on the GPU, no activation
+recomputation (the preset's selective recomputation is switched off, as in the baseline). Baseline:
 megatron-core 0.19.2's ``HybridModel`` at the same width, depth and MoE geometry with the
 pattern translated by ``nam_layout.to_megatron`` (R as M), on a local spec (no Transformer
 Engine: MambaLayer with torch RMSNorm and MambaMixer on Column/RowParallelLinear; attention and
@@ -89,11 +90,12 @@ class Setup:
 
 
 def preset_setup(name: str = PRESET) -> Setup:
-    """The trainer preset's model, mapped by the trainer itself, on the local backend in bf16."""
+    """The trainer preset's model, mapped by the trainer itself, on the local backend in bf16, with
+    the preset's recomputation off: megatron's model keeps all its activations too."""
     from nam_trainer.config import load_config
     from nam_trainer.model_config import model_setup
 
-    cfg = load_config(name)
+    cfg = load_config(name, overrides=["--training.recompute", "none"])
     model = model_setup(cfg, precision="bf16", backend="local")
     return Setup(model.config, model.layout, model.embedding, cfg.training.lr)
 
@@ -561,6 +563,15 @@ def _extras_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.embedding.extra_parameters())
 
 
+def estimated_peak_gib(setup: Setup, model: Any, micro_batch: int) -> float:
+    """nam_spec.memory's per-GPU peak for our model at this micro-batch (one rank, distributed optimizer)."""
+    from nam_spec.memory import memory_estimate
+
+    return memory_estimate(
+        setup.config, setup.layout, micro_batch_size=micro_batch, extra_params=_extras_parameters(model)
+    ).total_gib
+
+
 def run_model(
     report: Report,
     name: str,
@@ -572,8 +583,10 @@ def run_model(
     formula_params: int,
     params_tol: float,
     layers: list[tuple[str, Any]] | None = None,
+    estimate_gib: float | None = None,
 ) -> dict[str, Any]:
-    """Checks, timed steps and one result row for a built model; profiles it when given its layers."""
+    """Checks, timed steps and one result row for a built model; profiles it when given its layers;
+    checks the measured peak against ``estimate_gib`` (nam_spec.memory) when given."""
     import torch
 
     from nam_spec.accounting import model_flops_per_token
@@ -592,6 +605,13 @@ def run_model(
     steps = WARMUP_STEPS + TIMED_STEPS
     losses, times = train(name, trainer, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else math.nan
+    est = math.nan if estimate_gib is None else estimate_gib
+    if estimate_gib is not None:
+        report.check(
+            f"{name} micro-batch {batches[0]['input_ids'].shape[0]}: |est - measured| / measured peak",
+            abs(est - peak) / peak,
+            0.15,
+        )
     expected = expected_initial_loss(setup.config)
     report.check(
         f"{name}: initial loss - (ln V + std^2 h / 2 = {expected:.2f})", abs(losses[0] - expected), 0.5
@@ -616,6 +636,7 @@ def run_model(
         ms=ms,
         floor_ms=flops / (MATMUL_TFLOPS * 1e12) * 1e3,
         peak_gib=peak,
+        est_gib=est,
         tokens_per_s=result["tokens/s"],
         model_tflops=result["model TFLOP/s"],
         mfu_989=result["MFU 989"],
@@ -625,7 +646,8 @@ def run_model(
     log(
         f"{name}: median step {ms:.0f} ms over {TIMED_STEPS} (after {WARMUP_STEPS} warm-up), "
         f"{result['tokens/s']:,.0f} tokens/s, {result['model TFLOP/s']:.0f} model TFLOP/s, "
-        f"MFU {100 * result['MFU 989']:.1f}% of 989 / {100 * result['MFU 700']:.1f}% of 700, peak {peak:.1f} GiB"
+        f"MFU {100 * result['MFU 989']:.1f}% of 989 / {100 * result['MFU 700']:.1f}% of 700, peak {peak:.1f} GiB "
+        f"(est GiB {est:.1f})"
     )
     if layers is not None:
         try:
@@ -677,6 +699,7 @@ def _bench(report: Report) -> None:
         formula_params=model_params(c, setup.layout).total + _extras_parameters(model),
         params_tol=0.0,
         layers=list(zip(model.decoder.kinds, model.decoder.layers, strict=True)),
+        estimate_gib=estimated_peak_gib(setup, model, MICRO_BATCH),
     )
     drop = ours["losses"][DROP_AFTER] / ours["losses"][0]
     report.check(f"ours: loss after {DROP_AFTER} steps / initial, fixed batch, lr {setup.lr}", drop, 0.995)
@@ -721,9 +744,8 @@ def _bench(report: Report) -> None:
     # ours at larger micro-batches, same tokens per step: what per-launch overhead and the batch-bound
     # scans (M2RNN's 4096-step chain costs the same at any batch) cost at micro-batch 1
     for micro_batch in LARGER_MICRO_BATCHES:
-        log(
-            f"ours at micro-batch {micro_batch}: {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated"
-        )
+        held = torch.cuda.memory_allocated() / 2**30  # counts in this run's peak, so in its estimate too
+        log(f"ours at micro-batch {micro_batch}: {held:.2f} GiB still allocated")
         model = build_ours(setup)
         count = MICRO_BATCH * MICROBATCHES // micro_batch
         try:
@@ -736,6 +758,7 @@ def _bench(report: Report) -> None:
                 make_batches(setup, micro_batch, count, with_extras=True),
                 formula_params=model_params(c, setup.layout).total + _extras_parameters(model),
                 params_tol=0.0,
+                estimate_gib=held + estimated_peak_gib(setup, model, micro_batch),
             )
         except torch.OutOfMemoryError:  # information beyond the comparison: keep the rows so far
             report.fail(f"ours at micro-batch {micro_batch}", traceback.format_exc())

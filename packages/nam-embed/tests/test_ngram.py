@@ -54,3 +54,15 @@ def test_row_shards_sum_to_the_whole_exactly() -> None:
         shard.reduce = lambda x, other=other_part: x + other
         shard.proj.weight.data.copy_(whole.proj.weight)
         assert torch.equal(shard(ids, positions), whole(ids, positions))
+
+
+def test_builds_on_the_meta_device_with_the_same_shapes() -> None:
+    """Shapes without values: what parameter counts and memory plans of big tables build."""
+    from nam_embed.structure import StructureConfig, StructureEmbedding
+
+    for make in (lambda: NgramHashEmbedding(CFG, 8), lambda: StructureEmbedding(StructureConfig(), 8)):
+        real = make()
+        with torch.device("meta"):
+            meta = make()
+        assert all(p.is_meta for p in meta.parameters())
+        assert [p.shape for p in meta.parameters()] == [p.shape for p in real.parameters()]

@@ -66,27 +66,75 @@ letters = { G = "gated delta net" }
     assert registry.get("GATED").layout().positions("G") == (2, 4)
 
 
+_GOOD = 'pattern = "AE"\ndepth = 4\ncounts = {A=2, E=2}\n'
+
+
 @pytest.mark.parametrize(
-    ("body", "message"),
+    ("body", "located"),
     [
-        ('[family.X]\npattern = "AE"\ndepth = 4\n', r"missing key\(s\) \['counts'\]"),
+        ('[family.X]\npattern = "AE"\ndepth = 4\n', "[family.X]: missing key(s) ['counts']"),
+        (f"[family.X]\n{_GOOD}colour = 1\n", "[family.X]: unknown key(s) ['colour']"),
         (
-            '[family.X]\npattern = "AE"\ndepth = 4\ncounts = {A=2, E=2}\ncolour = 1\n',
-            r"unknown key\(s\) \['colour'\]",
+            '[family.X]\npattern = "AE"\ndepth = "4"\ncounts = {A=2, E=2}\n',
+            "[family.X] depth: must be an integer, got '4'",
         ),
-        ('[family.X]\npattern = "AE"\ndepth = "4"\ncounts = {A=2, E=2}\n', "depth must be an integer"),
-        ('[family.X]\npattern = "AE"\ndepth = 4\ncounts = {A=2, Q=2}\n', r"unknown letter\(s\) \['Q'\]"),
-        ('[family.X]\npattern = "AE"\ndepth = 4\ncounts = {A=2, E=-1}\n', "non-negative integers"),
-        ('[family.X]\npattern = "AE"\ndepth = 4\ncounts = {A=2}\nletters = {A = "x"}\n', "extra letter 'A'"),
+        (
+            '[family.X]\npattern = "AE"\ndepth = 0\ncounts = {A=2, E=2}\n',
+            "[family.X] depth: depth must be at least 1",
+        ),
+        ("[family.X]\npattern = 5\ndepth = 4\ncounts = {A=2, E=2}\n", "[family.X] pattern: must be a string"),
+        (
+            '[family.X]\npattern = "AEq"\ndepth = 4\ncounts = {A=2, E=2}\n',
+            "[family.X] pattern: invalid pattern: 'q' at position 2",
+        ),
+        (
+            '[family.X]\npattern = "AE"\ndepth = 4\ncounts = {A=2, Q=2}\n',
+            "[family.X] counts: name unknown letter(s) ['Q']",
+        ),
+        (
+            '[family.X]\npattern = "AE"\ndepth = 4\ncounts = {A=2, E=-1}\n',
+            "[family.X] counts: must map letters to non-negative",
+        ),
+        (
+            '[family.X]\npattern = "AE"\ndepth = 4\ncounts = 3\n',
+            "[family.X] counts: must map letters to non-negative",
+        ),
+        (
+            '[family.X]\npattern = "AE"\ndepth = 4\ncounts = {A=3, E=1}\n',
+            "[family.X] counts: family 'X' drifted",
+        ),
+        (f"[family.X]\n{_GOOD}description = 3\n", "[family.X] description: must be a string, got 3"),
+        (f'[family.X]\n{_GOOD}letters = "G"\n', "[family.X] letters: must map letters to block names"),
+        (f'[family.X]\n{_GOOD}letters = {{A = "x"}}\n', "[family.X] letters: 'A' must be one uppercase"),
+        (f"[family.X]\n{_GOOD}letters = {{G = 1}}\n", "[family.X] letters: 'G' needs a block name"),
+        ('[family."two words"]\npattern = "A"\ndepth = 1\ncounts = {A=1}\n', "[family.two words] name: "),
+        ("[family]\nX = 3\n", "[family.X] must be a table, got 3"),
         ("[family.X\n", "not valid TOML"),
-        ("title = 'no families'\n", r"no \[family.NAME\] tables"),
+        ("title = 'no families'\n", "no [family.NAME] tables"),
     ],
 )
-def test_bad_toml_is_rejected_with_location(tmp_path: Path, body: str, message: str) -> None:
+def test_bad_toml_names_file_table_and_key(tmp_path: Path, body: str, located: str) -> None:
     path = _write(tmp_path, body)
-    with pytest.raises(FamilyError, match=message) as info:
+    with pytest.raises(FamilyError) as info:
         load_families(path)
-    assert str(path) in str(info.value)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    assert located in message, message
+
+
+def test_family_file_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "families.toml"
+    path.write_bytes(b"\xff\xfe[family.X]")
+    with pytest.raises(FamilyError, match=r"not UTF-8 text \(byte 0\)") as info:
+        load_families(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_duplicate_name_in_file_names_file_and_table(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[family.NAM52]\npattern = "AE"\ndepth = 4\ncounts = {A=2, E=2}\n')
+    with pytest.raises(FamilyError, match=r"\[family.NAM52\]: family 'NAM52' is already registered") as info:
+        FamilyRegistry(BUILTIN).load_toml(path)
+    assert str(info.value).startswith(f"{path}: ") and info.value.key == "name"
 
 
 def test_bad_family_in_file_registers_nothing(tmp_path: Path) -> None:

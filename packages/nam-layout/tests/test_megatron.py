@@ -49,3 +49,10 @@ def test_plan_for_another_layout_refused() -> None:
     plan = plan_stages(Layout.tile("AE", 4), 2)
     with pytest.raises(LayoutError, match="another layout"):
         to_megatron(Layout.tile("AM", 4), plan)
+
+
+def test_mapping_a_letter_the_layout_lacks_is_refused() -> None:
+    with pytest.raises(
+        LayoutError, match=r"cannot map 'e': not a layer letter of this layout \(its letters: A M E R -\)"
+    ):
+        to_megatron(Layout.tile("AEME", 4), map_letters={"e": "M"})

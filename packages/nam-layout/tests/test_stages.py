@@ -1,4 +1,6 @@
 import itertools
+import math
+import re
 
 import pytest
 
@@ -85,3 +87,17 @@ def test_cost_model_needs_every_letter() -> None:
         plan_stages(Layout.tile("AR", 4), 2, costs=CostModel({"A": 1.0}))
     with pytest.raises(LayoutError, match="non-negative"):
         plan_stages(Layout.tile("A", 4), 2, costs=CostModel({"A": -1.0}))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"per_letter": {"A": math.inf}}, "cost of 'A' must be a finite non-negative number, got inf"),
+        ({"per_letter": {"A": math.nan}}, "cost of 'A' must be a finite non-negative number, got nan"),
+        ({"output": -5.0}, "output cost must be a finite non-negative number, got -5.0"),
+        ({"embedding": math.nan}, "embedding cost must be a finite non-negative number, got nan"),
+    ],
+)
+def test_cost_model_refuses_costs_that_cannot_balance(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(LayoutError, match=re.escape(message)):
+        CostModel(**kwargs)  # type: ignore[arg-type]

@@ -51,26 +51,3 @@ def test_schedule_and_missing_attach() -> None:
         Schedule(every=0)
     with pytest.raises(RuntimeError, match="attach"):
         Plan(redo=Schedule(at=(1,))).step(1, [], None, {})
-
-
-def test_a_module_declares_the_parts_of_its_fused_projection() -> None:
-    class Mixer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.in_proj = nn.Linear(8, 3 * 4, bias=False)  # head-major: per head [v, g, f]
-            self.out_proj = nn.Linear(4, 8, bias=False)
-
-        def plasticity_row_parts(self, name: str):
-            if name != "in_proj.weight":
-                return None
-            return {"v": range(0, 12, 3), "g": range(1, 12, 3), "f": range(2, 12, 3)}
-
-    blocks = {b.name: b for b in find_blocks([nn.ModuleDict({"mixer": Mixer()})])}
-    assert sorted(blocks) == [
-        "mixer.in_proj.weight[f]",
-        "mixer.in_proj.weight[g]",
-        "mixer.in_proj.weight[v]",
-        "mixer.out_proj.weight",
-    ]
-    assert blocks["mixer.in_proj.weight[g]"].rows.tolist() == [1, 4, 7, 10]
-    assert blocks["mixer.in_proj.weight[f]"].global_shape == (4, 8)

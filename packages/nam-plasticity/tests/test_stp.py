@@ -32,7 +32,7 @@ class Stack(nn.Module):
         for number, layer in enumerate(self.layers, start=1):
             x = x + torch.tanh(layer(x))
             for hook in self._hooks.values():
-                x = hook(number, x)
+                x = hook(number, "-", x)
         return self.output_layer(x) if self.output_layer is not None else x
 
 
@@ -140,4 +140,21 @@ def test_document_ids_must_match_the_hidden_states() -> None:
     stp = STP(STPConfig(layers=(1,), lam=1.0))
     stp.set_documents(torch.zeros(3, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="document ids"):
-        stp(1, torch.randn(8, 3, 4, requires_grad=True))
+        stp(1, "A", torch.randn(8, 3, 4, requires_grad=True))
+
+
+def test_a_sequence_shard_samples_its_own_slice_of_the_document_ids() -> None:
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [3] * 12])  # two ranks see positions 0..5 and 6..11
+    stp = STP(STPConfig(layers=(1,), lam=1.0, samples=200))
+    stp.set_documents(doc_ids)
+    rows, draws = {}, {}
+    for rank in (0, 1):
+        stp.set_step(4)
+        row, s, r, t = stp.draw(1, batch=2, seq=6, shard=(rank, 2))
+        assert ((s < r) & (r < t) & (t < 6)).all()
+        mine = doc_ids[:, 6 * rank : 6 * rank + 6]
+        assert (mine[row, s] == mine[row, t]).all()
+        rows[rank], draws[rank] = row, (s, r, t)
+    assert not torch.equal(draws[0][0], draws[1][0])  # each slice draws its own samples
+    with pytest.raises(ValueError, match="sequence_group"):
+        stp.draw(1, batch=2, seq=6)  # ids of 12 positions, hidden states of 6, no group given

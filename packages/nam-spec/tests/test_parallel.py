@@ -1,7 +1,8 @@
 """Two gloo processes: TP=2 with sequence parallelism (E layers included) and PP=2 (one stage
 without E) give the loss of the single-process model with the same weights; the weights travel
 through megatron's dist_checkpointing, so the same runs prove that a checkpoint saved at TP=2
-(or split over two stages) loads at TP=1 and reproduces the outputs."""
+(or split over two stages) loads at TP=1 and reproduces the outputs: per-token losses and logits
+for TP=2, the loss for PP=2."""
 
 from __future__ import annotations
 
@@ -31,29 +32,38 @@ def _save(model: torch.nn.Module, path: Path) -> None:
     dist_checkpointing.save(model.sharded_state_dict(), str(path))
 
 
+def _outputs(model: torch.nn.Module) -> dict:
+    """Per-token losses [b, s] and this rank's logits [b, s, vocab / TP] on the test batch."""
+    ids, pos = _batch()
+    with torch.no_grad():
+        logits = model(ids, pos)
+    losses = model(ids, pos, labels=ids)
+    return {"loss": losses.mean(), "losses": losses.detach(), "logits": logits}
+
+
 def _tp2_rank(tmp: Path, backward: bool) -> dict:
-    """TP=2 with sequence parallelism: the loss (and with ``backward`` the TP-summed gradients of
-    the replicated weights); the weights are saved as a checkpoint for the TP=1 run."""
+    """TP=2 with sequence parallelism: per-token losses, this rank's vocabulary shard of the logits
+    (and with ``backward`` the TP-summed gradients of the replicated weights); the weights are saved
+    as a checkpoint for the TP=1 run."""
     from megatron.core import parallel_state
 
     from nam_spec.model import build_model
 
     dist.initialize(tensor_parallel=2, seed=1)
     model = build_model(Layout.tile(TP_LAYOUT, 7), tiny(tensor_parallel=2, sequence_parallel=True))
-    ids, pos = _batch()
-    loss = model(ids, pos, labels=ids).mean()
-    grads = {}
+    out = _outputs(model)
     _save(model, tmp / ("ckpt-tp2-grads" if backward else "ckpt-tp2"))
+    grads = {}
     if not backward:
-        return {"loss": loss.item(), "grads": grads}
-    loss.backward()
+        return {**out, "loss": out["loss"].item(), "grads": grads}
+    out["loss"].backward()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     for name, p in model.named_parameters():
         if getattr(p, "sequence_parallel", False):  # what megatron's finalize_model_grads sums over TP
             torch.distributed.all_reduce(p.grad, group=tp_group)
         if name.endswith(REPLICATED):
             grads[name] = p.grad.clone()
-    return {"loss": loss.item(), "grads": grads}
+    return {**out, "loss": out["loss"].item(), "grads": grads}
 
 
 def _tp1_rank(tmp: Path, layout: str, ckpt: str) -> dict:
@@ -64,11 +74,10 @@ def _tp1_rank(tmp: Path, layout: str, ckpt: str) -> dict:
     dist.initialize(seed=99)  # other initial weights: everything must come from the checkpoint
     model = build_model(Layout.tile(layout, len(layout)), tiny())
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(tmp / ckpt)))
-    ids, pos = _batch()
-    loss = model(ids, pos, labels=ids).mean()
-    loss.backward()
+    out = _outputs(model)
+    out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(REPLICATED)}
-    return {"loss": loss.item(), "grads": grads}
+    return {**out, "loss": out["loss"].item(), "grads": grads}
 
 
 def test_tp2_sequence_parallel_equals_tp1_and_checkpoint_reshards(tmp_path: Path) -> None:
@@ -76,6 +85,12 @@ def test_tp2_sequence_parallel_equals_tp1_and_checkpoint_reshards(tmp_path: Path
     (tp1,) = run_ranks(_tp1_rank, 1, tmp_path, TP_LAYOUT, "ckpt-tp2")
     assert tp2[0]["loss"] == tp2[1]["loss"]
     assert abs(tp2[0]["loss"] - tp1["loss"]) < 1e-5 * abs(tp1["loss"])
+    # not only the mean: every token's loss, and the logits (each TP rank holds half the vocabulary)
+    torch.testing.assert_close(tp2[0]["losses"], tp2[1]["losses"], rtol=0, atol=0)
+    torch.testing.assert_close(tp2[0]["losses"], tp1["losses"], rtol=1e-5, atol=1e-6)
+    logits_tp2 = torch.cat([tp2[0]["logits"], tp2[1]["logits"]], dim=-1)
+    assert logits_tp2.shape == tp1["logits"].shape == (1, 8, 64)
+    torch.testing.assert_close(logits_tp2, tp1["logits"], rtol=1e-5, atol=1e-6)
 
 
 def test_tp2_sequence_parallel_gradients_of_replicated_weights(tmp_path: Path) -> None:

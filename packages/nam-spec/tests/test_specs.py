@@ -2,8 +2,13 @@
 Engine cannot be installed on our machines, so it is never run in these tests."""
 
 import importlib
+import re
+import sys
+import types
+from pathlib import Path
 
 import pytest
+import torch
 from helpers import tiny
 from megatron.core.models.gpt.moe_module_specs import _build_shared_experts
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -14,7 +19,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
 
 from nam_spec.adapters import M2RNNAdapter, MambaAdapter, MixerLayer
-from nam_spec.backends import local_backend, resolve_backend, te_available, te_backend
+from nam_spec.backends import local_backend, resolve_backend, te_backend, te_unavailable
 from nam_spec.local import GroupedExperts, RMSNorm, SDPAttention
 from nam_spec.specs import layer_specs
 
@@ -59,10 +64,53 @@ def test_te_specs_name_transformer_engine_modules() -> None:
     assert specs["M"].submodules.mixer.params["row_linear"] is TE.TERowParallelLinear
 
 
-def test_auto_picks_local_without_cuda_and_te_fails_clearly() -> None:
-    assert not te_available()
+def test_auto_picks_local_without_te_and_te_fails_saying_why() -> None:
+    reason = te_unavailable()
+    assert reason is not None and reason.startswith("importing transformer_engine.pytorch raised ")
     assert resolve_backend("auto").name == "local"
-    with pytest.raises(RuntimeError, match="Transformer Engine is not usable here"):
+    with pytest.raises(
+        RuntimeError, match=f"Transformer Engine is not usable here: {re.escape(reason)}; use"
+    ):
         resolve_backend("te")
     with pytest.raises(ValueError, match="accepted: 'auto', 'local', 'te'"):
         resolve_backend("tex")
+
+
+def _stand_in_te(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pytorch_source: str) -> None:
+    """A ``transformer_engine`` package in sys.modules, for this test only, whose ``pytorch`` module
+    runs ``pytorch_source``: TE cannot be installed on these machines, and what is checked here is
+    only how its import is judged."""
+    local_backend()  # megatron's modules are imported before the stand-in exists
+    package = tmp_path / "transformer_engine"
+    package.mkdir()
+    (package / "pytorch.py").write_text(pytorch_source)
+    module = types.ModuleType("transformer_engine")
+    module.__path__ = [str(package)]
+    monkeypatch.setitem(sys.modules, "transformer_engine", module)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "OSError('libcuda.so.1: cannot open shared object file: No such file or directory')",
+        "RuntimeError('Found no NVIDIA driver on your system')",
+    ],
+)
+def test_te_whose_import_raises_falls_back_to_local(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str
+) -> None:
+    """TE installed where there is no driver raises OSError or RuntimeError at import, not ImportError."""
+    _stand_in_te(tmp_path, monkeypatch, f"raise {error}\n")
+    kind, message = error.split("(", 1)
+    reason = te_unavailable()
+    assert reason == f"importing transformer_engine.pytorch raised {kind}: {message[1:-2]}"
+    assert resolve_backend("auto").name == "local"
+    with pytest.raises(RuntimeError, match=re.escape(reason)):
+        resolve_backend("te")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given when CUDA is absent")
+def test_te_that_imports_without_cuda_is_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _stand_in_te(tmp_path, monkeypatch, "")
+    assert te_unavailable() == "CUDA is not available (torch.cuda.is_available() is False)"
+    assert resolve_backend("auto").name == "local"

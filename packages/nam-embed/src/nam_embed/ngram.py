@@ -65,6 +65,8 @@ class NgramHashEmbedding(nn.Module):
         """Tables: N(0, init_std) from ``config.seed`` over all rows, then this rank's slice, so every
         rank and pipeline stage holds the same values whatever the split; padding rows zero.
         Projection: zero."""
+        if self.weight.is_meta:  # shapes only (parameter counts, memory plans): no values
+            return
         cfg = self.config
         gen = torch.Generator(device=self.weight.device).manual_seed(cfg.seed)
         full = torch.empty(cfg.rows, cfg.dim, device=self.weight.device, dtype=torch.float32)

@@ -148,6 +148,8 @@ class StructureEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         """Tables N(0, init_std) from ``config.seed`` (every rank and pipeline stage that builds
         one holds the same values), scales one, up-projection zero."""
+        if self.weight.is_meta:  # shapes only (parameter counts, memory plans): no values
+            return
         gen = torch.Generator(device=self.weight.device).manual_seed(self.config.seed)
         self.weight.normal_(0.0, self.config.init_std, generator=gen)
         self.scales.fill_(1.0)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from nam_layout.families import REGISTRY, Family, FamilyError, FamilyRegistry
 from nam_layout.grammar import PatternError
@@ -23,9 +25,10 @@ _POSITIONS_SHOWN = 16
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.json = args.json_before or args.json_after
     try:
         registry = FamilyRegistry(REGISTRY)
-        for path in args.families or ():
+        for path in [*args.families_before, *args.families_after]:
             registry.load_toml(path)
         return args.run(args, registry)
     except (PatternError, LayoutError, FamilyError) as e:
@@ -36,12 +39,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INVALID
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    common.add_argument(
-        "--families", action="append", metavar="TOML", help="register families from a TOML file"
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line with exit code 2, like the errors of the checks themselves."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INVALID, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _shared_options(position: str) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name (``position``).
+
+    argparse lets the values a command parses replace the top level's, so each position parses
+    into its own names (``json_before``, ``families_after``, ...) and main() merges them.
+    """
+    shared = argparse.ArgumentParser(add_help=False)
+    group = shared.add_argument_group("options of every command (before or after the command name)")
+    group.add_argument(
+        "--json", dest=f"json_{position}", action="store_true", help="machine-readable output on stdout"
     )
+    group.add_argument(
+        "--families",
+        dest=f"families_{position}",
+        action="append",
+        default=[],
+        metavar="TOML",
+        help="register families from a TOML file (repeatable)",
+    )
+    return shared
+
+
+def _parser() -> argparse.ArgumentParser:
+    shared = _shared_options("after")
     source = argparse.ArgumentParser(add_help=False)
     source.add_argument(
         "pattern", nargs="?", help="layer pattern, e.g. AEMEAEMEAEMR (letters A M E R -, '|' cuts)"
@@ -50,36 +78,37 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--family", help="a registered family name instead of PATTERN --depth")
     staging = argparse.ArgumentParser(add_help=False)
     staging.add_argument(
-        "--virtual", type=int, default=1, help="virtual stages per pipeline rank (default 1)"
+        "--virtual", type=int, default=1, metavar="V", help="virtual stages per pipeline rank (default 1)"
     )
     staging.add_argument(
         "--cost",
         action="append",
         default=[],
         metavar="LETTER=W",
-        help=f"per-letter layer cost (defaults {', '.join(f'{k}={v}' for k, v in DEFAULT_COSTS.items())})",
+        help="cost of one layer of LETTER (A M E R -, or a letter the family registers), repeatable; "
+        f"defaults {', '.join(f'{k}={v}' for k, v in DEFAULT_COSTS.items())}",
     )
     staging.add_argument(
-        "--output-cost", type=float, default=0.0, help="cost of the output layer (last stage)"
+        "--output-cost", type=float, default=0.0, metavar="W", help="cost of the output layer (last stage)"
     )
     staging.add_argument(
-        "--embedding-cost", type=float, default=0.0, help="cost of the embedding (first stage)"
+        "--embedding-cost", type=float, default=0.0, metavar="W", help="cost of the embedding (first stage)"
     )
 
-    parser = argparse.ArgumentParser(prog="nam-layout", description=__doc__, parents=[common])
+    parser = _Parser(prog="nam-layout", description=__doc__, parents=[_shared_options("before")])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
-        "validate", parents=[common, source], help="check a pattern or family and print its counts"
+        "validate", parents=[shared, source], help="check a pattern or family and print its counts"
     )
     p.set_defaults(run=_validate)
-    p = sub.add_parser("show", parents=[common, source, staging], help="a layer table and a one-line strip")
+    p = sub.add_parser("show", parents=[shared, source, staging], help="a layer table and a one-line strip")
     p.add_argument("--stages", type=int, default=1, help="pipeline ranks to show the split for")
     p.set_defaults(run=_show)
-    p = sub.add_parser("split", parents=[common, source, staging], help="plan pipeline stages")
+    p = sub.add_parser("split", parents=[shared, source, staging], help="plan pipeline stages")
     p.add_argument("--stages", type=int, required=True, help="pipeline ranks P")
     p.set_defaults(run=_split)
     p = sub.add_parser(
-        "translate", parents=[common, source, staging], help="emit megatron-core's hybrid pattern"
+        "translate", parents=[shared, source, staging], help="emit megatron-core's hybrid pattern"
     )
     p.add_argument("--to", choices=["megatron"], required=True, help="target notation")
     p.add_argument("--stages", type=int, default=1, help="pipeline ranks; > 1 plans and emits '|' cuts")
@@ -87,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         "--map", action="append", default=[], metavar="LETTER=SYMBOL", help="map a letter, e.g. R=M"
     )
     p.set_defaults(run=_translate)
-    p = sub.add_parser("families", parents=[common], help="list registered families")
+    p = sub.add_parser("families", parents=[shared], help="list registered families")
     p.set_defaults(run=_families)
     return parser
 
@@ -105,21 +134,30 @@ def _resolve(args: argparse.Namespace, registry: FamilyRegistry) -> tuple[Layout
     return Layout.tile(args.pattern, args.depth), None
 
 
-def _cost_model(args: argparse.Namespace) -> CostModel:
+def _cost_model(args: argparse.Namespace, layout: Layout) -> CostModel:
+    accepted = f"expected LETTER=W, LETTER one of {' '.join(layout.letters)} and W a number >= 0, e.g. M=1.8"
     weights = dict(DEFAULT_COSTS)
     for item in args.cost:
         letter, sep, value = item.partition("=")
         try:
-            if not sep:
-                raise ValueError
-            weights[letter] = float(value)
+            weight = float(value)
         except ValueError:
-            raise LayoutError(f"--cost {item!r}: expected LETTER=NUMBER, e.g. --cost M=1.8") from None
+            weight = math.nan
+        if not sep:
+            problem = "no '='"
+        elif letter not in layout.letters:
+            problem = f"unknown letter {letter!r}"
+        elif not 0 <= weight < math.inf:
+            problem = f"{value!r} is not a finite number >= 0"
+        else:
+            weights[letter] = weight
+            continue
+        raise LayoutError(f"--cost {item!r}: {problem}; {accepted}")
     return CostModel(weights, embedding=args.embedding_cost, output=args.output_cost)
 
 
 def _plan(args: argparse.Namespace, layout: Layout) -> StagePlan:
-    return plan_stages(layout, args.stages, args.virtual, _cost_model(args))
+    return plan_stages(layout, args.stages, args.virtual, _cost_model(args, layout))
 
 
 def _validate(args: argparse.Namespace, registry: FamilyRegistry) -> int:
@@ -188,7 +226,10 @@ def _translate(args: argparse.Namespace, registry: FamilyRegistry) -> int:
         if not sep or len(letter) != 1 or len(symbol) != 1:
             raise LayoutError(f"--map {item!r}: expected LETTER=SYMBOL, e.g. --map R=M")
         mapping[letter] = symbol
-    plan = _plan(args, layout) if args.stages > 1 or args.virtual > 1 else None
+    costs = _cost_model(args, layout)  # checked even when there is nothing to plan
+    plan = (
+        plan_stages(layout, args.stages, args.virtual, costs) if args.stages > 1 or args.virtual > 1 else None
+    )
     pattern = to_megatron(layout, plan, map_letters=mapping)
     if args.json:
         _emit(

@@ -14,12 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from nam_layout.grammar import CUT, LETTERS
-from nam_layout.layout import Layout
+from nam_layout.grammar import CUT, LETTERS, PatternError
+from nam_layout.layout import Layout, LayoutError
 
 
 class FamilyError(ValueError):
-    """A family definition that is malformed, drifts from its declared counts, or is unknown."""
+    """A family definition that is malformed, drifts from its declared counts, or is unknown.
+
+    ``key`` names the field of the definition at fault (``pattern``, ``counts``, ...) when one is.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
     def as_dict(self) -> dict[str, object]:
         return {"error": "family", "message": str(self)}
@@ -49,7 +56,8 @@ class Family:
             )
             raise FamilyError(
                 f"family {self.name!r} drifted: {self.pattern!r} at depth {self.depth} does not produce its "
-                f"declared counts ({detail}); fix the pattern, the depth or the declared counts"
+                f"declared counts ({detail}); fix the pattern, the depth or the declared counts",
+                "counts",
             )
         return layout
 
@@ -77,10 +85,13 @@ class FamilyRegistry:
             self.register(family)
 
     def register(self, family: Family, *, replace: bool = False) -> None:
-        _check_definition(family)
+        problem = _definition_problem(family)
+        if problem:
+            key, text = problem
+            raise FamilyError(f"family {family.name!r} {key}: {text}", key)
         family.layout()  # fail closed now, not at build time
         if family.name in self._families and not replace:
-            raise FamilyError(f"family {family.name!r} is already registered; choose another name")
+            raise FamilyError(f"family {family.name!r} is already registered; choose another name", "name")
         self._families[family.name] = family
 
     def get(self, name: str) -> Family:
@@ -102,7 +113,10 @@ class FamilyRegistry:
         families = load_families(path)
         trial = FamilyRegistry(self)
         for family in families:
-            trial.register(family)
+            try:
+                trial.register(family)
+            except FamilyError as e:
+                raise FamilyError(f"{path}: [family.{family.name}]: {e}", e.key) from e
         self._families = trial._families
         return families
 
@@ -122,6 +136,8 @@ def load_families(path: str | Path) -> list[Family]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise FamilyError(f"cannot read family file {str(path)!r}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise FamilyError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from e
     except tomllib.TOMLDecodeError as e:
         raise FamilyError(f"{path}: not valid TOML: {e}") from e
     tables = data.get("family")
@@ -132,7 +148,7 @@ def load_families(path: str | Path) -> list[Family]:
     for name, table in tables.items():
         where = f"{path}: [family.{name}]"
         if not isinstance(table, dict):
-            raise FamilyError(f"{where} must be a table")
+            raise FamilyError(f"{where} must be a table, got {table!r}")
         unknown = sorted(set(table) - allowed)
         if unknown:
             raise FamilyError(f"{where}: unknown key(s) {unknown}; accepted: {sorted(allowed)}")
@@ -147,41 +163,56 @@ def load_families(path: str | Path) -> list[Family]:
             description=table.get("description", ""),
             extra_letters=table.get("letters", {}),
         )
+        problem = _definition_problem(family)
+        if problem:
+            key, text = problem
+            raise FamilyError(f"{where} {key}: {text}", key)
         try:
-            _check_definition(family)
+            family.layout()
+        except PatternError as e:
+            raise FamilyError(f"{where} pattern: {e}", "pattern") from e
+        except LayoutError as e:
+            raise FamilyError(f"{where} depth: {e}", "depth") from e
         except FamilyError as e:
-            raise FamilyError(f"{where}: {e}") from e
+            raise FamilyError(f"{where} counts: {e}", "counts") from e
         families.append(family)
     return families
 
 
-def _check_definition(family: Family) -> None:
-    if (
-        not isinstance(family.name, str)
-        or not family.name
-        or not family.name.isprintable()
-        or " " in family.name
-    ):
-        raise FamilyError(f"family name {family.name!r} must be a non-empty printable string without spaces")
+def _definition_problem(family: Family) -> tuple[str, str] | None:
+    """The field of ``family`` that is malformed and what is wrong with it, or None if none is."""
+    name = family.name
+    if not isinstance(name, str) or not name or not name.isprintable() or " " in name:
+        return "name", f"{name!r} must be a non-empty printable string without spaces"
     if not isinstance(family.pattern, str):
-        raise FamilyError(f"family {family.name!r}: pattern must be a string, got {family.pattern!r}")
+        return "pattern", f"must be a string of layer letters, got {family.pattern!r}"
     if isinstance(family.depth, bool) or not isinstance(family.depth, int):
-        raise FamilyError(f"family {family.name!r}: depth must be an integer, got {family.depth!r}")
-    if not isinstance(family.counts, Mapping) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in family.counts.values()
-    ):
-        raise FamilyError(f"family {family.name!r}: counts must map letters to non-negative integers")
+        return "depth", f"must be an integer, got {family.depth!r}"
+    if not isinstance(family.description, str):
+        return "description", f"must be a string, got {family.description!r}"
+    builtin = f"{' '.join(LETTERS)} {CUT}"
+    if not isinstance(family.extra_letters, Mapping):
+        return (
+            "letters",
+            f'must map letters to block names, e.g. {{ G = "gated delta net" }}, got {family.extra_letters!r}',
+        )
     for letter, block in family.extra_letters.items():
         if len(letter) != 1 or not letter.isascii() or not letter.isupper() or letter in LETTERS:
-            raise FamilyError(
-                f"family {family.name!r}: extra letter {letter!r} must be one uppercase ASCII letter not "
-                f"already built in ({''.join(LETTERS)}, {CUT})"
+            return (
+                "letters",
+                f"{letter!r} must be one uppercase ASCII letter not already built in ({builtin})",
             )
         if not isinstance(block, str) or not block:
-            raise FamilyError(f"family {family.name!r}: extra letter {letter!r} needs a block name")
-    unknown = sorted(set(family.counts) - set(family.letters))
+            return "letters", f"{letter!r} needs a block name (a non-empty string), got {block!r}"
+    counts = family.counts
+    if not isinstance(counts, Mapping) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()
+    ):
+        return "counts", f"must map letters to non-negative integers, e.g. {{ A = 6, M = 6 }}, got {counts!r}"
+    unknown = sorted(set(counts) - set(family.letters))
     if unknown:
-        raise FamilyError(f"family {family.name!r}: counts name unknown letter(s) {unknown}")
+        return "counts", f"name unknown letter(s) {unknown}; accepted: {' '.join(family.letters)}"
+    return None
 
 
 REGISTRY = FamilyRegistry(BUILTIN)

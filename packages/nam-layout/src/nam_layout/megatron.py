@@ -29,6 +29,10 @@ def to_megatron(
     """
     symbols = dict(MEGATRON_SYMBOLS)
     for letter, symbol in (map_letters or {}).items():
+        if letter not in layout.letters:
+            raise LayoutError(
+                f"cannot map {letter!r}: not a layer letter of this layout (its letters: {' '.join(layout.letters)})"
+            )
         if symbol in MEGATRON_SYMBOLS:  # allow mapping to one of our letters, e.g. R -> M
             symbol = MEGATRON_SYMBOLS[symbol]
         if symbol not in _MEGATRON_LAYER_SYMBOLS:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -37,15 +39,21 @@ class CostModel:
     embedding: float = 0.0
     output: float = 0.0
 
+    def __post_init__(self) -> None:
+        for what, cost in (
+            *((f"cost of {letter!r}", c) for letter, c in self.per_letter.items()),
+            ("embedding cost", self.embedding),
+            ("output cost", self.output),
+        ):
+            if isinstance(cost, bool) or not isinstance(cost, numbers.Real) or not 0 <= cost < math.inf:
+                raise LayoutError(f"{what} must be a finite non-negative number, got {cost!r}")
+
     def layer_costs(self, layout: Layout) -> list[float]:
         missing = sorted(set(layout.kinds) - set(self.per_letter))
         if missing:
             raise LayoutError(
                 f"the cost model has no weight for letter(s) {missing}; give one per letter used"
             )
-        for letter, cost in self.per_letter.items():
-            if not cost >= 0:
-                raise LayoutError(f"cost of {letter!r} must be a non-negative number, got {cost!r}")
         costs = [float(self.per_letter[k]) for k in layout.kinds]
         costs[0] += self.embedding
         costs[-1] += self.output

@@ -1,6 +1,6 @@
 """FIRE, DASH, ReDo and STP plasticity interventions for tensor-parallel megatron-core models."""
 
-from nam_plasticity.blocks import Block, find_blocks
+from nam_plasticity.blocks import Block, RowParts, find_blocks
 from nam_plasticity.dash import Dash, DashConfig, dash_scale
 from nam_plasticity.fire import FireConfig, apply_fire, fire_matrices
 from nam_plasticity.params import Master, resolve
@@ -25,6 +25,7 @@ __all__ = [
     "Record",
     "Redo",
     "RedoConfig",
+    "RowParts",
     "STPConfig",
     "Schedule",
     "apply_fire",

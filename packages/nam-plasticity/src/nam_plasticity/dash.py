@@ -8,9 +8,11 @@ A row aligned with the negative gradient (a feature the loss still wants) keeps 
 orthogonal or opposed to it (memorised noise, in the paper's analysis) shrinks to lambda of its
 norm. A row whose gradient is zero (no signal, e.g. an expert that received no tokens) is left
 alone. Paper: Shin et al., "DASH: Warm-Starting Neural Network Training in Stationary Settings
-without Loss of Plasticity", NeurIPS 2024; lambda = 0.3 there. With ``alpha`` set, g is an EMA
-of the gradient, g <- (1 - alpha) g + alpha grad, updated at every plan step (alpha = 0.3 is the
-issue's reading of the paper's default; alpha = None uses the current gradient).
+without Loss of Plasticity", NeurIPS 2024. Its code (github.com/baekrok/DASH-Direction-Aware-
+SHrinking, ``utils/train_utils.py``) averages the gradient over mini-batches as
+g <- (1 - alpha) g + alpha grad from g = 0, then scales each row by clamp(cos(w, -g), lambda, 1);
+its defaults (``main.py``) are alpha = lambda = 0.3, ours too. Here the average runs over plan
+steps (one gradient per optimizer step; alpha = None uses the current gradient alone).
 
 Gradients: megatron's ``main_grad`` (data-parallel reduced) when present, else ``.grad``. Under
 the distributed optimizer only the slice a rank owns is reduced, so each rank forms per-row
@@ -36,8 +38,11 @@ from nam_plasticity.records import Record
 
 @dataclass
 class DashConfig:
+    """lam: the floor of the per-row scale. alpha: weight of the newest gradient in the gradient's
+    moving average (None: no average). Defaults: the paper's code, lambda = alpha = 0.3."""
+
     lam: float = 0.3
-    alpha: float | None = None
+    alpha: float | None = 0.3
 
     def __post_init__(self) -> None:
         if not 0 <= self.lam <= 1:
@@ -78,9 +83,10 @@ class Dash:
         for param in {id(b.param): b.param for b in blocks}.values():
             g = _owned_grad(resolve(param, optimizer))
             ema = self._ema.get(id(param))
+            a = self.config.alpha
             self._ema[id(param)] = (
-                g if ema is None else ema.mul_(1 - self.config.alpha).add_(g, alpha=self.config.alpha)
-            )
+                g.mul_(a) if ema is None else ema.mul_(1 - a).add_(g, alpha=a)
+            )  # from g = 0
 
     def apply(self, step: int, blocks: Sequence[Block], optimizer: Any) -> list[Record]:
         records: list[Record] = []

@@ -32,3 +32,17 @@ def global_names(chunk: nn.Module) -> dict[str, str]:
             )
         out[name] = renamed
     return out
+
+
+def expert_indices(modules: dict[str, nn.Module], name: str, count: int) -> list[int]:
+    """Global indices of the ``count`` local experts of the module ``name``: the
+    ``local_expert_indices`` of its nearest ancestor that has them (megatron's MoE layer), else
+    0..count-1."""
+    parts = name.split(".") if name else []
+    for cut in range(len(parts), -1, -1):
+        indices = getattr(modules.get(".".join(parts[:cut])), "local_expert_indices", None)
+        if indices is not None:
+            if len(indices) != count:
+                raise ValueError(f"{name}: {count} local experts but its MoE layer lists {list(indices)}")
+            return list(indices)
+    return list(range(count))

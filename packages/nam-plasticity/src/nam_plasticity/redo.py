@@ -11,6 +11,15 @@ an EMA over training forwards. Neuron i is dormant when s_i <= tau. Recycling dr
 rows afresh from the layer's initial distribution and zeroes (or fills with small noise) its
 outgoing column; its score restarts at the layer mean so it is not recycled again at once.
 
+Grouped experts (all of a layer's experts in 3-D weights) are found through a protocol of the
+module that owns them: ``plasticity_neurons()`` returns plain data, ``{"fc1": name, "fc2":
+name, "gated": bool, "group": tensor-parallel group of the units or None, "init_std": float}``
+with fc1 ``[E_local, (2 x) F_local, H]`` and fc2 ``[E_local, H, F_local]``, and
+``register_activation_hook(hook)`` calls ``hook(activations [tokens, F_local],
+tokens_per_expert [E_local])`` with fc2's input every forward (rows grouped by expert). Each
+expert is its own layer; an expert that received no tokens keeps its statistic, and one that
+has never received any is not scored.
+
 The fresh rows are drawn for the gathered layer from a generator seeded by (seed, step, layer),
 and each rank keeps its own rows, so a tensor-parallel run recycles exactly what a
 single-process run would.
@@ -28,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nam_plasticity.naming import global_names
+from nam_plasticity.naming import expert_indices, global_names
 from nam_plasticity.params import resolve
 from nam_plasticity.records import Record
 
@@ -54,7 +63,9 @@ class RedoConfig:
 
 @dataclass
 class MLPLayer:
-    """One MLP (or one expert) ReDo watches: fc1 [(2 x) ffn, hidden], fc2 [hidden, ffn]."""
+    """One MLP (or one expert) ReDo watches: fc1 [(2 x) ffn, hidden], fc2 [hidden, ffn]; for an
+    expert of grouped weights, ``expert`` indexes dim 0 of 3-D fc1 and fc2 and ``seen`` (a 0-d
+    bool tensor) says whether it has received tokens yet."""
 
     name: str
     fc1: nn.Parameter
@@ -62,24 +73,64 @@ class MLPLayer:
     gated: bool
     group: dist.ProcessGroup | None
     init_std: float
+    tensors: tuple[str, str]
+    expert: int | None = None
     ema: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
 
     @property
     def neurons(self) -> int:
         return self.fc2.shape[-1]
 
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        """This layer's matrix (a view) of a tensor shaped like fc1 or fc2."""
+        return full if self.expert is None else full[self.expert]
+
+
+@dataclass
+class _GroupedStats:
+    """The activation EMA of all local experts of one grouped module, updated without a host sync."""
+
+    ema: torch.Tensor  # [E_local, F_local]
+    seen: torch.Tensor  # [E_local] bool
+
+
+def _grouped_layers(
+    name: str, module: nn.Module, modules: dict[str, nn.Module], config: RedoConfig
+) -> list[MLPLayer]:
+    """One layer per local expert of a module that declares ``plasticity_neurons()``."""
+    spec = module.plasticity_neurons()
+    w1, w2 = getattr(module, spec["fc1"]), getattr(module, spec["fc2"])
+    gated = bool(spec["gated"])
+    if w1.dim() != 3 or w2.dim() != 3 or w1.shape[1] != w2.shape[2] * (2 if gated else 1):
+        raise ValueError(
+            f"ReDo: {name}: plasticity_neurons() gives fc1 {tuple(w1.shape)} and fc2 {tuple(w2.shape)}; "
+            "accepted [E, (2 x) F, H] and [E, H, F]"
+        )
+    std = config.init_std or spec.get("init_std") or 1 / math.sqrt(3 * w1.shape[2])
+    tensors = (f"{name}.{spec['fc1']}", f"{name}.{spec['fc2']}")
+    return [
+        MLPLayer(f"{name}.{g}", w1, w2, gated, spec.get("group"), float(std), tensors, expert=e)
+        for e, g in enumerate(expert_indices(modules, name, w1.shape[0]))
+    ]
+
 
 def _find_layers(model_chunks: Iterable[nn.Module], config: RedoConfig) -> list[tuple[nn.Module, MLPLayer]]:
+    """(module to hook, layer): fc2 of every MLP, and grouped-expert modules (one layer per expert)."""
     layers = []
     for chunk in model_chunks:
         names = global_names(chunk)
+        modules = dict(chunk.named_modules())
         for name, module in chunk.named_modules():
+            if callable(getattr(module, "plasticity_neurons", None)):
+                layers += [(module, layer) for layer in _grouped_layers(names[name], module, modules, config)]
+                continue
             fc1, fc2 = getattr(module, "linear_fc1", None), getattr(module, "linear_fc2", None)
             if not isinstance(fc1, nn.Module) or not isinstance(fc2, nn.Module):
                 continue
             w1, w2 = getattr(fc1, "weight", None), getattr(fc2, "weight", None)
             if not isinstance(w1, nn.Parameter) or not isinstance(w2, nn.Parameter) or w1.dim() != 2:
-                continue  # grouped experts (weight0..N) are not tracked here
+                continue  # TE grouped linears (weight0..N) declare nothing and are not tracked
             cfg = getattr(module, "config", None)
             gated = bool(getattr(cfg, "gated_linear_unit", False))
             if w1.shape[0] != w2.shape[1] * (2 if gated else 1):
@@ -89,7 +140,8 @@ def _find_layers(model_chunks: Iterable[nn.Module], config: RedoConfig) -> list[
             group = getattr(fc2, "tp_group", None)
             group = group if group is not None and group.size() > 1 else None
             std = config.init_std or getattr(cfg, "init_method_std", None) or 1 / math.sqrt(3 * w1.shape[1])
-            layers.append((fc2, MLPLayer(names[name], w1, w2, gated, group, float(std))))
+            tensors = (f"{names[name]}.linear_fc1.weight", f"{names[name]}.linear_fc2.weight")
+            layers.append((fc2, MLPLayer(names[name], w1, w2, gated, group, float(std), tensors)))
     return layers
 
 
@@ -110,9 +162,15 @@ class Redo:
         """Register forward pre-hooks on every fc2; they update the EMA during training forwards."""
         self.detach()
         self.layers = []
-        for fc2, layer in _find_layers(model_chunks, self.config):
+        grouped: dict[int, list[MLPLayer]] = {}
+        for module, layer in _find_layers(model_chunks, self.config):
             self.layers.append(layer)
-            self._handles.append(fc2.register_forward_pre_hook(self._hook(layer)))
+            if layer.expert is None:
+                self._handles.append(module.register_forward_pre_hook(self._hook(layer)))
+            else:
+                grouped.setdefault(id(module), [module]).append(layer)
+        for module, *experts in grouped.values():
+            self._handles.append(module.register_activation_hook(self._grouped_hook(module, experts)))
 
     def detach(self) -> None:
         for h in self._handles:
@@ -133,6 +191,37 @@ class Redo:
 
         return hook
 
+    def _grouped_hook(self, module: nn.Module, experts: list[MLPLayer]):
+        """Per-expert means of |activation| over the expert's tokens, folded into its EMA on the
+        device; an expert without tokens keeps its EMA, its first tokens initialise it."""
+        beta = self.config.beta
+        stats: _GroupedStats | None = None
+
+        def hook(act: torch.Tensor, counts: torch.Tensor) -> None:
+            nonlocal stats
+            if not module.training or not torch.is_grad_enabled():
+                return
+            x = act.detach().abs().float()
+            counts = counts.to(x.device)
+            if stats is None:
+                stats = _GroupedStats(
+                    torch.zeros(len(experts), x.shape[-1], device=x.device),
+                    torch.zeros(len(experts), dtype=torch.bool, device=x.device),
+                )
+                for i, layer in enumerate(experts):
+                    layer.ema, layer.seen = stats.ema[i], stats.seen[i]
+            ids = torch.repeat_interleave(
+                torch.arange(len(experts), device=x.device), counts, output_size=x.shape[0]
+            )
+            sums = torch.zeros_like(stats.ema).index_add_(0, ids, x)
+            mean = sums / counts.clamp_min(1)[:, None].float()
+            has = (counts > 0)[:, None]
+            mixed = stats.ema * beta + mean * (1 - beta)
+            stats.ema.copy_(torch.where(has & ~stats.seen[:, None], mean, torch.where(has, mixed, stats.ema)))
+            stats.seen |= has[:, 0]
+
+        return hook
+
     @staticmethod
     def _mean(layer: MLPLayer) -> torch.Tensor:
         """Mean EMA over all neurons of the layer, every tensor-parallel rank included."""
@@ -143,7 +232,7 @@ class Redo:
 
     def scores(self, layer: MLPLayer) -> torch.Tensor | None:
         """Normalised scores of the local neurons (None before the first forward)."""
-        if layer.ema is None:
+        if layer.ema is None or (layer.seen is not None and not bool(layer.seen)):
             return None
         return layer.ema / self._mean(layer).clamp_min(torch.finfo(torch.float32).tiny)
 
@@ -174,9 +263,9 @@ class Redo:
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         mine = slice(rank * local, (rank + 1) * local)
         if which == "out":
-            return (torch.randn(layer.fc2.shape[0], local * size, generator=gen) * std)[:, mine]
+            return (torch.randn(layer.fc2.shape[-2], local * size, generator=gen) * std)[:, mine]
         parts = 2 if layer.gated else 1
-        full = torch.randn(parts, local * size, layer.fc1.shape[1], generator=gen) * std
+        full = torch.randn(parts, local * size, layer.fc1.shape[-1], generator=gen) * std
         return full[:, mine].reshape(parts * local, -1)
 
     def apply(self, step: int, optimizer: Any, metrics: dict[str, float]) -> list[Record]:
@@ -196,21 +285,22 @@ class Redo:
             mean = self._mean(layer)
             idx = torch.nonzero(dormant).reshape(-1)
             fc1, fc2 = resolve(layer.fc1, optimizer), resolve(layer.fc2, optimizer)
-            w1, w2 = fc1.read(), fc2.read()
+            full1, full2 = fc1.read(), fc2.read()
+            w1, w2 = layer.local(full1), layer.local(full2)  # views: edits land in full1 / full2
             before = self._norm(layer, w1, w2)
 
             rows = torch.cat([idx + k * layer.neurons for k in range(2 if layer.gated else 1)])
-            mask1 = torch.zeros_like(w1, dtype=torch.bool)
-            mask1[rows] = True
+            mask1 = torch.zeros_like(full1, dtype=torch.bool)
+            layer.local(mask1)[rows] = True
             w1[rows] = self._draw(layer, step, "in", layer.init_std)[rows].to(w1.device)
-            fc1.write(w1, mask1)
+            fc1.write(full1, mask1)
             fc1.reset_state(mask1)
 
-            mask2 = torch.zeros_like(w2, dtype=torch.bool)
-            mask2[:, idx] = True
+            mask2 = torch.zeros_like(full2, dtype=torch.bool)
+            layer.local(mask2)[:, idx] = True
             std = self.config.noise_std
             w2[:, idx] = self._draw(layer, step, "out", std).to(w2.device)[:, idx] if std > 0 else 0.0
-            fc2.write(w2, mask2)
+            fc2.write(full2, mask2)
             fc2.reset_state(mask2)
 
             layer.ema[idx] = mean
@@ -219,7 +309,7 @@ class Redo:
                     step=step,
                     kind="redo",
                     block=layer.name,
-                    tensors=[f"{layer.name}.linear_fc1.weight", f"{layer.name}.linear_fc2.weight"],
+                    tensors=list(layer.tensors),
                     rows=(idx + _rank(layer.group)[0] * layer.neurons).tolist(),
                     norm_before=before,
                     norm_after=self._norm(layer, w1, w2),

@@ -3,13 +3,21 @@
 Consumer protocol (what the stack must offer; nam-spec provides it):
 
     stack.register_hidden_state_hook(hook) -> handle with .remove()
-    hook(layer_number: int, hidden: Tensor) -> Tensor
+    hook(layer_number: int, letter: str, hidden: Tensor) -> Tensor | None
 
 called once per layer per forward with the layer's output hidden states (global 1-based layer
-number, sequence-first [s, b, h], this rank's shard); the stack continues with the tensor the
-hook returns, which equals ``hidden`` in value. Document boundaries of packed rows come from
-``STP.set_documents(doc_ids)`` ([b, s] integer ids, called by the trainer before the forward);
-without them every row is one document.
+number, the layer's letter, sequence-first [s, b, h], this rank's shard); the stack continues
+with the tensor the hook returns (equal to ``hidden`` in value), or ``hidden`` when it returns
+None (nam-spec's NamStack). Document boundaries of packed rows come from
+``STP.set_documents(doc_ids)`` ([b, s] integer ids of the whole sequence, called by the trainer
+before the forward); without them every row is one document.
+
+Sequence parallelism: the hidden states are this rank's contiguous slice of the sequence
+(megatron's scatter along dim 0 of the tensor-parallel group), so STP needs that group
+(``STP(config, sequence_group=tp_group)``) to slice the document ids to the same positions;
+samples stay inside the rank's slice, are drawn per rank, and each rank's loss is weighted
+1 / group size so that lambda means the same at any tensor-parallel size (the gradients of the
+ranks add up over the group).
 
 Forms, over samples drawn within one document of one row, averaged over samples and layers:
 - "straight" (default): positions s < r < t; loss = 1 - cos(h_r - h_s, h_t - h_r), a
@@ -33,10 +41,11 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 Form = Literal["straight", "span"]
-HiddenStateHook = Callable[[int, torch.Tensor], torch.Tensor]
+HiddenStateHook = Callable[[int, str, torch.Tensor], torch.Tensor | None]
 
 
 class HiddenStateHooks(Protocol):
@@ -121,9 +130,11 @@ def stp_loss(
 
 @dataclass
 class STP:
-    """The hook STP registers with the stack; ``step`` sets the schedule's step."""
+    """The hook STP registers with the stack; ``step`` sets the schedule's step.
+    ``sequence_group``: the tensor-parallel group when sequence parallelism is on, else None."""
 
     config: STPConfig
+    sequence_group: dist.ProcessGroup | None = None
     step: int = 0
     _doc_ids: torch.Tensor | None = field(default=None, repr=False)
     _calls: int = 0
@@ -142,24 +153,38 @@ class STP:
         self.step = step
         self._calls = 0
 
-    def draw(self, layer_number: int, batch: int, seq: int) -> tuple[torch.Tensor, ...]:
-        """The (row, s, r, t) samples of the next call at this layer; seeded by (seed, step, call,
-        layer), so every tensor-parallel rank draws the same ones."""
+    def shard(self) -> tuple[int, int]:
+        """(rank, size) of this rank's slice of the sequence; (0, 1) without sequence parallelism."""
+        g = self.sequence_group
+        return (0, 1) if g is None or g.size() == 1 else (dist.get_rank(g), g.size())
+
+    def draw(
+        self, layer_number: int, batch: int, seq: int, shard: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The (row, s, r, t) samples (local positions) of the next call at this layer, for the
+        slice ``shard`` = (rank, size) of the sequence (default: this rank's). Seeded by (seed,
+        step, call, layer, rank), so the tensor-parallel ranks of one slice draw the same ones."""
+        rank, size = self.shard() if shard is None else shard
         doc_ids = self._doc_ids
         if doc_ids is None:
-            doc_ids = torch.zeros(batch, seq, dtype=torch.long)
-        elif tuple(doc_ids.shape) != (batch, seq):
+            doc_ids = torch.zeros(batch, seq * size, dtype=torch.long)
+        elif tuple(doc_ids.shape) != (batch, seq * size):
             raise ValueError(
-                f"STP: document ids have shape {tuple(doc_ids.shape)}, hidden states [b, s] = {[batch, seq]}"
+                f"STP: document ids have shape {tuple(doc_ids.shape)}, hidden states [b, s] = {[batch, seq]} "
+                f"on sequence slice {rank} of {size}; accepted ids of the whole sequence [{batch}, {seq * size}] "
+                "(under sequence parallelism construct STP with sequence_group=<tensor-parallel group>)"
             )
-        key = f"{self.config.seed}/{self.step}/{self._calls}/{layer_number}"
+        key = f"{self.config.seed}/{self.step}/{self._calls}/{layer_number}" + (
+            f"/{rank}" if size > 1 else ""
+        )
         self._calls += 1
         gen = torch.Generator().manual_seed(
             int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
         )
-        return sample_triples(doc_ids, self.config.samples, self.config.form, gen)
+        local_ids = doc_ids[:, rank * seq : (rank + 1) * seq]
+        return sample_triples(local_ids, self.config.samples, self.config.form, gen)
 
-    def __call__(self, layer_number: int, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer_number: int, letter: str, hidden: torch.Tensor) -> torch.Tensor:
         lam = lambda_at(self.config, self.step)
         if layer_number not in self.config.layers or lam == 0 or not torch.is_grad_enabled():
             return hidden
@@ -169,10 +194,11 @@ class STP:
         # Kept on the device: a host sync per layer would cost more than the loss itself.
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         self._loss_count += 1
-        return MoEAuxLossAutoScaler.apply(hidden, loss * (lam / len(self.config.layers)))
+        weight = lam / (len(self.config.layers) * self.shard()[1])
+        return MoEAuxLossAutoScaler.apply(hidden, loss * weight)
 
     def pop_metrics(self, metrics: dict[str, float]) -> None:
-        """Mean STP loss (unweighted) since the last call into ``metrics``."""
+        """Mean STP loss (unweighted) since the last call into ``metrics`` (this rank's samples)."""
         if self._loss_sum is not None:
             metrics["stp/loss"] = float(self._loss_sum) / self._loss_count
             metrics["stp/lambda"] = lambda_at(self.config, self.step)

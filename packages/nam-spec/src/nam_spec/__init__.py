@@ -1,7 +1,7 @@
 """From a NAM layout to megatron-core module specs and a model.
 
-Light at import: the config, presets and the parameter formula need no megatron; the builders
-import it when used.
+Light at import: the config, presets, the parameter formula and the memory estimate need no
+megatron; the builders import it when used.
 """
 
 from nam_spec.accounting import letter_params, model_flops_per_token, model_params
@@ -14,6 +14,7 @@ from nam_spec.config import (
     SpecConfigError,
     validate,
 )
+from nam_spec.memory import MemoryEstimate, memory_estimate
 from nam_spec.presets import PRESETS, preset
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "AttentionConfig",
     "M2RNNConfig",
     "MambaConfig",
+    "MemoryEstimate",
     "MoEConfig",
     "ModelConfig",
     "SpecConfigError",
@@ -30,6 +32,7 @@ __all__ = [
     "describe",
     "layer_specs",
     "letter_params",
+    "memory_estimate",
     "model_flops_per_token",
     "model_params",
     "preset",

@@ -2,9 +2,9 @@
 
 `te` names Transformer Engine's fused modules through megatron-core's wrappers. TE cannot be
 installed on our machines, so the `te` backend is tested structurally only (which class each
-slot names) and never run here. `auto` picks `te` only when CUDA is available and
-``transformer_engine.pytorch`` imports; on a machine without a driver TE raises RuntimeError or
-OSError rather than ImportError, so any exception means "not available".
+slot names) and never run here. `auto` picks `te` only when ``transformer_engine.pytorch`` imports
+and CUDA is available; on a machine without a driver TE raises RuntimeError or OSError rather than
+ImportError, so any exception means "not available", and ``te_unavailable()`` says which one.
 """
 
 from __future__ import annotations
@@ -35,14 +35,15 @@ class Backend:
         return self.norm_column_linear is not None
 
 
-def te_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
+def te_unavailable() -> str | None:
+    """Why Transformer Engine cannot be used here, or None when it can."""
     try:
         importlib.import_module("transformer_engine.pytorch")
-    except Exception:  # driverless machines raise RuntimeError/OSError, not ImportError
-        return False
-    return True
+    except Exception as e:  # driverless machines raise RuntimeError/OSError, not ImportError
+        return f"importing transformer_engine.pytorch raised {type(e).__name__}: {e}"
+    if not torch.cuda.is_available():
+        return "CUDA is not available (torch.cuda.is_available() is False)"
+    return None
 
 
 def local_backend() -> Backend:
@@ -57,10 +58,10 @@ def local_backend() -> Backend:
 
 def te_backend(*, check: bool = True) -> Backend:
     """The TE backend; ``check=False`` builds it without TE for structural inspection only."""
-    if check and not te_available():
+    if check and (reason := te_unavailable()) is not None:
         raise RuntimeError(
-            "backend 'te' requested, but Transformer Engine is not usable here (needs CUDA and an "
-            "importable transformer_engine.pytorch); use backend='local' or 'auto'"
+            f"backend 'te' requested, but Transformer Engine is not usable here: {reason}; "
+            "use backend='local' or 'auto'"
         )
     from functools import partial
 
@@ -90,5 +91,5 @@ def resolve_backend(name: str) -> Backend:
     if name == "te":
         return te_backend()
     if name == "auto":
-        return te_backend() if te_available() else local_backend()
+        return te_backend() if te_unavailable() is None else local_backend()
     raise ValueError(f"backend {name!r} is unknown; accepted: 'auto', 'local', 'te'")

@@ -29,9 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
 HiddenStateHook = Callable[[int, str, torch.Tensor], torch.Tensor | None]
-"""hook(layer_number (1-based, global), letter, hidden_states [s_local, b, h]) after each layer.
-A returned tensor (equal in value, e.g. carrying a regulariser's loss into backward as STP's does)
-replaces the hidden states for the layers after it; None leaves them as they are."""
+"""hook(layer_number (1-based, global), letter, hidden_states [s_local, b, h]) after each layer;
+a returned tensor (equal in value, e.g. one carrying a regulariser's gradient as nam-plasticity's
+STP does) replaces the hidden states for the rest of the forward, None keeps them."""
 
 
 class NamStack(MegatronModule):
@@ -75,7 +75,8 @@ class NamStack(MegatronModule):
         self.input_tensor = input_tensor
 
     def register_hidden_state_hook(self, hook: HiddenStateHook) -> RemovableHandle:
-        """Call ``hook`` with every layer's output of each forward (sequence-first, local shard)."""
+        """Call ``hook`` with every layer's output of each forward (sequence-first, local shard);
+        the stack continues with the tensor it returns, if any."""
         handle = RemovableHandle(self._hooks)
         self._hooks[handle.id] = hook
         return handle
@@ -107,9 +108,8 @@ class NamStack(MegatronModule):
             else:
                 hidden_states = _run_layer(layer, hidden_states, kwargs)
             for hook in list(self._hooks.values()):
-                replaced = hook(layer.layer_number, letter, hidden_states)
-                if replaced is not None:
-                    hidden_states = replaced
+                out = hook(layer.layer_number, letter, hidden_states)
+                hidden_states = hidden_states if out is None else out
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states)
         # pipeline stages send this tensor on; it must own its storage (megatron's convention)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+import nam_embed
 from nam_embed.cpp import extract_cpp_structure
 from nam_embed.structure import CHANNELS
 
@@ -20,10 +21,12 @@ DTYPE = np.uint16
 
 
 def extractor_version() -> dict[str, str]:
-    """What the channels depend on, for cache keys: the extractor and the grammar it parses with."""
+    """What the channels depend on, for cache keys: the extractor and the grammar it parses with.
+    nam-embed's own version comes from the module: run from source (the GPU bench) it has no
+    installed metadata."""
     return {
         "channels": ",".join(CHANNELS),
-        "nam-embed": importlib.metadata.version("nam-embed"),
+        "nam-embed": nam_embed.__version__,
         "tree-sitter": importlib.metadata.version("tree-sitter"),
         "tree-sitter-cpp": importlib.metadata.version("tree-sitter-cpp"),
     }

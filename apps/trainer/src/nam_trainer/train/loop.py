@@ -103,7 +103,9 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
         )
         return EXIT_OK
 
-    plan = build_plan(cfg.plasticity, run.model.layout, t.seed)
+    plan = build_plan(
+        cfg.plasticity, run.model.layout, t.seed, _sequence_group(cfg.parallel.sequence_parallel)
+    )
     if plan is not None:
         attach(plan, run.chunks, start + 1)
     feed = before_forward(plan)
@@ -230,6 +232,12 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
         progress.close()
         if log is not None:
             log.close()
+
+
+def _sequence_group(sequence_parallel: bool) -> Any:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group() if sequence_parallel else None
 
 
 def _ppl(loss: float) -> float:

@@ -19,8 +19,9 @@ def _schedule(at: list[int], every: int, start: int) -> Schedule | None:
     return Schedule(at=tuple(at), every=every or None, start=start)
 
 
-def build_plan(cfg: PlasticityConfig, layout: Layout, seed: int) -> Plan | None:
-    """The plan, or None when every lever is off."""
+def build_plan(cfg: PlasticityConfig, layout: Layout, seed: int, sequence_group: Any = None) -> Plan | None:
+    """The plan, or None when every lever is off. ``sequence_group``: the tensor-parallel group
+    under sequence parallelism (STP slices the document ids to this rank's positions), else None."""
     stp = None
     if cfg.stp:
         layers = tuple(cfg.stp_layers) or tuple(layout.positions("R"))
@@ -34,6 +35,7 @@ def build_plan(cfg: PlasticityConfig, layout: Layout, seed: int) -> Plan | None:
                 samples=cfg.stp_samples,
                 seed=seed,
             ),
+            sequence_group=sequence_group,
             step=1,  # the first forward belongs to step 1; plan.step moves it on
         )
     plan = Plan(
@@ -58,10 +60,8 @@ def attach(plan: Plan, chunks: list[Any], step: int) -> list[Any]:
     handles = []
     if plan.stp is not None:
         plan.stp.set_step(step)
-        stp = plan.stp
         for chunk in chunks:
-            # nam-spec's hook gets (layer, letter, hidden); STP's takes (layer, hidden)
-            handles.append(chunk.module.decoder.register_hidden_state_hook(lambda n, _k, h: stp(n, h)))
+            handles.append(plan.stp.register(chunk.module.decoder))
     return handles
 
 

@@ -36,14 +36,16 @@ def causal_conv1d_silu(
 ) -> torch.Tensor:
     """SiLU(causal_conv1d_torch(...)), by causal-conv1d's CUDA op where it can run.
 
-    x may be a strided view [b, l, d] (e.g. a slice of a projection's output): the op reads its
-    channels-last layout as it is when the time stride is a multiple of 8, else x is copied once.
+    x may be a channel slice [b, l, d] of a batch-major projection output: the op reads that
+    channels-last layout as it is when the time stride is a multiple of 8. Anything else (a
+    sequence-first tensor transposed to batch-first included) is copied once to batch-major.
     """
     if not (x.is_cuda and import_error("causal_conv1d") is None):
         return F.silu(causal_conv1d_torch(x, weight, bias, seq_idx))
     from causal_conv1d import causal_conv1d_fn
 
-    if x.stride(2) != 1 or x.stride(1) % 8:  # its channels-last kernel's layout requirements
+    batch_major = x.shape[0] == 1 or x.stride(0) >= x.shape[1] * x.stride(1)
+    if x.stride(2) != 1 or x.stride(1) % 8 or not batch_major:  # the channels-last kernel's layout
         x = x.contiguous()
     return causal_conv1d_fn(x.transpose(1, 2), weight, bias, seq_idx=seq_idx, activation="silu").transpose(
         1, 2

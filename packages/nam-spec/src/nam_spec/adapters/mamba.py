@@ -69,6 +69,17 @@ class MambaAdapter(ProjectedCoreAdapter):
             )
         mark_tensor_parallel(*self.core.parameters())
 
+    def plasticity_row_parts(self) -> dict[str, dict[str, Any]]:
+        """nam-plasticity's declared parts: in_proj's local rows are [z, x, B, C, dt] of this rank's
+        channels, groups and heads, so each part gathered over TP ranks is that part of the model."""
+        gn = self.ngroups_local * self.d_state
+        di = self.d_inner_local
+        return {
+            "in_proj.weight": {
+                "parts": (("z", di), ("x", di), ("B", gn), ("C", gn), ("dt", self.nheads_local))
+            }
+        }
+
     def forward(
         self, hidden_states: torch.Tensor, packed_seq_params: PackedSeqParams | None = None, **_: object
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

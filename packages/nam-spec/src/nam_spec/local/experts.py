@@ -11,6 +11,9 @@ experts with the same result.
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +26,12 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.hooks import RemovableHandle
 
 from nam_spec.devices import param_device
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ActivationHook = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -104,6 +109,7 @@ class GroupedExperts(MegatronModule):
         self.recompute_activation = config.recompute_granularity == "selective" and "moe_act" in (
             config.recompute_modules or []
         )
+        self._activation_hooks: OrderedDict[int, ActivationHook] = OrderedDict()
 
     def forward(
         self, permuted_hidden: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor
@@ -115,10 +121,42 @@ class GroupedExperts(MegatronModule):
             act = checkpoint(_swiglu_weighted, h, probs, use_reentrant=False)
         else:
             act = _swiglu_weighted(h, probs)
+        for hook in list(self._activation_hooks.values()):
+            hook(act, counts)
         return grouped_linear(act, self.fc2_weight, counts), None
 
     def backward_dw(self) -> None:  # weight gradients are not deferred
         return None
+
+    def plasticity_row_parts(self) -> dict[str, dict[str, Any]]:
+        """Logical matrices for nam-plasticity (its declared-parts protocol): every local expert
+        separately, fc1 as its gate and up halves (this rank's F slice of each), fc2 whole."""
+        f = self.fc2_weight.shape[2]
+        return {
+            "fc1_weight": {"parts": (("gate", f), ("up", f)), "expert_dim": 0, "group": self.etp_group},
+            "fc2_weight": {"expert_dim": 0, "group": self.etp_group},
+        }
+
+    def plasticity_neurons(self) -> dict[str, Any]:
+        """What nam-plasticity's ReDo needs: the incoming and outgoing weights of each expert's
+        hidden units (neuron i: gate row i and up row i of fc1, column i of fc2), the group the
+        units are split over and the std of a fresh fc1 row; ``register_activation_hook``
+        delivers the units' activations."""
+        group = self.etp_group if self.etp_group.size() > 1 else None
+        return {
+            "fc1": "fc1_weight",
+            "fc2": "fc2_weight",
+            "gated": True,
+            "group": group,
+            "init_std": self.config.init_method_std,
+        }
+
+    def register_activation_hook(self, hook: ActivationHook) -> RemovableHandle:
+        """Call ``hook(activations [tokens, F_local], tokens_per_expert [E_local])`` with fc2's
+        input (SwiGLU output times routing probability, rows grouped by expert) every forward."""
+        handle = RemovableHandle(self._activation_hooks)
+        self._activation_hooks[handle.id] = hook
+        return handle
 
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None

@@ -129,8 +129,12 @@ def core_fused(
     conv in backward instead of keeping it."""
     from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
 
+    # Batch-major memory: its backward flattens dz (a slice of the gradient it returns) with a
+    # reshape that copies when batch and time do not merge, so the norm's dz lands in the copy and
+    # the returned gradient keeps uninitialised memory (NaN losses from sequence-first callers at
+    # batch > 1). A no-op for contiguous input, and at batch 1.
     return mamba_split_conv1d_scan_combined(
-        zxbcdt,
+        zxbcdt.contiguous(),
         w.conv_weight,
         w.conv_bias,
         w.dt_bias,
