@@ -590,7 +590,9 @@ def run_model(
     import torch
 
     from nam_spec.accounting import model_flops_per_token
+    from nam_spec.moe_metrics import reset_megatron_moe_state
 
+    reset_megatron_moe_state()  # benchmarks earlier in the process (spec) built shallower models
     total, by_dtype = _parameters(model)
     log(f"{name}: {total / 1e9:.3f} B parameters {by_dtype}; accounting formula {formula_params / 1e9:.3f} B")
     report.check(

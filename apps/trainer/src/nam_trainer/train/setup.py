@@ -69,19 +69,14 @@ def build_run(checked: Checked, world: World) -> Run:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from nam_spec import build_model
+    from nam_spec.moe_metrics import reset_megatron_moe_state
     from nam_spec.param_groups import no_weight_decay
 
     cfg = checked.config
     t, p = cfg.training, cfg.parallel
-    # megatron's process-wide MoE state, left by any model built earlier in this process: a plain
-    # backward leaves a 0-d aux-loss scale that the schedule cannot copy its [1] scale into (from
-    # None it makes its own), and the metrics tracker keeps per-layer tables of that model's depth.
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    destroy_moe_metrics_tracker()
+    reset_megatron_moe_state()  # left by any model built earlier in this process (tests, notebooks)
     precision = resolved_precision(t.precision, cuda=world.device.type == "cuda")
     setup = model_setup(cfg, precision=precision)
     model = build_model(setup.layout, setup.config, plan=checked.stages, embedding_kwargs=setup.embedding)
