@@ -115,3 +115,29 @@ def _plain_rank() -> None:
 
 def test_plain_torch_group_averages_grouped_experts_over_replicas_that_saw_tokens() -> None:
     run_ranks(_plain_rank, WORLD, timeout_s=120)
+
+
+def _stp_rank() -> None:
+    from test_stp import Stack
+
+    from nam_plasticity import STP, STPConfig
+    from nam_runtime import dist as runtime
+
+    world = runtime.initialize(tensor_parallel=1)
+    torch.manual_seed(0)
+    model = Stack(head=False)
+    stp = STP(STPConfig(layers=(2, 3), lam=0.1, samples=4))
+    stp.register(model)
+    stp.set_step(1)
+    x = torch.randn(12, 2, 16, generator=torch.Generator().manual_seed(world.rank))
+    model(x).sum().backward()
+    local = float(stp._loss_sum) / stp._loss_count
+    metrics: dict[str, float] = {}
+    stp.pop_metrics(metrics)
+    per_rank = gathered(torch.tensor([local], dtype=torch.float64))
+    assert not torch.equal(per_rank[0], per_rank[1]), per_rank
+    assert abs(metrics["stp/loss"] - float(sum(per_rank)) / WORLD) < 1e-6, (metrics, per_rank)
+
+
+def test_stp_loss_is_averaged_over_data_parallel_ranks() -> None:
+    run_ranks(_stp_rank, WORLD, timeout_s=120)
