@@ -21,7 +21,7 @@ class Chunk(nn.Module):
         self.mlp = MLP(cfg, mlp_submodules())
 
 
-def bf16_model_and_optimizer(distributed: bool):
+def bf16_model_and_optimizer(distributed: bool, lr: float = 0.0):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -36,7 +36,7 @@ def bf16_model_and_optimizer(distributed: bool):
     opt = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
-            lr=0.0,
+            lr=lr,
             min_lr=0.0,
             weight_decay=0.0,
             bf16=True,

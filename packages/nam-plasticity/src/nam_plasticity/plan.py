@@ -53,6 +53,7 @@ class Plan:
     dash_config: DashConfig = field(default_factory=DashConfig)
     redo: Schedule | None = None
     redo_config: RedoConfig = field(default_factory=RedoConfig)
+    redo_group: Any = None  # ReDo's data-parallel group without megatron's parallel state
     stp: STP | None = None
     seed: int = 0
     _dash: Dash | None = field(default=None, repr=False)
@@ -61,7 +62,7 @@ class Plan:
     def attach(self, model_chunks: Sequence[nn.Module]) -> None:
         """Install what must watch the forward pass (ReDo's activation hooks)."""
         if self.redo is not None:
-            self._redo = Redo(self.redo_config, seed=self.seed)
+            self._redo = Redo(self.redo_config, seed=self.seed, group=self.redo_group)
             self._redo.attach(model_chunks)
 
     def step(

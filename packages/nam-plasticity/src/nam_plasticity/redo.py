@@ -20,6 +20,13 @@ tokens_per_expert [E_local])`` with fc2's input every forward (rows grouped by e
 expert is its own layer; an expert that received no tokens keeps its statistic, and one that
 has never received any is not scored.
 
+Data-parallel replicas see different tokens, so their EMAs differ; before scoring, each layer's
+EMA is averaged over its data-parallel group (dense layers: megatron's data-parallel group with
+context parallel; grouped experts: the expert-data-parallel group, as each expert lives on one
+expert-parallel rank; plain torch: ``Redo(group=)``; no distributed init: nothing), counting
+only replicas where the expert has received tokens, and written back when recycling. Every
+replica therefore takes the same decision and edits its own shard of the same values.
+
 The fresh rows are drawn for the gathered layer from a generator seeded by (seed, step, layer),
 and each rank keeps its own rows, so a tensor-parallel run recycles exactly what a
 single-process run would.
@@ -75,6 +82,7 @@ class MLPLayer:
     init_std: float
     tensors: tuple[str, str]
     expert: int | None = None
+    replicas: dist.ProcessGroup | None = None  # data-parallel replicas of the layer
     ema: torch.Tensor | None = None
     seen: torch.Tensor | None = None
 
@@ -113,6 +121,19 @@ def _grouped_layers(
         MLPLayer(f"{name}.{g}", w1, w2, gated, spec.get("group"), float(std), tensors, expert=e)
         for e, g in enumerate(expert_indices(modules, name, w1.shape[0]))
     ]
+
+
+def _replica_group(expert: bool, group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """The data-parallel group holding replicas of a layer: megatron's (expert-)data-parallel
+    group when its parallel state is initialised, else ``group``; None when it has one rank."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        if expert:
+            group = parallel_state.get_expert_data_parallel_group()
+        else:
+            group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if group is not None and group.size() > 1 else None
 
 
 def _find_layers(model_chunks: Iterable[nn.Module], config: RedoConfig) -> list[tuple[nn.Module, MLPLayer]]:
@@ -155,6 +176,7 @@ class Redo:
 
     config: RedoConfig = field(default_factory=RedoConfig)
     seed: int = 0
+    group: dist.ProcessGroup | None = None  # data-parallel group without megatron's parallel state
     layers: list[MLPLayer] = field(default_factory=list)
     _handles: list[Any] = field(default_factory=list, repr=False)
 
@@ -164,6 +186,7 @@ class Redo:
         self.layers = []
         grouped: dict[int, list[MLPLayer]] = {}
         for module, layer in _find_layers(model_chunks, self.config):
+            layer.replicas = _replica_group(layer.expert is not None, self.group)
             self.layers.append(layer)
             if layer.expert is None:
                 self._handles.append(module.register_forward_pre_hook(self._hook(layer)))
@@ -223,18 +246,38 @@ class Redo:
         return hook
 
     @staticmethod
-    def _mean(layer: MLPLayer) -> torch.Tensor:
+    def _replica_ema(layer: MLPLayer) -> torch.Tensor | None:
+        """The layer's EMA averaged over its data-parallel replicas that have statistics (None
+        when none has). Every replica must call this: it is a collective over ``layer.replicas``."""
+        has = layer.ema is not None and (layer.seen is None or bool(layer.seen))
+        if layer.replicas is None:
+            return layer.ema if has else None
+        device = layer.fc2.device if layer.ema is None else layer.ema.device
+        local = layer.ema if has else torch.zeros(layer.neurons, device=device)
+        total = torch.cat([local.float(), torch.ones(1, device=device) * float(has)])
+        dist.all_reduce(total, group=layer.replicas)
+        return total[:-1] / total[-1] if total[-1] > 0 else None
+
+    @staticmethod
+    def _mean(layer: MLPLayer, ema: torch.Tensor) -> torch.Tensor:
         """Mean EMA over all neurons of the layer, every tensor-parallel rank included."""
-        total = torch.stack([layer.ema.sum(), torch.tensor(float(layer.neurons), device=layer.ema.device)])
+        total = torch.stack([ema.sum(), torch.tensor(float(layer.neurons), device=ema.device)])
         if layer.group is not None:
             dist.all_reduce(total, group=layer.group)
         return total[0] / total[1]
 
+    def _scored(self, layer: MLPLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(replica-averaged EMA, its normalised scores) of the local neurons; None before the
+        layer's first forward on any replica."""
+        ema = self._replica_ema(layer)
+        if ema is None:
+            return None
+        return ema, ema / self._mean(layer, ema).clamp_min(torch.finfo(torch.float32).tiny)
+
     def scores(self, layer: MLPLayer) -> torch.Tensor | None:
         """Normalised scores of the local neurons (None before the first forward)."""
-        if layer.ema is None or (layer.seen is not None and not bool(layer.seen)):
-            return None
-        return layer.ema / self._mean(layer).clamp_min(torch.finfo(torch.float32).tiny)
+        scored = self._scored(layer)
+        return None if scored is None else scored[1]
 
     @staticmethod
     def _norm(layer: MLPLayer, w1: torch.Tensor, w2: torch.Tensor) -> float:
@@ -272,9 +315,17 @@ class Redo:
         """Recycle the dormant neurons of every layer; returns one record per layer recycled."""
         records = []
         for layer in self.layers:
-            s = self.scores(layer)
-            if s is None:
+            scored = self._scored(layer)
+            if scored is None:
                 continue
+            ema, s = scored
+            if layer.replicas is not None:  # replicas continue from the averaged statistic
+                if layer.ema is None:
+                    layer.ema = ema.clone()
+                else:
+                    layer.ema.copy_(ema)
+                if layer.seen is not None:
+                    layer.seen.fill_(True)
             dormant = s <= self.config.tau
             count = torch.stack([dormant.sum().float(), torch.tensor(float(s.numel()))])
             if layer.group is not None:
@@ -282,7 +333,7 @@ class Redo:
             metrics[f"redo/dormant_fraction/{layer.name}"] = float(count[0] / count[1])
             if count[0] == 0:  # the same decision on every rank of the layer: counts are global
                 continue
-            mean = self._mean(layer)
+            mean = self._mean(layer, layer.ema)
             idx = torch.nonzero(dormant).reshape(-1)
             fc1, fc2 = resolve(layer.fc1, optimizer), resolve(layer.fc2, optimizer)
             full1, full2 = fc1.read(), fc2.read()

@@ -153,6 +153,14 @@ class STP:
         self.step = step
         self._calls = 0
 
+    def _replica_groups(self) -> list[dist.ProcessGroup]:
+        from megatron.core import parallel_state
+
+        groups = [self.sequence_group]
+        if parallel_state.model_parallel_is_initialized():
+            groups.append(parallel_state.get_data_parallel_group(with_context_parallel=True))
+        return [g for g in groups if g is not None and g.size() > 1]
+
     def shard(self) -> tuple[int, int]:
         """(rank, size) of this rank's slice of the sequence; (0, 1) without sequence parallelism."""
         g = self.sequence_group
@@ -198,8 +206,14 @@ class STP:
         return MoEAuxLossAutoScaler.apply(hidden, loss * weight)
 
     def pop_metrics(self, metrics: dict[str, float]) -> None:
-        """Mean STP loss (unweighted) since the last call into ``metrics`` (this rank's samples)."""
+        """Mean STP loss (unweighted) since the last call into ``metrics``, averaged over the
+        ranks that compute it: megatron's data-parallel group (with context parallel) when its
+        parallel state is initialised, and the sequence group. Every rank of those groups holds
+        the same layers, so all of them reach the all-reduce or none does."""
         if self._loss_sum is not None:
-            metrics["stp/loss"] = float(self._loss_sum) / self._loss_count
+            total = torch.stack([self._loss_sum.float(), torch.ones_like(self._loss_sum) * self._loss_count])
+            for group in self._replica_groups():
+                dist.all_reduce(total, group=group)
+            metrics["stp/loss"] = float(total[0] / total[1])
             metrics["stp/lambda"] = lambda_at(self.config, self.step)
         self._loss_sum, self._loss_count = None, 0
