@@ -128,6 +128,7 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     flops_per_step = model_flops_per_token(run.model.config, run.model.layout) * tokens_per_step
     on_gpu = world.device.type == "cuda"
+    import torch  # loaded by now (the model exists); here for the peak-memory metric
 
     rank0 = world.rank == 0
     log = RunLog(run_dir) if rank0 else None
@@ -191,6 +192,8 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
                 "tflops": tflops,
                 **({"grad_norm": result.grad_norm} if result.grad_norm is not None else {}),
                 **({"mfu": tflops / PEAK_TFLOPS} if on_gpu else {}),
+                # the measured peak that --dry-run's memory estimate is checked against
+                **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if on_gpu else {}),
                 **metrics,
             }
             if log is not None:
