@@ -21,12 +21,12 @@ PYTHON = "3.12"
 # package name -> (folder, wall-clock budget of its test run in seconds). The budgets add up to
 # well inside CI's 90 minutes on 2 cores; a session that runs past its budget fails.
 PACKAGES: dict[str, tuple[str, int]] = {
-    "nam-layout": ("packages/nam-layout", 300),
-    "nam-mixers": ("packages/nam-mixers", 900),
-    "nam-runtime": ("packages/nam-runtime", 900),
-    "nam-embed": ("packages/nam-embed", 600),
-    "nam-plasticity": ("packages/nam-plasticity", 600),
-    "nam-spec": ("packages/nam-spec", 900),
+    "nam-layout": ("packages/nam-layout", 120),
+    "nam-mixers": ("packages/nam-mixers", 600),
+    "nam-runtime": ("packages/nam-runtime", 600),
+    "nam-embed": ("packages/nam-embed", 400),
+    "nam-plasticity": ("packages/nam-plasticity", 400),
+    "nam-spec": ("packages/nam-spec", 600),
     "nam-trainer": ("apps/trainer", 1200),
 }
 
