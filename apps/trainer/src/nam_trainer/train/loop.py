@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nam_runtime import dist
 from nam_runtime.dist import World
 from nam_trainer.config import Checked, ConfigError
@@ -128,7 +130,6 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     flops_per_step = model_flops_per_token(run.model.config, run.model.layout) * tokens_per_step
     on_gpu = world.device.type == "cuda"
-    import torch  # loaded by now (the model exists); here for the peak-memory metric
 
     rank0 = world.rank == 0
     log = RunLog(run_dir) if rank0 else None
