@@ -6,7 +6,7 @@ from helpers import tiny
 
 from nam_layout import Layout
 from nam_spec.accounting import letter_params, model_flops_per_token, model_params
-from nam_spec.config import AttentionConfig, ModelConfig, MoEConfig
+from nam_spec.config import AttentionConfig, EmbeddingConfig, ModelConfig, MoEConfig
 from nam_spec.model import build_model
 from nam_spec.presets import preset
 
@@ -20,19 +20,25 @@ def test_formula_equals_built_layer(letter: str, megatron_single_rank: None) -> 
 
 
 def test_full_nam56r_on_meta_device_matches_formula(megatron_single_rank: None) -> None:
-    config = preset("nam56r", backend="local", moe=MoEConfig(dispatcher="allgather"))
+    config = preset("nam56r", moe=MoEConfig(dispatcher="allgather"))
     layout = Layout.tile("AEMEAEMEAEMR", 52)
     with torch.device("meta"):
         model = build_model(layout, config)
     built = sum(p.numel() for p in model.parameters())
     assert all(p.device.type == "meta" for p in model.parameters())
-    assert built == model_params(config, layout).total == 5_574_492_448
+    formula = model_params(config, layout)
+    assert built == formula.total
+    assert formula.total - formula.embedding_extras == 5_574_492_448  # the layers, embedding and output
+    extras = sum(p.numel() for p in model.embedding.extra_parameters())
+    assert extras == formula.embedding_extras > 0
 
 
 def test_formula_reproduces_megatrons_measured_hybrid_baseline() -> None:
     """GPU.md: megatron-core's own hybrid model, *EME*EME*EMM x 52 at hidden 3584 with 14 KV
     heads, counted 5.90 B parameters; the same geometry through our formula (R -> M)."""
-    config = preset("nam56r").replace(attention=AttentionConfig(num_heads=56, num_kv_heads=14))
+    config = preset("nam56r").replace(
+        attention=AttentionConfig(num_heads=56, num_kv_heads=14), embedding=EmbeddingConfig()
+    )
     total = model_params(config, Layout.tile("AEMEAEMEAEMM", 52)).total
     assert round(total / 1e9, 2) == 5.90
 

@@ -6,9 +6,11 @@ from nam_spec.cli import main
 
 
 def test_plan_full_nam56r_from_the_formula(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", "NAM56R", "--json"]) == 0
+    assert main(["plan", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["total"] == out["formula_total"] == 5_574_492_448
+    assert out["family"] == "NAM56R" and out["preset"] == "nam56r"
+    assert out["total"] == out["formula_total"] == 5_574_492_448 + out["extra"]["embedding_extras"]
+    assert out["extra"]["embedding_extras"] > 0  # the preset's n-gram and structure embeddings
     assert [row["letter"] for row in out["layers"][:12]] == list("AEMEAEMEAEMR")
     assert out["layers"][11]["core"] == "nam_spec.adapters.m2rnn.M2RNNAdapter"
     assert out["layers"][0]["core"] == "nam_spec.local.attention.SDPAttention"

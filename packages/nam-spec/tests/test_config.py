@@ -2,39 +2,62 @@ import pytest
 from helpers import tiny
 
 from nam_layout import Layout
-from nam_spec.config import AttentionConfig, MambaConfig, MoEConfig, SpecConfigError, validate
+from nam_spec.config import AttentionConfig, MambaConfig, MoEConfig, ParallelConfig, SpecConfigError
 from nam_spec.presets import PRESETS, preset
+from nam_spec.validation import validate
 
 LAYOUT = Layout.tile("AEMEAEMEAEMR", 52)
 
 
+TP8 = ParallelConfig(tensor=8, sequence_parallel=True)
+TP2 = ParallelConfig(tensor=2)
+
+
 @pytest.mark.parametrize(
-    ("changes", "layout", "message"),
+    ("changes", "parallel", "layout", "message"),
     [
-        ({"hidden_size": 30}, LAYOUT, "hidden_size 30 is not divisible by num_heads 4"),
-        ({"attention": AttentionConfig(num_heads=4, num_kv_heads=3)}, LAYOUT, "multiple of num_kv_heads 3"),
         (
-            {"tensor_parallel": 8, "sequence_parallel": True},
+            {"hidden_size": 30},
+            None,
             LAYOUT,
-            "num_heads 4 is not divisible by tensor_parallel 8",
+            "model.hidden_size 30 is not divisible by model.attention.num_heads 4",
         ),
-        ({"moe": MoEConfig(num_experts=0)}, LAYOUT, "E needs at least one expert"),
-        ({"moe": MoEConfig(num_experts=4, top_k=5)}, LAYOUT, "top_k 5 must lie in 1..num_experts (4)"),
-        ({"tensor_parallel": 2}, LAYOUT, "need sequence_parallel=True"),
         (
-            {"tensor_parallel": 2},
-            Layout.tile("AMR", 3),
-            "R layers with tensor_parallel > 1 need sequence_parallel",
+            {"attention": AttentionConfig(num_heads=4, num_kv_heads=3)},
+            None,
+            LAYOUT,
+            "multiple of model.attention.num_kv_heads 3",
         ),
-        ({"backend": "cuda"}, LAYOUT, "backend 'cuda' is unknown"),
-        ({"recompute": {"A": "most"}}, LAYOUT, "recompute['A'] = 'most'"),
-        ({"hidden_size": 0}, LAYOUT, "hidden_size must be a positive integer"),
+        ({}, TP8, LAYOUT, "model.attention.num_heads 4 is not divisible by parallel.tensor 8"),
+        ({"moe": MoEConfig(num_experts=0)}, None, LAYOUT, "E layers need at least one expert"),
+        (
+            {"moe": MoEConfig(num_experts=4, top_k=5)},
+            None,
+            LAYOUT,
+            "model.moe.top_k 5 must lie in 1..model.moe.num_experts (4)",
+        ),
+        ({}, TP2, LAYOUT, "E layers with parallel.tensor > 1 need parallel.sequence_parallel = true"),
+        ({}, TP2, Layout.tile("AMR", 3), "R layers with parallel.tensor > 1 need parallel.sequence_parallel"),
+        ({"backend": "cuda"}, None, LAYOUT, "model.backend 'cuda' is unknown; accepted: 'local', 'te'"),
+        ({"recompute": {"A": "most"}}, None, LAYOUT, "model.recompute['A'] = 'most'"),
+        ({"recompute": "most"}, None, LAYOUT, "model.recompute['every letter'] = 'most'"),
+        ({"hidden_size": 0}, None, LAYOUT, "model.hidden_size must be a positive integer"),
+        ({"mamba": MambaConfig(path="fast")}, None, LAYOUT, "model.mamba.path 'fast'; accepted"),
     ],
 )
-def test_bad_configs_fail_with_what_and_where(changes: dict, layout: Layout, message: str) -> None:
+def test_bad_configs_fail_with_what_and_where(
+    changes: dict, parallel: ParallelConfig | None, layout: Layout, message: str
+) -> None:
     with pytest.raises(SpecConfigError) as e:
-        validate(tiny(**changes), layout)
+        validate(tiny(**changes), layout, parallel)
     assert message in str(e.value)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    config = tiny(hidden_size=30, moe=MoEConfig(num_experts=0), backend="cuda")
+    message = str(pytest.raises(SpecConfigError, validate, config, LAYOUT).value)
+    for part in ("model.hidden_size 30", "at least one expert", "model.backend 'cuda'"):
+        assert part in message
 
 
 def test_unknown_letter_is_named() -> None:
@@ -52,8 +75,9 @@ def test_build_model_validates_before_touching_megatron() -> None:
     """No parallel state exists in this test: reaching megatron would fail differently."""
     from nam_spec.model import build_model
 
-    with pytest.raises(SpecConfigError, match="E needs at least one expert"):
-        build_model("NAM56R", tiny(moe=MoEConfig(num_experts=0)))
+    config = tiny(moe=MoEConfig(num_experts=0))
+    with pytest.raises(SpecConfigError, match="E layers need at least one expert"):
+        build_model(config.layout(), config)
 
 
 def test_presets_are_valid_for_nam56r() -> None:
@@ -67,5 +91,6 @@ def test_presets_are_valid_for_nam56r() -> None:
     )
     assert reference.head_dim == 64
     assert preset("nam56r-small", seq_length=512).seq_length == 512
+    assert preset("nam56r-tiny").layout() == LAYOUT
     with pytest.raises(KeyError, match="presets: nam56r"):
         preset("nam99")

@@ -10,12 +10,14 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 
 from nam_layout import Layout
+from nam_spec.config import ParallelConfig
 from nam_spec.local import GroupedExperts, RMSNorm, SDPAttention, grouped_linear
 from nam_spec.local.experts import grouped_mm_runs
+from nam_spec.transformer_config import transformer_config
 
 
-def _tc(**changes: object):
-    return tiny(**changes).transformer_config(Layout.tile("AE", 2))
+def _tc(parallel: ParallelConfig | None = None):
+    return transformer_config(tiny(), Layout.tile("AE", 2), parallel)
 
 
 def test_rmsnorm_matches_formula_and_marks_sequence_parallel() -> None:
@@ -26,7 +28,7 @@ def test_rmsnorm_matches_formula_and_marks_sequence_parallel() -> None:
     ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
     torch.testing.assert_close(norm(x), ref)
     assert norm.weight.sequence_parallel is False
-    sp = RMSNorm(_tc(tensor_parallel=2, sequence_parallel=True), 32)
+    sp = RMSNorm(_tc(ParallelConfig(tensor=2, sequence_parallel=True)), 32)
     assert sp.weight.sequence_parallel is True  # megatron sums its gradient over TP
 
 

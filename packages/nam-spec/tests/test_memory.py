@@ -13,27 +13,17 @@ from helpers import tiny
 
 from nam_layout import Layout
 from nam_spec.accounting import model_params
-from nam_spec.config import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig, SpecConfigError
+from nam_spec.config import ModelConfig, ParallelConfig, SpecConfigError
 from nam_spec.memory import GIB, layer_activation_bytes, memory_estimate
 from nam_spec.model import build_model
+from nam_spec.presets import preset
 
 NAM56R = Layout.tile("AEMEAEMEAEMR", 52)
 
-# bench/trainer.py's model: the trainer's nam56r-small preset (hidden 2048) on the local backend in bf16
-SMALL = ModelConfig(
-    hidden_size=2048,
-    vocab_size=65536,
-    seq_length=4096,
-    ffn_hidden_size=4 * 2048,
-    attention=AttentionConfig(num_heads=32, num_kv_heads=8),
-    moe=MoEConfig(num_experts=16, top_k=4, ffn_hidden_size=512, shared_ffn_hidden_size=576),
-    mamba=MambaConfig(d_state=64, head_dim=64, ngroups=8, expand=2),
-    m2rnn=M2RNNConfig(num_heads=24, head_dim_v=16, head_dim_k=64),
-    backend="local",
-    params_dtype="bfloat16",
-)
-SMALL_EXTRAS = 128_700_000  # n-gram (orders 2, 3, 8 heads, 500 k rows of 16) and structure embeddings
-SELECTIVE = dict.fromkeys("AEMR-", "selective")  # the preset's training.recompute since e4a40d3
+# bench/trainer.py's model: the nam56r-small preset (hidden 2048, n-gram and structure embeddings)
+# on the local backend in bf16, without recompute
+SMALL = preset("nam56r-small", recompute="none")
+SELECTIVE = "selective"  # the preset's recompute since e4a40d3
 
 
 @pytest.mark.parametrize(
@@ -42,18 +32,18 @@ SELECTIVE = dict.fromkeys("AEMR-", "selective")  # the preset's training.recompu
         # torch.cuda.max_memory_allocated on the H200: bench/RESULTS.md at 1ed0f0f (no recompute), and
         # bench/trainer.py at e46b25c (selective), where micro-batches 2 and 4 ran beside 39.69 and
         # 59.14 GiB that earlier runs still held (peaks 91.2 and 127.0 GiB less those)
-        ({}, 1, 44.6),
+        ("none", 1, 44.6),
         (SELECTIVE, 1, 43.3),
         (SELECTIVE, 2, 91.2 - 39.69),
         (SELECTIVE, 4, 127.0 - 59.14),
     ],
 )
-def test_calibration_against_h200_measurements(
-    recompute: dict, micro_batch: int, measured_gib: float
-) -> None:
+def test_calibration_against_h200_measurements(recompute: str, micro_batch: int, measured_gib: float) -> None:
     config = SMALL.replace(recompute=recompute)
-    est = memory_estimate(config, NAM56R, micro_batch_size=micro_batch, extra_params=SMALL_EXTRAS)
-    assert model_params(SMALL, NAM56R).total + SMALL_EXTRAS == pytest.approx(2.087e9, rel=1e-3)
+    est = memory_estimate(config, NAM56R, micro_batch_size=micro_batch)
+    params = model_params(SMALL, NAM56R)
+    assert params.total == pytest.approx(2.087e9, rel=1e-3)
+    assert params.embedding_extras == pytest.approx(128.7e6, rel=1e-3)  # n-gram 500 k rows x 16, structure
     assert abs(est.total_gib - measured_gib) / measured_gib <= 0.05
     assert est.backward_peak > est.step_peak  # the loss of the last micro-batch, not Adam's step
 
@@ -116,7 +106,6 @@ def test_full_nam56r_fits_nowhere_near_one_gpu_without_sharding() -> None:
     [
         ({"micro_batch_size": 0}, "micro_batch_size must be a positive integer"),
         ({"micro_batch_size": 1, "data_parallel": 0}, "data_parallel must be a positive integer"),
-        ({"micro_batch_size": 1, "extra_params": -1}, "extra_params must be >= 0"),
     ],
 )
 def test_bad_arguments_say_what_is_accepted(kwargs: dict, message: str) -> None:
@@ -125,11 +114,8 @@ def test_bad_arguments_say_what_is_accepted(kwargs: dict, message: str) -> None:
 
 
 def test_model_parallel_sizes_are_refused_by_name() -> None:
-    config = SMALL.replace(pipeline_parallel=4)
-    with pytest.raises(
-        SpecConfigError, match="covers tensor_parallel = pipeline_parallel = expert_parallel = 1"
-    ):
-        memory_estimate(config, NAM56R, micro_batch_size=1)
+    with pytest.raises(SpecConfigError, match="covers parallel.tensor = pipeline = expert = 1"):
+        memory_estimate(SMALL, NAM56R, ParallelConfig(pipeline=4), micro_batch_size=1)
 
 
 # ------------------------------------------------------------------------------------------------

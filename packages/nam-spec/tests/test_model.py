@@ -29,7 +29,7 @@ def _loss_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, tor
 
 def test_nam56r_pattern_builds_and_every_parameter_gets_a_gradient(megatron_single_rank: None) -> None:
     torch.manual_seed(0)
-    model = build_model(FAMILY, tiny())
+    model = build_model(FAMILY.layout(), tiny())
     assert model.decoder.kinds == FAMILY.layout().kinds and len(model.decoder.layers) == 52
     assert [layer.layer_number for layer in model.decoder.layers] == list(range(1, 53))
     loss, grads = _loss_and_grads(model)
@@ -42,9 +42,9 @@ def test_nam56r_pattern_builds_and_every_parameter_gets_a_gradient(megatron_sing
 @pytest.mark.parametrize("policy", ["selective", "full"])
 def test_recomputation_changes_memory_not_results(policy: str, megatron_single_rank: None) -> None:
     torch.manual_seed(0)
-    plain = build_model(FAMILY, tiny())
+    plain = build_model(FAMILY.layout(), tiny())
     torch.manual_seed(0)
-    recomputed = build_model(FAMILY, tiny(recompute=dict.fromkeys("AEMR-", policy)))
+    recomputed = build_model(FAMILY.layout(), tiny(recompute=dict.fromkeys("AEMR-", policy)))
     recomputed.load_state_dict(plain.state_dict())
     loss_a, grads_a = _loss_and_grads(plain)
     loss_b, grads_b = _loss_and_grads(recomputed)
@@ -72,7 +72,7 @@ def _saved_activation_bytes(model: torch.nn.Module) -> int:
 
 
 def test_hidden_state_hook_sees_every_layer_output(megatron_single_rank: None) -> None:
-    model = build_model(FAMILY, tiny())
+    model = build_model(FAMILY.layout(), tiny())
     seen: list[tuple[int, str, tuple[int, ...]]] = []
     handle = model.decoder.register_hidden_state_hook(lambda n, k, h: seen.append((n, k, tuple(h.shape))))
     ids, pos = _batch(b=2, s=8)
@@ -85,7 +85,7 @@ def test_hidden_state_hook_sees_every_layer_output(megatron_single_rank: None) -
 
 
 def test_a_hidden_state_hook_may_replace_the_hidden_states(megatron_single_rank: None) -> None:
-    model = build_model(FAMILY, tiny())
+    model = build_model(FAMILY.layout(), tiny())
     ids, pos = _batch(b=1, s=8)
     plain = model(ids, pos)
     handle = model.decoder.register_hidden_state_hook(lambda n, k, h: h * 0 if n == 52 else None)
@@ -95,7 +95,7 @@ def test_a_hidden_state_hook_may_replace_the_hidden_states(megatron_single_rank:
 
 
 def test_describe_lists_layers_and_totals(megatron_single_rank: None) -> None:
-    model = build_model(FAMILY, tiny())
+    model = build_model(FAMILY.layout(), tiny())
     d = describe(model)
     assert [r.letter for r in d.rows] == list(FAMILY.layout().kinds)
     assert d.total == sum(p.numel() for p in model.parameters()) == d.formula_total
@@ -108,7 +108,7 @@ def test_describe_lists_layers_and_totals(megatron_single_rank: None) -> None:
 
 
 def test_parameter_groups_policy(megatron_single_rank: None) -> None:
-    model = build_model(FAMILY, tiny())
+    model = build_model(FAMILY.layout(), tiny())
     names = dict(model.named_parameters())
     exempt = {n for n, p in names.items() if no_weight_decay(n, p)}
     for suffix in ("core.A_log", "core.D", "core.dt_bias", "input_layernorm.weight", "final_norm.weight"):
@@ -122,7 +122,7 @@ def test_parameter_groups_policy(megatron_single_rank: None) -> None:
 
 def test_moe_counter_counts_every_routed_token(megatron_single_rank: None) -> None:
     config = tiny()
-    model = build_model(FAMILY, config)
+    model = build_model(FAMILY.layout(), config)
     counter = MoECounter([model], config, depth=52)
     ids, pos = _batch(b=2, s=8)
     model(ids, pos)
@@ -188,7 +188,7 @@ def test_megatron_schedule_runs_a_step(megatron_single_rank: None, monkeypatch: 
     monkeypatch.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
 
     torch.manual_seed(0)
-    model = build_model(FAMILY, tiny())
+    model = build_model(FAMILY.layout(), tiny())
     ids, pos = _batch()
 
     def forward_step(data, chunk):

@@ -14,6 +14,7 @@ from helpers import tiny
 from nam_layout import Layout
 from nam_runtime import dist
 from nam_runtime.testing import run_ranks
+from nam_spec.config import ParallelConfig
 
 TP_LAYOUT = "AEMERM-"  # every letter, two E layers
 PP_LAYOUT = "AEM|R-M"  # stage 1 has no E layer
@@ -50,7 +51,7 @@ def _tp2_rank(tmp: Path, backward: bool) -> dict:
     from nam_spec.model import build_model
 
     dist.initialize(tensor_parallel=2, seed=1)
-    model = build_model(Layout.tile(TP_LAYOUT, 7), tiny(tensor_parallel=2, sequence_parallel=True))
+    model = build_model(Layout.tile(TP_LAYOUT, 7), tiny(), ParallelConfig(tensor=2, sequence_parallel=True))
     out = _outputs(model)
     _save(model, tmp / ("ckpt-tp2-grads" if backward else "ckpt-tp2"))
     grads = {}
@@ -113,8 +114,8 @@ def _pp2_rank(tmp: Path) -> float | None:
     dist.initialize(pipeline_parallel=2, seed=1)
     rank = parallel_state.get_pipeline_model_parallel_rank()
     layout = Layout.tile(PP_LAYOUT, 6)
-    config = tiny(pipeline_parallel=2)
-    model = build_model(layout, config)
+    config = tiny()
+    model = build_model(layout, config, ParallelConfig(pipeline=2))
     assert model.decoder.kinds == ("AEM", "R-M")[rank] and model.decoder.offset == 3 * rank
     counter = MoECounter([model], config, depth=layout.depth)
     ids, pos = _batch()

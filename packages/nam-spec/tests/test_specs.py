@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_layer import MoETransformerLayer, Tra
 
 from nam_spec.adapters import M2RNNAdapter, MambaAdapter, MixerLayer
 from nam_spec.backends import local_backend, resolve_backend, te_backend, te_unavailable
+from nam_spec.config import ModelConfig
 from nam_spec.local import GroupedExperts, RMSNorm, SDPAttention
 from nam_spec.specs import layer_specs
 
@@ -64,16 +65,16 @@ def test_te_specs_name_transformer_engine_modules() -> None:
     assert specs["M"].submodules.mixer.params["row_linear"] is TE.TERowParallelLinear
 
 
-def test_auto_picks_local_without_te_and_te_fails_saying_why() -> None:
+def test_local_is_the_default_and_te_fails_saying_why() -> None:
+    assert ModelConfig().backend == "local"
     reason = te_unavailable()
     assert reason is not None and reason.startswith("importing transformer_engine.pytorch raised ")
-    assert resolve_backend("auto").name == "local"
     with pytest.raises(
         RuntimeError, match=f"Transformer Engine is not usable here: {re.escape(reason)}; use"
     ):
         resolve_backend("te")
-    with pytest.raises(ValueError, match="accepted: 'auto', 'local', 'te'"):
-        resolve_backend("tex")
+    with pytest.raises(ValueError, match="accepted: 'local', 'te'"):
+        resolve_backend("auto")
 
 
 def _stand_in_te(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pytorch_source: str) -> None:
@@ -96,7 +97,7 @@ def _stand_in_te(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pytorch_source
         "RuntimeError('Found no NVIDIA driver on your system')",
     ],
 )
-def test_te_whose_import_raises_falls_back_to_local(
+def test_te_whose_import_raises_is_refused_saying_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str
 ) -> None:
     """TE installed where there is no driver raises OSError or RuntimeError at import, not ImportError."""
@@ -104,7 +105,6 @@ def test_te_whose_import_raises_falls_back_to_local(
     kind, message = error.split("(", 1)
     reason = te_unavailable()
     assert reason == f"importing transformer_engine.pytorch raised {kind}: {message[1:-2]}"
-    assert resolve_backend("auto").name == "local"
     with pytest.raises(RuntimeError, match=re.escape(reason)):
         resolve_backend("te")
 
@@ -113,4 +113,3 @@ def test_te_whose_import_raises_falls_back_to_local(
 def test_te_that_imports_without_cuda_is_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _stand_in_te(tmp_path, monkeypatch, "")
     assert te_unavailable() == "CUDA is not available (torch.cuda.is_available() is False)"
-    assert resolve_backend("auto").name == "local"

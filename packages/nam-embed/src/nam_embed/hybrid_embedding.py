@@ -72,7 +72,8 @@ class HybridEmbedding(LanguageModelEmbedding):
             tp_group=tp_group,
         )
         self.main_replica = main_replica
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        # CPU initialisation: the default device, so a torch.device("meta") context builds shapes only
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
         dtype = config.params_dtype
         hidden = config.hidden_size
         self.ngram: NgramHashEmbedding | None = None

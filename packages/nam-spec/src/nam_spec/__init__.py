@@ -7,26 +7,32 @@ megatron; the builders import it when used.
 from nam_spec.accounting import letter_params, model_flops_per_token, model_params
 from nam_spec.config import (
     AttentionConfig,
+    EmbeddingConfig,
     M2RNNConfig,
     MambaConfig,
     ModelConfig,
     MoEConfig,
+    ParallelConfig,
     SpecConfigError,
-    validate,
 )
+from nam_spec.letters import LETTERS
 from nam_spec.memory import MemoryEstimate, memory_estimate
 from nam_spec.presets import PRESETS, preset
+from nam_spec.validation import problems, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LETTERS",
     "PRESETS",
     "AttentionConfig",
+    "EmbeddingConfig",
     "M2RNNConfig",
     "MambaConfig",
     "MemoryEstimate",
     "MoEConfig",
     "ModelConfig",
+    "ParallelConfig",
     "SpecConfigError",
     "build_model",
     "describe",
@@ -36,6 +42,7 @@ __all__ = [
     "model_flops_per_token",
     "model_params",
     "preset",
+    "problems",
     "validate",
 ]
 

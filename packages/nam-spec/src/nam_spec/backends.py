@@ -1,15 +1,17 @@
-"""Which module fills each slot of a layer: the `local` and `te` backends, and `auto`.
+"""Which module fills each slot of a layer: the `local` backend (the default) and `te`.
 
 `te` names Transformer Engine's fused modules through megatron-core's wrappers. TE cannot be
 installed on our machines, so the `te` backend is tested structurally only (which class each
-slot names) and never run here. `auto` picks `te` only when ``transformer_engine.pytorch`` imports
-and CUDA is available; on a machine without a driver TE raises RuntimeError or OSError rather than
-ImportError, so any exception means "not available", and ``te_unavailable()`` says which one.
+slot names) and has never been executed: it is built only when asked for, with a warning, and
+never chosen automatically. On a machine without a driver TE raises RuntimeError or OSError
+rather than ImportError, so any exception means "not available", and ``te_unavailable()`` says
+which one.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +62,14 @@ def te_backend(*, check: bool = True) -> Backend:
     """The TE backend; ``check=False`` builds it without TE for structural inspection only."""
     if check and (reason := te_unavailable()) is not None:
         raise RuntimeError(
-            f"backend 'te' requested, but Transformer Engine is not usable here: {reason}; "
-            "use backend='local' or 'auto'"
+            f"model.backend = 'te' requested, but Transformer Engine is not usable here: {reason}; "
+            "use model.backend = 'local'"
+        )
+    if check:
+        warnings.warn(
+            "model.backend = 'te': the Transformer Engine backend is tested structurally only (which "
+            "class fills each slot) and has never been executed by this project; 'local' is the tested one",
+            stacklevel=2,
         )
     from functools import partial
 
@@ -90,6 +98,4 @@ def resolve_backend(name: str) -> Backend:
         return local_backend()
     if name == "te":
         return te_backend()
-    if name == "auto":
-        return te_backend() if te_unavailable() is None else local_backend()
-    raise ValueError(f"backend {name!r} is unknown; accepted: 'auto', 'local', 'te'")
+    raise ValueError(f"model.backend {name!r} is unknown; accepted: 'local', 'te'")

@@ -1,8 +1,9 @@
 """``nam-spec``: what a family builds, layer by layer, without allocating it.
 
-    nam-spec plan NAM56R                      # full-size NAM56R: table and totals from the formula
-    nam-spec plan NAM56R --meta               # ... and built on the meta device, tensors counted
-    nam-spec plan NAM56R --preset nam56r-small --json
+    nam-spec plan                             # preset nam56r: table and totals from the formula
+    nam-spec plan --meta                      # ... and built on the meta device, tensors counted
+    nam-spec plan --preset nam56r-small --json
+    nam-spec plan NAM52 --preset nam56r-small # another family at a preset's geometry
 
 Exit codes: 0 ok, 2 invalid input (unknown family or preset, a config that cannot build).
 """
@@ -14,8 +15,6 @@ import json
 import sys
 from collections.abc import Sequence
 
-from nam_layout import FamilyError, FamilyRegistry, LayoutError, PatternError
-from nam_layout.families import REGISTRY
 from nam_spec.config import SpecConfigError
 from nam_spec.presets import PRESETS, preset
 
@@ -28,14 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="layer table and parameter totals of a family, built on the meta device")
-    p.add_argument("family", help="a registered family name, e.g. NAM56R")
-    p.add_argument(
-        "--preset", default="nam56r", help=f"geometry preset (default nam56r): {', '.join(PRESETS)}"
-    )
+    p.add_argument("family", nargs="?", help="a family name, e.g. NAM52 (default: the preset's family)")
+    p.add_argument("--preset", default="nam56r", help=f"model preset (default nam56r): {', '.join(PRESETS)}")
     p.add_argument(
         "--backend", choices=["local", "te"], default="local", help="backend whose classes to name"
     )
-    p.add_argument("--families", action="append", metavar="TOML", help="register families from a TOML file")
+    p.add_argument("--families", metavar="TOML", help="extra families from a nam-layout TOML file")
     p.add_argument(
         "--meta",
         action="store_true",
@@ -44,30 +41,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
-        registry = FamilyRegistry(REGISTRY)
-        for path in args.families or ():
-            registry.load_toml(path)
-        layout = registry.get(args.family).layout()
         config = preset(args.preset, backend=args.backend)
+        if args.family:
+            config = config.replace(family=args.family)
+        if args.families:
+            config = config.replace(families_file=args.families)
+        layout = config.layout()
         description = _plan(layout, config, args.meta)
-    except (KeyError, FamilyError, LayoutError, PatternError, SpecConfigError) as e:
-        print(f"nam-spec {args.command}: {e}", file=sys.stderr)
+    except (KeyError, SpecConfigError) as e:
+        print(f"nam-spec {args.command}: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return EXIT_INVALID
     if args.json:
         print(
             json.dumps(
-                {"family": args.family, "preset": args.preset, **description.as_dict()}, sort_keys=True
+                {"family": config.family, "preset": args.preset, **description.as_dict()}, sort_keys=True
             )
         )
     else:
-        print(f"{args.family} with preset {args.preset} ({args.backend} backend): {layout.depth} layers")
+        print(f"{config.family} with preset {args.preset} ({args.backend} backend): {layout.depth} layers")
         print(description.table())
     return 0
 
 
 def _plan(layout, config, meta: bool):
-    from nam_spec.config import validate
     from nam_spec.description import describe
+    from nam_spec.validation import validate
 
     validate(config, layout)
     if not meta:
@@ -91,7 +89,7 @@ def _describe_on_meta(layout, config):
         dist.initialize()
     try:
         with torch.device("meta"):
-            model = build_model(layout, config.replace(tensor_parallel=1, pipeline_parallel=1))
+            model = build_model(layout, config)
         return describe(model)
     finally:
         if owns:

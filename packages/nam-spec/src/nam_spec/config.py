@@ -1,8 +1,11 @@
-"""Model configuration as data: geometry per letter, parallel sizes, backend, recomputation.
+"""The model definition as data: which family, the geometry per letter, the embedding extras, the
+backend, the precision and the recomputation; and, apart from it, how the model is split over GPUs.
 
-Everything here is plain Python and is checked by :func:`validate` against the layout before a
-single tensor is allocated. :meth:`ModelConfig.transformer_config` is the only place that turns it
-into megatron-core's ``TransformerConfig``.
+These dataclasses are the only model schema of the project: nam-train's ``[model]`` section is
+:class:`ModelConfig` field for field (nested tables such as ``[model.moe]``), and its ``[parallel]``
+section extends :class:`ParallelConfig`. Everything here is plain Python; the checks live in
+:mod:`nam_spec.validation` (one entry point, every problem at once) and megatron-core's
+``TransformerConfig`` is made only in :mod:`nam_spec.transformer_config`.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from nam_layout import Layout
-
 if TYPE_CHECKING:
     import torch
-    from megatron.core.transformer import TransformerConfig
+
+    from nam_embed import NgramHashConfig, StructureConfig
+    from nam_layout import Layout
 
 Recompute = Literal["none", "selective", "full"]
-SPEC_LETTERS = "AEMR-"  # the letters nam-spec builds; DESIGN.md "The letters"
+RECOMPUTE_POLICIES: tuple[str, ...] = ("none", "selective", "full")
+PARAMS_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+BACKENDS: tuple[str, ...] = ("local", "te")
 
 
 class SpecConfigError(ValueError):
@@ -28,6 +33,8 @@ class SpecConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AttentionConfig:
+    """The A layers: causal GQA self-attention with RoPE."""
+
     num_heads: int = 56
     num_kv_heads: int = 8
     rope_base: float = 10000.0
@@ -35,42 +42,81 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
+    """The E layers: router, routed experts and the optional shared expert."""
+
     num_experts: int = 16
     top_k: int = 4
     ffn_hidden_size: int = 896
     shared_ffn_hidden_size: int = 1024  # 0: no shared expert
     score_function: Literal["softmax", "sigmoid"] = "sigmoid"
     expert_bias: bool = True  # aux-loss-free balancing bias (updated by megatron's finalize step)
-    aux_loss_coeff: float = 1e-3
+    aux_loss_coeff: float = 1e-2
     load_balancing: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"
 
 
 @dataclass(frozen=True)
 class MambaConfig:
+    """The M layers: the Mamba-2 SSD mixer of nam-mixers."""
+
     d_state: int = 64
     head_dim: int = 64
     ngroups: int = 8
     expand: int = 2
     conv_width: int = 4
     chunk_size: int = 128
-    path: str = "auto"  # nam_mixers path: auto, fused, split, reference
+    path: Literal["auto", "fused", "split", "reference"] = "auto"  # nam_mixers' execution path
 
 
 @dataclass(frozen=True)
 class M2RNNConfig:
+    """The R layers: M2RNN value heads (split across tensor-parallel ranks) and shared q/k heads."""
+
     num_heads: int = 44
     head_dim_v: int = 16
     head_dim_k: int = 64
     num_qk_heads: int = 1
     conv_width: int = 4
-    path: str = "auto"  # nam_mixers path: auto, triton, reference
+    path: Literal["auto", "triton", "reference"] = "auto"  # nam_mixers' execution path
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """nam-embed's extras beside the word embedding: n-gram hash tables and code-structure channels
+    (the structure channels need structure ids in every batch, e.g. nam-train's C++ extractor)."""
+
+    ngram: bool = False
+    ngram_orders: tuple[int, ...] = (2, 3)
+    ngram_heads: int = 8
+    ngram_table_size: int = 500_000
+    ngram_dim: int = 16
+    structure: bool = False
+    structure_bottleneck: int = 64
+
+    def ngram_config(self) -> NgramHashConfig | None:
+        from nam_embed import NgramHashConfig
+
+        if not self.ngram:
+            return None
+        return NgramHashConfig(
+            orders=tuple(self.ngram_orders),
+            heads=self.ngram_heads,
+            table_size=self.ngram_table_size,
+            dim=self.ngram_dim,
+        )
+
+    def structure_config(self) -> StructureConfig | None:
+        from nam_embed import StructureConfig
+
+        return StructureConfig(bottleneck=self.structure_bottleneck) if self.structure else None
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """One NAM model. Defaults are the NAM56R reference geometry of DESIGN.md."""
 
+    family: str = "NAM56R"  # a nam-layout family: its pattern and depth decide what gets built
+    families_file: str = ""  # a nam-layout TOML file of extra families ("" = built-ins only)
     hidden_size: int = 3584
     vocab_size: int = 65536
     seq_length: int = 4096
@@ -79,17 +125,15 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
     m2rnn: M2RNNConfig = field(default_factory=M2RNNConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     untie_output: bool = True
-    backend: Literal["auto", "local", "te"] = "auto"
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    expert_parallel: int = 1
-    expert_tensor_parallel: int | None = None  # None: megatron's default, the tensor-parallel size
-    sequence_parallel: bool = False
-    recompute: Mapping[str, Recompute] = field(default_factory=dict)  # letter -> policy; absent = none
-    params_dtype: str = "float32"  # float32 | bfloat16 | float16
+    # "local" (our modules, runs everywhere) or "te" (Transformer Engine: structurally tested only)
+    backend: Literal["local", "te"] = "local"
+    # one policy for every letter, or letter -> policy (absent letters: none)
+    recompute: Recompute | Mapping[str, Recompute] = "none"
+    params_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, else fp32
 
     def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -99,187 +143,51 @@ class ModelConfig:
         return self.hidden_size // self.attention.num_heads
 
     @property
+    def dtype_name(self) -> str:
+        """``params_dtype`` with ``auto`` decided by this machine: bfloat16 with CUDA, else float32."""
+        if self.params_dtype != "auto":
+            return self.params_dtype
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         import torch
 
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-            self.params_dtype
-        ]
+        return getattr(torch, self.dtype_name)
 
     def recompute_for(self, letter: str) -> Recompute:
+        if isinstance(self.recompute, str):
+            return self.recompute
         return self.recompute.get(letter, "none")
 
-    def transformer_config(self, layout: Layout, letter: str | None = None) -> TransformerConfig:
-        """megatron-core's config for this model (validated first); ``letter`` applies that
-        letter's selective recomputation, which megatron reads from the config."""
-        import torch
-        import torch.nn.functional as F
-        from megatron.core.transformer import TransformerConfig
+    def layout(self) -> Layout:
+        """The family's layout: the one place a family name becomes the layers to build."""
+        from nam_layout import BUILTIN, FamilyError, FamilyRegistry, LayoutError, PatternError
 
-        validate(self, layout)
-        has_moe = "E" in layout.kinds
-        policy = self.recompute_for(letter) if letter else "none"
-        selective = {"A": ["core_attn"], "E": ["moe_act"], "-": ["mlp"]}.get(letter or "", [])
-        moe = self.moe
-        kw: dict[str, object] = {}
-        if has_moe:
-            kw = {
-                "num_moe_experts": moe.num_experts,
-                "moe_router_topk": moe.top_k,
-                "moe_ffn_hidden_size": moe.ffn_hidden_size,
-                "moe_shared_expert_intermediate_size": moe.shared_ffn_hidden_size or None,
-                "moe_router_score_function": moe.score_function,
-                "moe_router_enable_expert_bias": moe.expert_bias,
-                "moe_router_dtype": "fp32",
-                "moe_aux_loss_coeff": moe.aux_loss_coeff if moe.load_balancing != "none" else 0.0,
-                "moe_router_load_balancing_type": moe.load_balancing,
-                "moe_token_dispatcher_type": moe.dispatcher,
-                "expert_model_parallel_size": self.expert_parallel,
-                "expert_tensor_parallel_size": self.expert_tensor_parallel or self.tensor_parallel,
-                "moe_grouped_gemm": True,  # both backends run grouped experts (and megatron gates 'moe_act' on it)
-                "moe_router_topk_scaling_factor": None,
-            }
-        return TransformerConfig(
-            num_layers=layout.depth,
-            hidden_size=self.hidden_size,
-            ffn_hidden_size=self.ffn_hidden_size,
-            num_attention_heads=self.attention.num_heads,
-            num_query_groups=self.attention.num_kv_heads,
-            kv_channels=self.head_dim,
-            normalization="RMSNorm",
-            layernorm_epsilon=self.norm_eps,
-            gated_linear_unit=True,
-            activation_func=F.silu,
-            add_bias_linear=False,
-            add_qkv_bias=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            init_method_std=self.init_std,
-            tensor_model_parallel_size=self.tensor_parallel,
-            pipeline_model_parallel_size=self.pipeline_parallel,
-            pipeline_dtype=self.torch_dtype,
-            sequence_parallel=self.sequence_parallel,
-            params_dtype=self.torch_dtype,
-            bf16=self.params_dtype == "bfloat16",
-            fp16=self.params_dtype == "float16",
-            use_cpu_initialization=not torch.cuda.is_available(),
-            masked_softmax_fusion=False,  # megatron's fused softmax is an absent CUDA extension
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
-            persist_layer_norm=False,
-            recompute_granularity="selective" if policy == "selective" and selective else None,
-            recompute_modules=selective if policy == "selective" and selective else None,
-            **kw,
-        )
+        registry = FamilyRegistry(BUILTIN)
+        try:
+            if self.families_file:
+                registry.load_toml(self.families_file)
+            return registry.get(self.family).layout()
+        except (FamilyError, LayoutError, PatternError, OSError) as err:
+            where = f" (families file {self.families_file!r})" if self.families_file else ""
+            raise SpecConfigError(f"model.family = {self.family!r}{where}: {err}") from err
 
 
-def validate(config: ModelConfig, layout: Layout) -> None:
-    """Fail before allocation, naming what is wrong, where, and what would be accepted."""
-    errors: list[str] = []
-    kinds = set(layout.kinds)
-    unknown = sorted(kinds - set(SPEC_LETTERS))
-    if unknown:
-        errors.append(
-            f"layout letter(s) {unknown} have no nam-spec block; nam-spec builds {' '.join(SPEC_LETTERS)}"
-        )
-    h, att, tp = config.hidden_size, config.attention, config.tensor_parallel
-    for name, value in (
-        ("hidden_size", h),
-        ("vocab_size", config.vocab_size),
-        ("seq_length", config.seq_length),
-        ("tensor_parallel", tp),
-        ("pipeline_parallel", config.pipeline_parallel),
-        ("expert_parallel", config.expert_parallel),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            errors.append(f"{name} must be a positive integer, got {value!r}")
-    if errors:
-        raise SpecConfigError("; ".join(errors))
-    if config.backend not in ("auto", "local", "te"):
-        errors.append(f"backend {config.backend!r} is unknown; accepted: 'auto', 'local', 'te'")
-    if config.params_dtype not in ("float32", "bfloat16", "float16"):
-        errors.append(f"params_dtype {config.params_dtype!r}; accepted: float32, bfloat16, float16")
-    for letter, policy in config.recompute.items():
-        if letter not in SPEC_LETTERS or policy not in ("none", "selective", "full"):
-            errors.append(
-                f"recompute[{letter!r}] = {policy!r}: keys are letters of {SPEC_LETTERS!r}, values "
-                f"'none', 'selective' or 'full'"
-            )
-    if config.pipeline_parallel > layout.depth:
-        errors.append(f"pipeline_parallel {config.pipeline_parallel} exceeds the depth {layout.depth}")
-    if "A" in kinds:
-        if h % att.num_heads:
-            errors.append(
-                f"attention: hidden_size {h} is not divisible by num_heads {att.num_heads} "
-                f"(head dim = hidden / heads must be whole)"
-            )
-        if att.num_kv_heads < 1 or att.num_heads % att.num_kv_heads:
-            errors.append(
-                f"attention: num_heads {att.num_heads} must be a multiple of num_kv_heads {att.num_kv_heads}"
-            )
-        for what, n in (("num_heads", att.num_heads), ("num_kv_heads", att.num_kv_heads)):
-            if n % tp:
-                errors.append(f"attention: {what} {n} is not divisible by tensor_parallel {tp}")
-    if "-" in kinds and config.ffn_hidden_size % tp:
-        errors.append(
-            f"dense MLP: ffn_hidden_size {config.ffn_hidden_size} not divisible by tensor_parallel {tp}"
-        )
-    if "E" in kinds:
-        moe = config.moe
-        if moe.num_experts < 1:
-            errors.append(
-                f"layout has {layout.counts['E']} E layer(s) but moe.num_experts is {moe.num_experts}; "
-                f"E needs at least one expert"
-            )
-        elif not 1 <= moe.top_k <= moe.num_experts:
-            errors.append(f"moe.top_k {moe.top_k} must lie in 1..num_experts ({moe.num_experts})")
-        elif moe.num_experts % config.expert_parallel:
-            errors.append(
-                f"moe.num_experts {moe.num_experts} not divisible by expert_parallel {config.expert_parallel}"
-            )
-        etp = config.expert_tensor_parallel or tp
-        if moe.ffn_hidden_size % etp:
-            errors.append(
-                f"moe: ffn_hidden_size {moe.ffn_hidden_size} not divisible by expert tensor parallel {etp}"
-            )
-        if moe.ffn_hidden_size < 1 or moe.shared_ffn_hidden_size < 0:
-            errors.append("moe: ffn_hidden_size must be >= 1 and shared_ffn_hidden_size >= 0")
-        elif moe.shared_ffn_hidden_size % tp:
-            errors.append(f"moe: shared_ffn_hidden_size not divisible by tensor_parallel {tp}")
-        if moe.score_function not in ("softmax", "sigmoid"):
-            errors.append(f"moe.score_function {moe.score_function!r}; accepted: 'softmax', 'sigmoid'")
-        if tp > 1 and not config.sequence_parallel:
-            errors.append("E layers with tensor_parallel > 1 need sequence_parallel=True (megatron-core MoE)")
-    if "M" in kinds:
-        m = config.mamba
-        d_inner = m.expand * h
-        if d_inner % m.head_dim:
-            errors.append(f"mamba: expand * hidden ({d_inner}) not divisible by head_dim {m.head_dim}")
-        else:
-            nheads = d_inner // m.head_dim
-            if nheads % m.ngroups:
-                errors.append(f"mamba: {nheads} heads not divisible by ngroups {m.ngroups}")
-            if nheads % tp or m.ngroups % tp:
-                errors.append(
-                    f"mamba: heads ({nheads}) and ngroups ({m.ngroups}) must both be divisible by "
-                    f"tensor_parallel {tp}"
-                )
-    if "R" in kinds:
-        r = config.m2rnn
-        if r.num_heads % tp:
-            errors.append(f"m2rnn: num_heads {r.num_heads} not divisible by tensor_parallel {tp}")
-        if r.num_heads % r.num_qk_heads:
-            errors.append(f"m2rnn: num_heads {r.num_heads} not a multiple of num_qk_heads {r.num_qk_heads}")
-        if tp > 1 and not config.sequence_parallel:
-            errors.append(
-                "R layers with tensor_parallel > 1 need sequence_parallel=True: the shared q/k head is "
-                "replicated and its gradient is summed across ranks by the sequence-parallel reduction"
-            )
-    if config.sequence_parallel and tp > 1 and config.seq_length % tp:
-        errors.append(
-            f"seq_length {config.seq_length} not divisible by tensor_parallel {tp} (sequence parallel)"
-        )
-    if errors:
-        raise SpecConfigError("invalid model config: " + "; ".join(errors))
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split: megatron-core's tensor, pipeline (and virtual), expert and expert
+    tensor sizes, and sequence parallelism. The data-parallel size is what the world leaves."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int = 1
+    expert: int = 1
+    expert_tensor: int = 0  # 0: megatron's default, the tensor-parallel size
+    sequence_parallel: bool = False
+
+    @property
+    def expert_tensor_size(self) -> int:
+        return self.expert_tensor or self.tensor

@@ -7,11 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from nam_layout import Layout
 from nam_spec.accounting import model_flops_per_token, model_params
 from nam_spec.config import ModelConfig
+from nam_spec.letters import LETTERS
 
 
 @dataclass
@@ -63,28 +62,8 @@ def _path(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _core(layer: torch.nn.Module, letter: str) -> Any:
-    if letter == "A":
-        return layer.self_attention.core_attention
-    if letter == "E":
-        return layer.mlp.experts
-    if letter == "-":
-        return layer.mlp
-    return layer.mixer.core
-
-
-def _spec_core(spec: Any, letter: str) -> str:
-    """The class a spec names for the letter's computation (backend classes may be mocks without TE)."""
-    sub = spec.submodules
-    if letter == "A":
-        core = sub.self_attention.submodules.core_attention
-    elif letter == "E":
-        core = sub.mlp.keywords["submodules"].experts
-        core = getattr(core, "func", core)
-    elif letter == "-":
-        core = sub.mlp.func.__self__  # MLP.as_mlp_submodule bound to the MLP class
-    else:
-        core = sub.mixer.module
+def _spec_core(core: Any) -> str:
+    """The class a spec names for the letter's computation (TE's may be placeholders without TE)."""
     return _path(core) if isinstance(core, type) else repr(core)
 
 
@@ -100,14 +79,16 @@ def describe(target: Any, config: ModelConfig | None = None) -> Description:
                 layer.layer_number,
                 letter,
                 _path(layer),
-                _path(_core(layer, letter)),
+                _path(LETTERS[letter].core(layer)),
                 sum(p.numel() for p in layer.parameters()),
             )
             for letter, layer in zip(stack.kinds, stack.layers, strict=True)
         ]
         extra = {}
         if target.pre_process:
-            extra["embedding"] = sum(p.numel() for p in target.embedding.parameters())
+            extras = target.embedding.extra_parameters()
+            extra["embedding"] = target.embedding.word_embeddings.weight.numel()
+            extra["embedding_extras"] = sum(p.numel() for p in extras)
         if target.post_process:
             extra["final_norm"] = sum(p.numel() for p in stack.final_norm.parameters())
             if target.output_layer.weight is not None:
@@ -124,10 +105,21 @@ def describe(target: Any, config: ModelConfig | None = None) -> Description:
         specs = layer_specs(backend, config)
         p = model_params(config, layout)
         rows = [
-            LayerRow(i + 1, k, _path(specs[k].module), _spec_core(specs[k], k), p.per_letter[k].total)
+            LayerRow(
+                i + 1,
+                k,
+                _path(specs[k].module),
+                _spec_core(LETTERS[k].spec_core(specs[k])),
+                p.per_letter[k].total,
+            )
             for i, k in enumerate(layout.kinds)
         ]
-        extra = {"embedding": p.embedding, "output": p.output, "final_norm": p.final_norm}
+        extra = {
+            "embedding": p.embedding,
+            "embedding_extras": p.embedding_extras,
+            "output": p.output,
+            "final_norm": p.final_norm,
+        }
     else:
         raise TypeError(f"describe() takes a NamModel or a Layout, got {type(target).__name__}")
     formula = model_params(config, layout)
@@ -135,17 +127,13 @@ def describe(target: Any, config: ModelConfig | None = None) -> Description:
     for r in rows:
         by_letter[r.letter] = by_letter.get(r.letter, 0) + r.params
     total = sum(by_letter.values()) + sum(extra.values())
-    routed_inactive = 0
-    if "E" in by_letter:
-        m = config.moe
-        experts_per_layer = m.num_experts * 3 * m.ffn_hidden_size * config.hidden_size
-        n_e = sum(1 for r in rows if r.letter == "E")
-        routed_inactive = n_e * experts_per_layer * (m.num_experts - m.top_k) // m.num_experts
+    # inactive parameters per layer (routed experts beyond top-k) from the letter's formula
+    inactive = sum((formula.per_letter[r.letter].total - formula.per_letter[r.letter].active) for r in rows)
     return Description(
         rows,
         by_letter,
         total,
-        total - routed_inactive,
+        total - inactive,
         formula.total,
         model_flops_per_token(config, layout),
         extra,

@@ -13,11 +13,13 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear
 
 from nam_embed.hybrid_embedding import HybridEmbedding
-from nam_layout import Family, Layout, StagePlan, get_family, plan_stages
+from nam_layout import Layout, StagePlan, plan_stages
 from nam_spec.backends import Backend, resolve_backend
-from nam_spec.config import ModelConfig, validate
+from nam_spec.config import ModelConfig, ParallelConfig
 from nam_spec.specs import layer_specs
 from nam_spec.stack import NamStack
+from nam_spec.transformer_config import transformer_config
+from nam_spec.validation import validate
 
 
 class NamModel(LanguageModule):
@@ -28,19 +30,28 @@ class NamModel(LanguageModule):
         self,
         config: ModelConfig,
         layout: Layout,
+        parallel: ParallelConfig | None = None,
         *,
         pg_collection: ProcessGroupCollection | None = None,
         plan: StagePlan | None = None,
         pre_process: bool | None = None,
         post_process: bool | None = None,
         vp_stage: int = 0,
-        embedding_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        validate(config, layout)
-        tc = config.transformer_config(layout)
+        parallel = parallel or ParallelConfig()
+        validate(config, layout, parallel)
+        tc = transformer_config(config, layout, parallel)
         pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
         super().__init__(config=tc, pg_collection=pg_collection)
         pp_rank, pp_size = self.pp_group.rank(), self.pp_group.size()
+        for what, size, group in (
+            ("tensor", parallel.tensor, self.tp_group),
+            ("pipeline", parallel.pipeline, self.pp_group),
+        ):
+            if group.size() != size:
+                raise ValueError(
+                    f"parallel.{what} = {size}, but megatron's {what}-parallel group has {group.size()} ranks"
+                )
         plan = plan or plan_stages(layout, pp_size)
         if plan.stages != pp_size:
             raise ValueError(
@@ -50,7 +61,7 @@ class NamModel(LanguageModule):
         self.pre_process = chunk == 0 if pre_process is None else pre_process
         self.post_process = chunk == len(plan.chunks) - 1 if post_process is None else post_process
         self.vp_stage = vp_stage
-        self.model_config, self.layout, self.plan = config, layout, plan
+        self.model_config, self.layout, self.plan, self.parallel = config, layout, plan, parallel
         self.model_type = ModelType.encoder_or_decoder  # megatron's schedules read it
         self.backend: Backend = resolve_backend(config.backend)
         self.share_embeddings_and_output_weights = not config.untie_output
@@ -63,7 +74,8 @@ class NamModel(LanguageModule):
                 config.seq_length,
                 position_embedding_type="none",
                 tp_group=self.tp_group,
-                **(embedding_kwargs or {}),
+                ngram=config.embedding.ngram_config(),
+                structure=config.embedding.structure_config(),
             )
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.head_dim,
@@ -78,7 +90,7 @@ class NamModel(LanguageModule):
             kinds,
             plan.offset(pp_rank, vp_stage),
             layer_specs(self.backend, config),
-            {k: config.transformer_config(layout, k) for k in letters},
+            {k: transformer_config(config, layout, parallel, k) for k in letters},
             {k: config.recompute_for(k) for k in letters},
             self.backend.norm,
             pg_collection,
@@ -132,19 +144,13 @@ class NamModel(LanguageModule):
         return self.compute_language_model_loss(labels, logits)
 
 
-def resolve_layout(layout_or_family: Layout | Family | str) -> Layout:
-    if isinstance(layout_or_family, Layout):
-        return layout_or_family
-    if isinstance(layout_or_family, Family):
-        return layout_or_family.layout()
-    if isinstance(layout_or_family, str):
-        return get_family(layout_or_family).layout()
-    raise TypeError(f"expected a Layout, a Family or a family name, got {type(layout_or_family).__name__}")
-
-
-def build_model(layout_or_family: Layout | Family | str, config: ModelConfig, **kwargs: Any) -> NamModel:
+def build_model(
+    layout: Layout, config: ModelConfig, parallel: ParallelConfig | None = None, **kwargs: Any
+) -> NamModel:
     """The model chunk of this rank (megatron's parallel state must be initialised). Validates the
-    config against the layout before allocating anything."""
-    layout = resolve_layout(layout_or_family)
-    validate(config, layout)
-    return NamModel(config, layout, **kwargs)
+    config against the layout before allocating anything. ``layout``: ``config.layout()``, or
+    any other layout to build at this geometry."""
+    if not isinstance(layout, Layout):
+        raise TypeError(f"build_model takes a Layout (e.g. config.layout()), got {type(layout).__name__}")
+    validate(config, layout, parallel)
+    return NamModel(config, layout, parallel, **kwargs)

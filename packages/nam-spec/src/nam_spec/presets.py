@@ -1,36 +1,54 @@
-"""Named geometries. ``nam56r`` is DESIGN.md's reference; the smaller ones keep the NAM56R pattern
-and depth (52 layers) and shrink widths so they build and train on one CPU or a small GPU."""
+"""Named models, defined once, as data: nam-spec's CLI and nam-train's presets both name these.
+
+``nam56r`` is DESIGN.md's reference geometry; the smaller ones keep the NAM56R pattern and depth
+(52 layers) and shrink widths. A nam-train preset names one of these and adds only training,
+data, checkpoint and plasticity settings.
+"""
 
 from __future__ import annotations
 
-from nam_spec.config import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
+from nam_spec.config import AttentionConfig, EmbeddingConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
 
 PRESETS: dict[str, ModelConfig] = {
     # hidden 3584, 56/8 heads of 64, vocab 65536, seq 4096, untied output; MoE 16 experts top-4,
     # FFN 896 + shared 1024, sigmoid router; Mamba state 64, head 64, 8 groups, expand 2;
-    # M2RNN 44 value heads of 16, one shared q/k head of 64.
-    "nam56r": ModelConfig(),
-    # about 1/4 width: a GPU smoke model with the same pattern and depth
-    "nam56r-small": ModelConfig(
-        hidden_size=1024,
-        vocab_size=32768,
-        seq_length=2048,
-        ffn_hidden_size=4096,
-        attention=AttentionConfig(num_heads=16, num_kv_heads=4),
-        moe=MoEConfig(num_experts=8, top_k=2, ffn_hidden_size=256, shared_ffn_hidden_size=512),
-        mamba=MambaConfig(d_state=32, head_dim=64, ngroups=4),
-        m2rnn=M2RNNConfig(num_heads=16, head_dim_v=16, head_dim_k=64),
+    # M2RNN 44 value heads of 16, one shared q/k head of 64; n-gram and structure embeddings.
+    "nam56r": ModelConfig(
+        embedding=EmbeddingConfig(ngram=True, structure=True),
+        recompute="selective",
+        params_dtype="bfloat16",
     ),
-    # tiny: CPU tests and examples (still 52 layers of the NAM56R pattern)
+    # hidden 2048: about 2 B parameters, 0.6 B active, sized to train on one H200 with bf16
+    # weights, fp32 master weights and Adam state (bench/RESULTS.md's model)
+    "nam56r-small": ModelConfig(
+        hidden_size=2048,
+        ffn_hidden_size=4 * 2048,
+        attention=AttentionConfig(num_heads=32, num_kv_heads=8),
+        moe=MoEConfig(num_experts=16, top_k=4, ffn_hidden_size=512, shared_ffn_hidden_size=576),
+        m2rnn=M2RNNConfig(num_heads=24, head_dim_v=16, head_dim_k=64),
+        embedding=EmbeddingConfig(ngram=True, structure=True),
+        recompute="selective",
+        params_dtype="bfloat16",
+    ),
+    # hidden 128: the CPU default, a useful run in minutes on 2 cores in fp32
     "nam56r-tiny": ModelConfig(
-        hidden_size=32,
-        vocab_size=256,
-        seq_length=16,
-        ffn_hidden_size=64,
+        hidden_size=128,
+        vocab_size=4096,
+        seq_length=256,
+        ffn_hidden_size=512,
         attention=AttentionConfig(num_heads=4, num_kv_heads=2),
-        moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=16, shared_ffn_hidden_size=16),
-        mamba=MambaConfig(d_state=8, head_dim=8, ngroups=2, chunk_size=8, path="reference"),
-        m2rnn=M2RNNConfig(num_heads=4, head_dim_v=4, head_dim_k=8, path="reference"),
+        moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=128, shared_ffn_hidden_size=128),
+        mamba=MambaConfig(d_state=16, head_dim=32, ngroups=1),
+        m2rnn=M2RNNConfig(num_heads=4, head_dim_v=16, head_dim_k=32),
+        embedding=EmbeddingConfig(
+            ngram=True,
+            ngram_heads=4,
+            ngram_table_size=4099,
+            ngram_dim=8,
+            structure=True,
+            structure_bottleneck=16,
+        ),
+        params_dtype="float32",
     ),
 }
 

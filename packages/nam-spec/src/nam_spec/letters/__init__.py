@@ -1,0 +1,31 @@
+"""The letters nam-spec builds, one module each, registered in one table.
+
+nam-layout owns the grammar (which letters a pattern may hold); this table says which of them
+nam-spec can build and how (:class:`~nam_spec.letters.base.Letter`). To add a letter or a variant,
+write its module beside these and add it here; nothing else in nam-spec names a letter.
+"""
+
+from __future__ import annotations
+
+from nam_spec.letters.attention import Attention
+from nam_spec.letters.base import Letter, LetterParams
+from nam_spec.letters.experts import Experts
+from nam_spec.letters.m2rnn import M2RNN
+from nam_spec.letters.mamba import Mamba
+from nam_spec.letters.mlp import DenseMLP
+
+LETTERS: dict[str, Letter] = {
+    block.letter: block for block in (Attention(), Experts(), Mamba(), M2RNN(), DenseMLP())
+}
+SPEC_LETTERS = "".join(LETTERS)  # "AEMR-"
+
+
+def letter(key: str) -> Letter:
+    """The table's entry for ``key``, or a KeyError naming the letters nam-spec builds."""
+    try:
+        return LETTERS[key]
+    except KeyError:
+        raise KeyError(f"nam-spec has no block for letter {key!r}; it builds {' '.join(LETTERS)}") from None
+
+
+__all__ = ["LETTERS", "SPEC_LETTERS", "Letter", "LetterParams", "letter"]

@@ -1,0 +1,70 @@
+"""The one place a model config becomes megatron-core's ``TransformerConfig``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nam_layout import Layout
+from nam_spec.config import ModelConfig, ParallelConfig
+from nam_spec.letters import LETTERS
+from nam_spec.validation import validate
+
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
+
+
+def transformer_config(
+    config: ModelConfig, layout: Layout, parallel: ParallelConfig | None = None, letter: str | None = None
+) -> TransformerConfig:
+    """megatron-core's config for this model (validated first); ``letter`` applies that letter's
+    selective recomputation, which megatron reads from the config."""
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    parallel = parallel or ParallelConfig()
+    validate(config, layout, parallel)
+    kw: dict[str, object] = {}
+    for key in dict.fromkeys(layout.kinds):
+        kw.update(LETTERS[key].transformer_config_fields(config, parallel))
+    block = LETTERS[letter] if letter else None
+    modules = (
+        list(block.selective)
+        if block and block.megatron_recompute and config.recompute_for(block.letter) == "selective"
+        else None
+    )
+    dtype = config.torch_dtype
+    return TransformerConfig(
+        num_layers=layout.depth,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=config.attention.num_heads,
+        num_query_groups=config.attention.num_kv_heads,
+        kv_channels=config.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=config.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=config.init_std,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        pipeline_dtype=dtype,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        masked_softmax_fusion=False,  # megatron's fused softmax is an absent CUDA extension
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        recompute_granularity="selective" if modules else None,
+        recompute_modules=modules,
+        **kw,
+    )

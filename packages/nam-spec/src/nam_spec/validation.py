@@ -1,0 +1,83 @@
+"""One validation entry point for a model: every problem at once, before any allocation.
+
+The checks of each letter live in its module (:mod:`nam_spec.letters`); here are only the rules
+that hold for every model: the layout's letters are buildable, sizes are positive, names are
+known, and the parallel sizes fit the depth and sequence. Callers with rules of their own
+(nam-train: data, batch sizes, world size) add their problems to :func:`problems`' list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from nam_layout import Layout
+from nam_spec.config import (
+    BACKENDS,
+    PARAMS_DTYPES,
+    RECOMPUTE_POLICIES,
+    ModelConfig,
+    ParallelConfig,
+    SpecConfigError,
+)
+from nam_spec.letters import LETTERS, SPEC_LETTERS
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def problems(config: ModelConfig, layout: Layout, parallel: ParallelConfig | None = None) -> list[str]:
+    """What stops ``config`` from building ``layout`` at ``parallel``; empty when nothing does."""
+    parallel = parallel or ParallelConfig()
+    out: list[str] = []
+    unknown = sorted(set(layout.kinds) - set(SPEC_LETTERS))
+    if unknown:
+        out.append(
+            f"layout letter(s) {unknown} have no nam-spec block; nam-spec builds {' '.join(SPEC_LETTERS)}"
+        )
+    sizes = [(f"model.{k}", getattr(config, k)) for k in ("hidden_size", "vocab_size", "seq_length")]
+    sizes += [(f"parallel.{f.name}", getattr(parallel, f.name)) for f in dataclasses.fields(parallel)]
+    for name, value in sizes:
+        if name in ("parallel.sequence_parallel", "parallel.expert_tensor"):
+            continue
+        if not _positive(value):
+            out.append(f"{name} must be a positive integer, got {value!r}")
+    if not (isinstance(parallel.expert_tensor, int) and parallel.expert_tensor >= 0):
+        out.append(
+            f"parallel.expert_tensor must be >= 0 (0: the tensor size), got {parallel.expert_tensor!r}"
+        )
+    if out:  # the letters' arithmetic needs sane sizes
+        return out
+    if config.backend not in BACKENDS:
+        out.append(f"model.backend {config.backend!r} is unknown; accepted: {', '.join(map(repr, BACKENDS))}")
+    if config.params_dtype not in PARAMS_DTYPES:
+        out.append(
+            f"model.params_dtype {config.params_dtype!r}; accepted: {', '.join(map(repr, PARAMS_DTYPES))}"
+        )
+    policies = (
+        {"every letter": config.recompute} if isinstance(config.recompute, str) else dict(config.recompute)
+    )
+    for key, policy in policies.items():
+        if policy not in RECOMPUTE_POLICIES or (key != "every letter" and key not in LETTERS):
+            out.append(
+                f"model.recompute[{key!r}] = {policy!r}: a policy ({', '.join(map(repr, RECOMPUTE_POLICIES))}) "
+                f"for every letter, or a table of letters of {SPEC_LETTERS!r} to policies"
+            )
+    if parallel.pipeline > layout.depth:
+        out.append(f"parallel.pipeline {parallel.pipeline} exceeds the depth {layout.depth}")
+    if parallel.sequence_parallel and parallel.tensor > 1 and config.seq_length % parallel.tensor:
+        out.append(
+            f"model.seq_length {config.seq_length} is not divisible by parallel.tensor {parallel.tensor} "
+            "(sequence parallelism splits the sequence across tensor ranks)"
+        )
+    for key in dict.fromkeys(layout.kinds):
+        if key in LETTERS:
+            out.extend(LETTERS[key].problems(config, parallel))
+    return out
+
+
+def validate(config: ModelConfig, layout: Layout, parallel: ParallelConfig | None = None) -> None:
+    """Raise :class:`SpecConfigError` listing every problem of :func:`problems`."""
+    found = problems(config, layout, parallel)
+    if found:
+        raise SpecConfigError("invalid model config: " + "; ".join(found))
