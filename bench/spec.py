@@ -28,7 +28,7 @@ MATMUL_TFLOPS = 700.0
 def _config(dtype: str = "bfloat16") -> Any:
     from nam_spec.presets import preset
 
-    return preset("nam56r", backend="local", params_dtype=dtype)
+    return preset("nam56r", params_dtype=dtype, recompute="none")
 
 
 def _layer(letter: str, config: Any, spec: Any = None) -> Any:
@@ -38,12 +38,13 @@ def _layer(letter: str, config: Any, spec: Any = None) -> Any:
     from nam_layout import Layout
     from nam_spec.backends import local_backend
     from nam_spec.specs import layer_specs
+    from nam_spec.transformer_config import transformer_config
 
     layout = Layout.tile("AEMR-", 5)
     spec = spec or layer_specs(local_backend(), config)[letter]
     return build_module(
         spec,
-        config=config.transformer_config(layout, letter),
+        config=transformer_config(config, layout, letter=letter),
         layer_number=1,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         add_layer_offset=False,
@@ -182,14 +183,11 @@ def _check_mixer(report: Report, letter: str) -> None:
 
 
 def _layer_flops(letter: str) -> float:
-    from nam_spec.accounting import letter_params
+    from nam_spec.letters import LETTERS
 
     config = _config()
-    p = letter_params(config, letter)
-    flops = 6.0 * p.matmul_active * SEQ * BATCH
-    if letter == "A":
-        flops += 6.0 * SEQ * config.attention.num_heads * config.head_dim * SEQ * BATCH
-    return flops
+    block = LETTERS[letter]
+    return (6.0 * block.params(config).matmul_active + block.extra_flops_per_token(config)) * SEQ * BATCH
 
 
 def _time(report: Report, case: str, layer: Any, letter: str, rope: Any) -> None:

@@ -47,13 +47,11 @@ def device() -> torch.device:
     )
 
 
-def model_config(hidden: int = 32, bf16: bool = False, pipeline: int = 1, expert: int = 1) -> Any:
-    from nam_spec import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
+def model_config(hidden: int = 32, bf16: bool = False) -> Any:
+    from nam_spec import AttentionConfig, EmbeddingConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
 
     return ModelConfig(
         params_dtype="bfloat16" if bf16 else "float32",
-        pipeline_parallel=pipeline,
-        expert_parallel=expert,
         hidden_size=hidden,
         vocab_size=VOCAB,
         seq_length=SEQ,
@@ -64,6 +62,8 @@ def model_config(hidden: int = 32, bf16: bool = False, pipeline: int = 1, expert
         ),
         mamba=MambaConfig(d_state=8, head_dim=8, ngroups=2, chunk_size=4, path="reference"),
         m2rnn=M2RNNConfig(num_heads=4, head_dim_v=4, head_dim_k=8, path="reference"),
+        # replica-marked n-gram tables
+        embedding=EmbeddingConfig(ngram=True, ngram_orders=(2, 3), ngram_heads=2, ngram_table_size=31, ngram_dim=4),
         backend="local",
     )
 
@@ -95,15 +95,13 @@ def build(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from nam_embed import NgramHashConfig
     from nam_layout import Layout
-    from nam_spec import build_model
+    from nam_spec import ParallelConfig, build_model
 
-    ngram = NgramHashConfig(orders=(2, 3), heads=2, table_size=31, dim=4)  # replica-marked tables
     module = build_model(
         Layout.tile(pattern, len(pattern)),
-        model_config(hidden, bf16, pipeline),
-        embedding_kwargs={"ngram": ngram},
+        model_config(hidden, bf16),
+        ParallelConfig(pipeline=pipeline, expert=expert),
     )
     tc = module.config
     ddp = DistributedDataParallel(

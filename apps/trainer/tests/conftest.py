@@ -38,9 +38,9 @@ def slice_config(cache_dir: Path, sources: list[Path], *extra: str) -> Config:
             str(cache_dir),
             "--data.sources",
             "[" + ", ".join(f'"{p}"' for p in sources) + "]",
-            "--tokenizer.vocab_size",
+            "--model.vocab_size",
             "400",
-            "--data.seq_length",
+            "--model.seq_length",
             "64",
             "--data.validation_fraction",
             "0.25",
@@ -52,4 +52,4 @@ def slice_config(cache_dir: Path, sources: list[Path], *extra: str) -> Config:
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory: pytest.TempPathFactory, header_slice: list[Path]) -> PreparedData:
     cfg = slice_config(tmp_path_factory.mktemp("cache"), header_slice)
-    return prepare_data(cfg.data, cfg.tokenizer, log=lambda _: None)
+    return prepare_data(cfg, log=lambda _: None)

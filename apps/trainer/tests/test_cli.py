@@ -18,8 +18,8 @@ def _slice_args(cache: Path, files: list[Path]) -> list[str]:
         str(cache),
         "--data.sources",
         "[" + ", ".join(f'"{p}"' for p in files) + "]",
-        "--tokenizer.vocab_size=300",
-        "--data.seq_length",
+        "--model.vocab_size=300",
+        "--model.seq_length",
         "64",
     ]
 
@@ -47,7 +47,7 @@ def test_dry_run_shows_the_pipeline_split(tmp_path: Path, capsys: pytest.Capture
     assert main([*argv, "--data.cache_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "stages    4 pipeline x 1 virtual:" in out and "chunk 3: rank 3 virtual 0" in out
-    assert "hidden 3584; attention 56 heads / 8 KV (head dim 64)" in out
+    assert "hidden 3584, vocab 65536, seq 4096; attention 56 heads / 8 KV (head dim 64)" in out
 
 
 def test_data_command_builds_then_reuses_the_cache(
@@ -71,7 +71,7 @@ def test_data_command_builds_then_reuses_the_cache(
         (["--dry-run", "--modle.hidden_size", "8"], "unknown section [modle] (did you mean 'model'?)"),
         (
             ["--dry-run", "--parallel.tensor", "3"],
-            "model.num_attention_heads = 4 is not divisible by parallel.tensor = 3",
+            "model.attention.num_heads 4 is not divisible by parallel.tensor 3",
         ),
         (["--dry-run", "--world-size", "3", "--training.global_batch_size", "4"], "is not divisible by"),
         (["--dry-run", "--data.sources", "/nonexistent/corpus"], "no such file or directory"),

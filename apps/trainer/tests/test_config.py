@@ -17,29 +17,16 @@ def test_every_preset_is_the_nam56r_pattern_at_depth_52(preset: str) -> None:
 
 
 def test_presets_carry_the_geometries_of_the_issue() -> None:
-    full, small, tiny = (load_config(p) for p in ("nam56r", "nam56r-small", "nam56r-tiny"))
-    assert (full.model.hidden_size, full.model.num_attention_heads, full.model.num_query_groups) == (
-        3584,
-        56,
-        8,
-    )
-    assert full.model.head_dim == 64 and full.tokenizer.vocab_size == 65536 and full.data.seq_length == 4096
-    assert (full.moe.num_experts, full.moe.router_topk, full.moe.ffn_hidden_size) == (16, 4, 896)
-    assert full.moe.shared_expert_ffn_hidden_size == 1024 and full.moe.router_score_function == "sigmoid"
-    assert (full.mamba.state_dim, full.mamba.head_dim, full.mamba.num_groups, full.mamba.expand) == (
-        64,
-        64,
-        8,
-        2,
-    )
-    assert (full.m2rnn.num_v_heads, full.m2rnn.v_head_dim, full.m2rnn.k_head_dim) == (44, 16, 64)
-    assert small.model.hidden_size == 2048
-    assert tiny.model.hidden_size == 128 and (tiny.moe.num_experts, tiny.moe.router_topk) == (4, 2)
-    assert (
-        tiny.tokenizer.vocab_size == 4096
-        and tiny.data.seq_length == 256
-        and tiny.training.precision == "fp32"
-    )
+    full, small, tiny = (load_config(p).model for p in ("nam56r", "nam56r-small", "nam56r-tiny"))
+    assert (full.hidden_size, full.attention.num_heads, full.attention.num_kv_heads) == (3584, 56, 8)
+    assert full.head_dim == 64 and full.vocab_size == 65536 and full.seq_length == 4096
+    assert (full.moe.num_experts, full.moe.top_k, full.moe.ffn_hidden_size) == (16, 4, 896)
+    assert full.moe.shared_ffn_hidden_size == 1024 and full.moe.score_function == "sigmoid"
+    assert (full.mamba.d_state, full.mamba.head_dim, full.mamba.ngroups, full.mamba.expand) == (64, 64, 8, 2)
+    assert (full.m2rnn.num_heads, full.m2rnn.head_dim_v, full.m2rnn.head_dim_k) == (44, 16, 64)
+    assert small.hidden_size == 2048 and small.params_dtype == "bfloat16" and small.recompute == "selective"
+    assert tiny.hidden_size == 128 and (tiny.moe.num_experts, tiny.moe.top_k) == (4, 2)
+    assert tiny.vocab_size == 4096 and tiny.seq_length == 256 and tiny.params_dtype == "float32"
 
 
 def test_layers_apply_in_order_preset_file_command_line(tmp_path: Path) -> None:
@@ -55,10 +42,15 @@ def test_layers_apply_in_order_preset_file_command_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_resolved_toml_reproduces_the_config_whatever_the_preset(preset: str, tmp_path: Path) -> None:
     cfg = load_config(
-        preset, overrides=["--data.sources", '["q \\"x\\"", "*.h"]', "--training.min_lr", "1e-5"]
+        preset,
+        overrides=[
+            *("--data.sources", '["q \\"x\\"", "*.h"]', "--training.min_lr", "1e-5"),
+            *("--model.recompute", '{E = "full", "-" = "selective"}', "--model.moe.top_k", "1"),
+        ],
     )
     f = tmp_path / "resolved.toml"
     f.write_text(to_toml(cfg))
+    assert "[model.moe]" in f.read_text()
     other = "nam56r" if preset != "nam56r" else "nam56r-tiny"
     assert load_config(other, [f]) == cfg
 
@@ -91,7 +83,7 @@ def test_overrides_are_parsed_by_field_type() -> None:
         (["--training.steps", "many"], "--training.steps 'many': not a value"),
         (["--training.steps", "2.5"], "training.steps = 2.5: expected an integer (set by the command line)"),
         (["--training.steps", "0"], "training.steps = 0: must be >= 1 (set by the command line)"),
-        (["--moe.router_score_function", "relu"], "accepted values are 'sigmoid', 'softmax'"),
+        (["--model.moe.score_function", "relu"], "accepted values are 'softmax', 'sigmoid'"),
         (["--data.validation_fraction", "1.0"], "data.validation_fraction = 1.0: must be in [0, 1)"),
         (
             ["--training.lr", "1e-5"],
@@ -133,9 +125,9 @@ def test_incompatible_parallel_sizes_are_all_reported() -> None:
         check(cfg, world_size=12)
     text = str(err.value)
     assert "world size 12 is not divisible by parallel.tensor x parallel.pipeline = 8 x 1 = 8" in text
-    assert "m2rnn.num_v_heads = 44 is not divisible by parallel.tensor = 8" in text
-    assert "moe.num_experts = 16 is not divisible by parallel.expert = 3" in text
-    assert "needs parallel.sequence_parallel = true" in text
+    assert "model.m2rnn.num_heads 44 is not divisible by parallel.tensor 8" in text
+    assert "model.moe.num_experts 16 is not divisible by parallel.expert 3" in text
+    assert "need parallel.sequence_parallel = true" in text
 
 
 def test_parallel_sizes_that_fit_resolve_data_parallel() -> None:
@@ -150,7 +142,7 @@ def test_parallel_sizes_that_fit_resolve_data_parallel() -> None:
             "2",
             "--parallel.expert",
             "2",
-            "--m2rnn.num_v_heads",
+            "--model.m2rnn.num_heads",
             "48",
         ],
     )
@@ -175,9 +167,11 @@ def test_parallel_sizes_that_fit_resolve_data_parallel() -> None:
         (["--training.global_batch_size", "6"], 4, "training.global_batch_size = 6 is not divisible"),
         (["--parallel.pipeline", "53"], 53, "parallel.pipeline = 53"),
         (["--parallel.virtual_pipeline", "2"], 1, "needs parallel.pipeline > 1"),
-        (["--model.num_query_groups", "3"], 1, "not divisible by model.num_query_groups = 3"),
-        (["--moe.router_topk", "5"], 1, "moe.router_topk = 5 exceeds moe.num_experts = 4"),
-        (["--data.structure", "none"], 1, "embedding.structure = true needs structure channels"),
+        (["--model.attention.num_kv_heads", "3"], 1, "multiple of model.attention.num_kv_heads 3"),
+        (["--model.moe.top_k", "5"], 1, "model.moe.top_k 5 must lie in 1..model.moe.num_experts (4)"),
+        (["--data.structure", "none"], 1, "model.embedding.structure = true needs structure channels"),
+        (["--model.params_dtype", "float16"], 1, 'model.params_dtype = "float16": nam-train trains in'),
+        (["--model.vocab_size", "100"], 1, "model.vocab_size = 100: the byte-level BPE"),
         (["--model.family", "NAM99"], 1, "model.family = 'NAM99'"),
     ],
 )

@@ -1,42 +1,167 @@
-"""The trainer config -> nam-spec config mapping that training, dry run and benchmark share."""
+"""``[model]`` is nam-spec's ModelConfig, field for field: the one model schema of the project.
+
+A trainer preset names a nam-spec model preset and adds no geometry of its own; every nam-spec
+field can be set from TOML and from the command line; ``nam-spec plan`` and ``--dry-run`` print
+the same layer table and parameter total for every preset.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from nam_trainer.config import ConfigError, load_config
-from nam_trainer.model_config import model_setup, resolved_precision
+import nam_spec
+from nam_spec.cli import main as nam_spec_main
+from nam_trainer.cli import main as nam_train_main
+from nam_trainer.config import PRESETS, ConfigError, check, load_config, preset_text
+from nam_trainer.config.loader import _toml_literal
+from nam_trainer.config.schema import SECTIONS
 
 
-def test_tiny_preset_maps_every_section() -> None:
+def test_model_section_is_nam_specs_config_and_parallel_extends_its_parallel_config() -> None:
+    assert SECTIONS["model"] is nam_spec.ModelConfig
+    assert issubclass(SECTIONS["parallel"], nam_spec.ParallelConfig)
+    trainer_only = {f.name for f in dataclasses.fields(SECTIONS["parallel"])} - {
+        f.name for f in dataclasses.fields(nam_spec.ParallelConfig)
+    }
+    assert trainer_only == {"data", "distributed_optimizer"}
+    # no other section redefines a model concept
+    model_words = re.compile(r"hidden|heads|experts|vocab|seq_length|precision|recompute|ngram|d_state")
+    for name, cls in SECTIONS.items():
+        if name not in ("model", "parallel"):
+            assert not [f.name for f in dataclasses.fields(cls) if model_words.search(f.name)], name
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_trainer_presets_name_a_model_preset_and_add_no_geometry(name: str) -> None:
+    model_table = tomllib.loads(preset_text(name))["model"]
+    assert model_table == {"preset": name}
+    assert load_config(name).model == nam_spec.PRESETS[name]
+
+
+def _leaves(cls: Any, prefix: str) -> list[tuple[str, Any]]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _leaves(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", hints[f.name]))
+    return out
+
+
+def _other_value(key: str, current: Any) -> tuple[str, Any]:
+    """A valid different value for ``key`` as command-line text, and its parsed form."""
+    special = {
+        "model.family": ("NAM52", "NAM52"),
+        "model.families_file": ("fam.toml", "fam.toml"),
+        "model.backend": ("te", "te"),
+        "model.params_dtype": ("bfloat16", "bfloat16"),
+        "model.recompute": ('{A = "full", "-" = "selective"}', {"A": "full", "-": "selective"}),
+        "model.moe.score_function": ("softmax", "softmax"),
+        "model.moe.load_balancing": ("seq_aux_loss", "seq_aux_loss"),
+        "model.moe.dispatcher": ("allgather", "allgather"),
+        "model.mamba.path": ("split", "split"),
+        "model.m2rnn.path": ("triton", "triton"),
+        "model.embedding.ngram_orders": ("[2, 4]", (2, 4)),
+    }
+    if key in special:
+        return special[key]
+    if isinstance(current, bool):
+        return ("false" if current else "true", not current)
+    if isinstance(current, int):
+        return (str(current * 2), current * 2)
+    if isinstance(current, float):
+        return (repr(current * 2), current * 2)
+    raise AssertionError(f"no test value for {key} = {current!r}")
+
+
+def test_every_nam_spec_field_is_settable_from_the_command_line_and_toml(tmp_path: Path) -> None:
+    base = load_config("nam56r-tiny").model
+    leaves = _leaves(nam_spec.ModelConfig, "model.")
+    assert len(leaves) > 40
+    for key, _type in leaves:
+        current = base
+        for part in key.split(".")[1:]:
+            current = getattr(current, part)
+        text, value = _other_value(key, current)
+        got = load_config("nam56r-tiny", overrides=[f"--{key}", text]).model
+        for part in key.split(".")[1:]:
+            got = getattr(got, part)
+        assert got == value, key
+        section, _, leaf = key.rpartition(".")
+        f = tmp_path / "one.toml"
+        f.write_text(f"[{section}]\n{leaf} = {_toml_literal(value)}\n")
+        from_file = load_config("nam56r-tiny", [f]).model
+        for part in key.split(".")[1:]:
+            from_file = getattr(from_file, part)
+        assert from_file == value, key
+
+
+def test_nested_tables_merge_over_the_model_preset(tmp_path: Path) -> None:
+    f = tmp_path / "run.toml"
+    f.write_text('[model]\npreset = "nam56r-small"\n[model.moe]\ntop_k = 2\n')
+    cfg = load_config("nam56r-tiny", [f], ["--model.mamba.chunk_size", "64"])
+    small = nam_spec.PRESETS["nam56r-small"]
+    assert cfg.model.moe == dataclasses.replace(small.moe, top_k=2)
+    assert cfg.model.mamba.chunk_size == 64 and cfg.model.hidden_size == small.hidden_size
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--model.moe.topk", "4"], "unknown key model.moe.topk (did you mean 'top_k'?)"),
+        (["--model.moe.score_function", "relu"], "model.moe.score_function = 'relu': accepted values are"),
+        (["--model.preset", "nam99"], "model.preset = 'nam99' (set by the command line): no such nam-spec"),
+        (["--model.hidden_size.x", "1"], "model.hidden_size is a value, not a table"),
+        (["--model.recompute", "{A = 1}"], "model.recompute = {'A': 1}"),
+    ],
+)
+def test_bad_model_keys_name_the_key_and_what_is_accepted(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("nam56r-tiny", overrides=overrides)
+    assert message in str(err.value)
+
+
+def test_model_and_trainer_problems_are_reported_together() -> None:
     cfg = load_config(
-        "nam56r-tiny", overrides=["--training.recompute", "selective", "--parallel.tensor", "2"]
+        "nam56r-tiny",
+        overrides=[
+            "--model.moe.top_k",
+            "9",
+            "--model.hidden_size",
+            "130",
+            "--training.global_batch_size",
+            "6",
+        ],
     )
-    setup = model_setup(cfg, precision="fp32")
-    c = setup.config
-    assert (c.hidden_size, c.vocab_size, c.seq_length) == (128, cfg.tokenizer.vocab_size, 256)
-    assert (c.attention.num_heads, c.attention.num_kv_heads, c.head_dim) == (4, 2, 32)
-    assert (c.moe.num_experts, c.moe.top_k, c.moe.shared_ffn_hidden_size) == (4, 2, 128)
-    assert (c.mamba.d_state, c.mamba.head_dim, c.m2rnn.num_heads, c.m2rnn.head_dim_k) == (16, 32, 4, 32)
-    assert c.params_dtype == "float32" and c.tensor_parallel == 2
-    assert c.recompute_for("A") == "selective"
-    assert setup.layout.depth == 52 and set(setup.embedding) == {"ngram", "structure"}
-    assert setup.embedding["ngram"].table_size == cfg.embedding.ngram_table_size
+    with pytest.raises(ConfigError) as err:
+        check(cfg, world_size=1)
+    message = str(err.value)
+    for part in ("model.moe.top_k 9", "model.hidden_size 130", "training.global_batch_size = 6"):
+        assert part in message
 
 
-def test_structure_off_when_data_has_none() -> None:
-    cfg = load_config("nam56r-tiny", overrides=["--data.structure", "none"])
-    assert set(model_setup(cfg, precision="bf16").embedding) == {"ngram"}
-    assert model_setup(cfg, precision="bf16").config.params_dtype == "bfloat16"
+def _table_and_total(text: str) -> tuple[list[str], int]:
+    rows = [line.strip() for line in text.splitlines() if re.match(r"^\s+\d+  [AEMR-] ", line)]
+    total = re.search(r"^\s+total\s+([\d,]+)", text, re.M)
+    assert rows and total, text
+    return rows, int(total.group(1).replace(",", ""))
 
 
-def test_head_dim_that_nam_spec_cannot_build_is_refused() -> None:
-    cfg = load_config("nam56r-tiny", overrides=["--model.kv_channels", "16"])
-    with pytest.raises(ConfigError, match=r"model.kv_channels = 16: .* = 32"):
-        model_setup(cfg, precision="fp32")
-
-
-def test_auto_precision() -> None:
-    assert resolved_precision("auto", cuda=True) == "bf16"
-    assert resolved_precision("auto", cuda=False) == "fp32"
-    assert resolved_precision("bf16", cuda=False) == "bf16"
+@pytest.mark.parametrize("name", PRESETS)
+def test_nam_spec_plan_and_dry_run_print_the_same_table_and_total(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert nam_spec_main(["plan", "--preset", name]) == 0
+    plan = _table_and_total(capsys.readouterr().out)
+    assert nam_train_main(["--dry-run", "--preset", name, "--data.cache_dir", str(tmp_path)]) == 0
+    dry = _table_and_total(capsys.readouterr().out)
+    assert plan == dry
+    assert len(plan[0]) == 52

@@ -19,21 +19,30 @@ STP_LAYERS = (2, 4)
 SEQ = 16
 
 
-def tiny(**changes: object):
-    """nam-spec's nam56r-tiny geometry (hidden 32) with megatron's allgather dispatcher."""
-    from nam_spec import MoEConfig, preset
+def tiny():
+    """Hidden 32, every letter, megatron's allgather dispatcher, reference mixer paths."""
+    from nam_spec import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
 
-    moe = MoEConfig(
-        num_experts=4, top_k=2, ffn_hidden_size=16, shared_ffn_hidden_size=16, dispatcher="allgather"
+    return ModelConfig(
+        hidden_size=32,
+        vocab_size=64,
+        seq_length=SEQ,
+        ffn_hidden_size=64,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2),
+        moe=MoEConfig(
+            num_experts=4, top_k=2, ffn_hidden_size=16, shared_ffn_hidden_size=16, dispatcher="allgather"
+        ),
+        mamba=MambaConfig(d_state=8, head_dim=8, ngroups=2, chunk_size=8, path="reference"),
+        m2rnn=M2RNNConfig(num_heads=4, head_dim_v=4, head_dim_k=8, path="reference"),
     )
-    return preset("nam56r-tiny", vocab_size=64, seq_length=SEQ, moe=moe, **changes)
 
 
-def build(**changes: object) -> torch.nn.Module:
+def build(tensor: int = 1) -> torch.nn.Module:
     from nam_layout import Layout
-    from nam_spec import build_model
+    from nam_spec import ParallelConfig, build_model
 
-    return build_model(Layout.tile(LAYOUT, len(LAYOUT)), tiny(**changes))
+    parallel = ParallelConfig(tensor=tensor, sequence_parallel=tensor > 1)
+    return build_model(Layout.tile(LAYOUT, len(LAYOUT)), tiny(), parallel)
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -238,7 +247,7 @@ def _tp2_rank(tmp: Path) -> dict:
     dist.initialize(tensor_parallel=2, seed=1)
     rank = parallel_state.get_tensor_model_parallel_rank()
     group = parallel_state.get_tensor_model_parallel_group()
-    model = build(tensor_parallel=2, sequence_parallel=True)
+    model = build(tensor=2)
     (tmp / "before").mkdir(exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "before"))
 

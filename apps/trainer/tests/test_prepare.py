@@ -83,7 +83,7 @@ def _copy_cache(prepared: PreparedData, tmp_path: Path) -> Path:
 def _run(root: Path, header_slice: list[Path], *extra: str) -> tuple[PreparedData, list[str]]:
     logs: list[str] = []
     cfg = slice_config(root, header_slice, *extra)
-    return prepare_data(cfg.data, cfg.tokenizer, logs.append), [
+    return prepare_data(cfg, logs.append), [
         line for line in logs if line.startswith("cache:")
     ]
 
@@ -164,7 +164,7 @@ def test_changed_corpus_or_settings_build_new_entries(
     train_doc.write_text(train_doc.read_text() + "\n// edited\n")
     edited, logs = _run(root, copies)
     assert [line.split()[1] for line in logs] == ["building", "building"]
-    longer, logs = _run(root, copies, "--data.seq_length", "32")
+    longer, logs = _run(root, copies, "--model.seq_length", "32")
     assert longer.entry != edited.entry and [line.split()[1] for line in logs] == ["using", "building"]
     assert longer.train[0]["tokens"].shape == (32,)
 
@@ -173,7 +173,7 @@ def test_without_structure_no_channels_are_written(
     prepared: PreparedData, header_slice: list[Path], tmp_path: Path
 ) -> None:
     root = _copy_cache(prepared, tmp_path)
-    data, _ = _run(root, header_slice, "--data.structure", "none", "--embedding.structure", "false")
+    data, _ = _run(root, header_slice, "--data.structure", "none", "--model.embedding.structure", "false")
     assert data.channels == () and "structure" not in data.train[0]
     assert not any("structure" in p.name for p in data.entry.iterdir())
     assert data.train[0]["tokens"].tolist() == prepared.train[0]["tokens"].tolist()
@@ -184,9 +184,9 @@ def test_jsonl_corpus_and_no_validation(tmp_path: Path, header_slice: list[Path]
     f.write_text("".join(json.dumps({"text": p.read_text()}) + "\n" for p in header_slice[:3]))
     logs: list[str] = []
     cfg = slice_config(
-        tmp_path / "cache", [f], "--data.validation_fraction", "0", "--tokenizer.vocab_size", "300"
+        tmp_path / "cache", [f], "--data.validation_fraction", "0", "--model.vocab_size", "300"
     )
-    data = prepare_data(cfg.data, cfg.tokenizer, logs.append)
+    data = prepare_data(cfg, logs.append)
     assert data.validation is None and data.info["train"]["documents"] == [f"{f}:{i}" for i in (1, 2, 3)]
 
 

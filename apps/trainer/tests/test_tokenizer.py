@@ -30,11 +30,11 @@ def test_training_is_deterministic_and_byte_level(texts: list[str]) -> None:
 def test_trained_tokenizer_is_cached_and_reused(
     tmp_path: Path, header_slice: list[Path], texts: list[str]
 ) -> None:
-    cfg = TokenizerConfig(vocab_size=300)
+    cfg = TokenizerConfig()
     docs = [Document(str(p), t) for p, t in zip(header_slice, texts, strict=True)]
     logs: list[str] = []
-    first = prepare_tokenizer(cfg, docs, tmp_path, logs.append)
-    second = prepare_tokenizer(cfg, docs, tmp_path, logs.append)
+    first = prepare_tokenizer(cfg, 300, docs, tmp_path, logs.append)
+    second = prepare_tokenizer(cfg, 300, docs, tmp_path, logs.append)
     assert first.sha256 == second.sha256 and first.path == second.path
     assert [line.split(":")[1].split()[0] for line in logs if line.startswith("cache:")] == [
         "building",
@@ -42,26 +42,27 @@ def test_trained_tokenizer_is_cached_and_reused(
     ]
     manifest = json.loads((first.path.parent / "manifest.json").read_text())
     assert manifest["key_inputs"]["vocab_size"] == 300 and manifest["info"]["vocab_size"] == 300
-    other = prepare_tokenizer(TokenizerConfig(vocab_size=320), docs, tmp_path, logs.append)
+    other = prepare_tokenizer(cfg, 320, docs, tmp_path, logs.append)
     assert other.path.parent != first.path.parent and other.vocab_size == 320
 
 
 def test_special_token_text_inside_a_document_stays_text(tmp_path: Path, texts: list[str]) -> None:
     path = tmp_path / "tok.json"
     train_bpe(texts, 300, 2, SPECIALS).save(str(path))
-    tok = load_tokenizer(path, TokenizerConfig(path=str(path), vocab_size=0))
+    tok = load_tokenizer(path, TokenizerConfig(path=str(path)), 300)
     ids = tok.tokenizer.encode("a <|endoftext|> b", add_special_tokens=False).ids
     assert tok.eos_id not in ids and tok.tokenizer.decode(ids) == "a <|endoftext|> b"
 
 
 def test_bad_tokenizer_files(tmp_path: Path, texts: list[str]) -> None:
     with pytest.raises(TokenizerError, match="cannot load it as a tokenizers JSON file"):
-        load_tokenizer(tmp_path / "missing.json", TokenizerConfig(path="missing.json", vocab_size=0))
+        load_tokenizer(tmp_path / "missing.json", TokenizerConfig(path="missing.json"), 4096)
     plain = tmp_path / "plain.json"
     train_bpe(texts, 300, 2, ["<s>"]).save(str(plain))
     with pytest.raises(TokenizerError, match=re.escape("has no token '<|endoftext|>' (tokenizer.eos_token)")):
-        load_tokenizer(plain, TokenizerConfig(path=str(plain), vocab_size=0))
+        load_tokenizer(plain, TokenizerConfig(path=str(plain)), 4096)
     good = tmp_path / "good.json"
     train_bpe(texts, 300, 2, SPECIALS).save(str(good))
-    with pytest.raises(TokenizerError, match=re.escape("has 300 tokens but tokenizer.vocab_size = 4096")):
-        load_tokenizer(good, TokenizerConfig(path=str(good), vocab_size=4096))
+    with pytest.raises(TokenizerError, match=re.escape("has 300 tokens but model.vocab_size = 299; set model")):
+        load_tokenizer(good, TokenizerConfig(path=str(good)), 299)
+    assert load_tokenizer(good, TokenizerConfig(path=str(good)), 4096).vocab_size == 300  # rows to spare

@@ -16,7 +16,7 @@ def train_args(cache: Path, sources: list[Path], run_dir: Path, *extra: str) -> 
     return [
         *("--data.cache_dir", str(cache)),
         *("--data.sources", "[" + ", ".join(f'"{p}"' for p in sources) + "]"),
-        *("--tokenizer.vocab_size", "400", "--data.seq_length", "64", "--data.validation_fraction", "0.25"),
+        *("--model.vocab_size", "400", "--model.seq_length", "64", "--data.validation_fraction", "0.25"),
         *("--training.steps", str(STEPS), "--training.warmup_steps", "1"),
         *("--training.micro_batch_size", "2", "--training.global_batch_size", "4"),
         *("--training.eval_interval", "5", "--training.eval_iters", "2"),

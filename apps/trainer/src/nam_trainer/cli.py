@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.preset, args.config, overrides)
         checked = check(config, args.world_size)
         if args.command == "data":
-            data = prepare_data(config.data, config.tokenizer)
+            data = prepare_data(config)
             for split in ("train", "validation"):
                 if split in data.info:
                     facts = data.info[split]

@@ -36,7 +36,7 @@ def problems(config: ModelConfig, layout: Layout, parallel: ParallelConfig | Non
             f"layout letter(s) {unknown} have no nam-spec block; nam-spec builds {' '.join(SPEC_LETTERS)}"
         )
     sizes = [(f"model.{k}", getattr(config, k)) for k in ("hidden_size", "vocab_size", "seq_length")]
-    sizes += [(f"parallel.{f.name}", getattr(parallel, f.name)) for f in dataclasses.fields(parallel)]
+    sizes += [(f"parallel.{f.name}", getattr(parallel, f.name)) for f in dataclasses.fields(ParallelConfig)]
     for name, value in sizes:
         if name in ("parallel.sequence_parallel", "parallel.expert_tensor"):
             continue

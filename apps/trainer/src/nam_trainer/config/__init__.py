@@ -9,7 +9,7 @@ from nam_trainer.config.loader import (
     to_toml,
 )
 from nam_trainer.config.schema import Config, ConfigError
-from nam_trainer.config.validate import Checked, ParallelSizes, check, resolve_layout
+from nam_trainer.config.validate import Checked, ParallelSizes, check
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -22,6 +22,5 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "preset_text",
-    "resolve_layout",
     "to_toml",
 ]

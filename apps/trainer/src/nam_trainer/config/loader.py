@@ -1,14 +1,19 @@
 """Layered configuration: defaults < preset < TOML files < command-line overrides.
 
-Overrides are data (``--section.key value`` or ``--section.key=value``), parsed by the type of
-the field they set, so ``--data.cache_dir /tmp/x`` is a string and ``--training.steps 10`` an
-integer. Every value remembers where it came from, and every error names that origin.
+Overrides are data (``--section.key value``, ``--section.key=value``, nested tables too:
+``--model.moe.top_k 4``), parsed by the type of the field they set, so ``--data.cache_dir /tmp/x``
+is a string and ``--training.steps 10`` an integer. ``[model]`` starts from the nam-spec model
+preset ``model.preset`` names. Every value remembers where it came from, and every error names
+that origin.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import difflib
 import tomllib
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import fields
@@ -16,10 +21,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import nam_spec
 from nam_trainer.config.schema import SECTIONS, Config, ConfigError
 
 PRESETS = ("nam56r", "nam56r-small", "nam56r-tiny")
 DEFAULT_PRESET = "nam56r-tiny"
+# [model] preset = NAME: the nam-spec model preset the [model] keys of every layer apply to
+MODEL_PRESET_KEY = "preset"
 
 
 def preset_text(name: str) -> str:
@@ -32,9 +40,12 @@ def preset_text(name: str) -> str:
 def load_config(
     preset: str = DEFAULT_PRESET, files: Sequence[str | Path] = (), overrides: Sequence[str] = ()
 ) -> Config:
-    """Build and check a Config from a preset, TOML files over it, then ``--section.key value`` pairs."""
-    values: dict[str, dict[str, Any]] = {}
-    origins: dict[tuple[str, str], str] = {}
+    """Build and check a Config from a preset, TOML files over it, then ``--section.key value`` pairs.
+
+    ``[model]`` starts from the nam-spec model preset that ``model.preset`` names (set by the
+    trainer preset, a file or the command line) and takes every other ``[model]`` key over it."""
+    values: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
     _merge(values, origins, _parse_toml(preset_text(preset), f"preset {preset!r}"), f"preset {preset!r}")
     for path in files:
         path = Path(path)
@@ -47,9 +58,10 @@ def load_config(
     return _build(values, origins)
 
 
-def parse_overrides(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["--data.seq_length", "128", "--tokenizer.path=x.json"]`` -> {"data": {"seq_length": 128}, ...}."""
-    out: dict[str, dict[str, Any]] = {}
+def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """``["--data.cache_dir", "x", "--model.moe.top_k=4"]`` -> {"data": {"cache_dir": "x"}, "model":
+    {"moe": {"top_k": 4}}}."""
+    out: dict[str, Any] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -63,9 +75,12 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"command-line argument {arg!r}: missing its value")
             raw = argv[i + 1]
             i += 1
-        section, _, name = key.partition(".")
-        field_type = _field_type(section, name, "the command line")
-        out.setdefault(section, {})[name] = _parse_cli_value(raw, field_type, f"--{key}")
+        path = tuple(key.split("."))
+        field_type = _field_type(path, "the command line")
+        table = out
+        for part in path[:-1]:
+            table = table.setdefault(part, {})
+        table[path[-1]] = _parse_cli_value(raw, field_type, f"--{key}")
         i += 1
     return out
 
@@ -78,34 +93,62 @@ def _parse_toml(text: str, origin: str) -> dict[str, Any]:
 
 
 def _merge(
-    values: dict[str, dict[str, Any]],
-    origins: dict[tuple[str, str], str],
-    layer: dict[str, Any],
-    origin: str,
+    values: dict[str, Any], origins: dict[tuple[str, ...], str], layer: dict[str, Any], origin: str
 ) -> None:
     for section, table in layer.items():
         if not isinstance(table, dict):
             raise ConfigError(
                 f"{origin}: top-level key {section!r} is not a [section]; sections: {', '.join(SECTIONS)}"
             )
-        for name, value in table.items():
-            _field_type(section, name, origin)
-            values.setdefault(section, {})[name] = value
-            origins[section, name] = origin
+        _merge_table(values.setdefault(section, {}), origins, (section,), table, origin)
 
 
-def _field_type(section: str, name: str, origin: str) -> Any:
+def _merge_table(
+    into: dict[str, Any],
+    origins: dict[tuple[str, ...], str],
+    path: tuple[str, ...],
+    table: dict[str, Any],
+    origin: str,
+) -> None:
+    for name, value in table.items():
+        key = (*path, name)
+        field_type = _field_type(key, origin)
+        if _is_table(field_type) and isinstance(value, dict):
+            _merge_table(into.setdefault(name, {}), origins, key, value, origin)
+        else:
+            into[name] = value
+            origins[key] = origin
+
+
+def _is_table(field_type: Any) -> bool:
+    return dataclasses.is_dataclass(field_type)
+
+
+def _field_type(path: tuple[str, ...], origin: str) -> Any:
+    """The type of the field at ``path`` (section, key, nested keys), or a ConfigError naming what exists."""
+    section = path[0]
     if section not in SECTIONS:
         raise ConfigError(
             f"{origin}: unknown section [{section}]{_suggest(section, SECTIONS)}; sections: {', '.join(SECTIONS)}"
         )
-    hints = typing.get_type_hints(SECTIONS[section])
-    names = [f.name for f in fields(SECTIONS[section])]
-    if name not in names:
-        raise ConfigError(
-            f"{origin}: unknown key {section}.{name}{_suggest(name, names)}; keys of [{section}]: {', '.join(names)}"
-        )
-    return hints[name]
+    cls: Any = SECTIONS[section]
+    if len(path) == 1:
+        raise ConfigError(f"{origin}: [{section}] needs a key: --{section}.KEY VALUE")
+    for depth, name in enumerate(path[1:], 1):
+        where = ".".join(path[:depth])
+        if not _is_table(cls):
+            raise ConfigError(f"{origin}: {where} is a value, not a table: {'.'.join(path)} does not exist")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in fields(cls)]
+        if cls is SECTIONS["model"]:
+            names.append(MODEL_PRESET_KEY)
+            hints[MODEL_PRESET_KEY] = str
+        if name not in names:
+            raise ConfigError(
+                f"{origin}: unknown key {where}.{name}{_suggest(name, names)}; keys of [{where}]: {', '.join(names)}"
+            )
+        cls = hints[name]
+    return cls
 
 
 def _suggest(word: str, choices: Sequence[str]) -> str:
@@ -114,59 +157,116 @@ def _suggest(word: str, choices: Sequence[str]) -> str:
 
 
 def _parse_cli_value(raw: str, field_type: Any, where: str) -> Any:
-    if field_type is str:
+    if _accepts_str(field_type) and not raw.lstrip().startswith("{"):
         return raw
-    if typing.get_origin(field_type) is list and not raw.lstrip().startswith("["):
+    if typing.get_origin(field_type) in (list, tuple) and not raw.lstrip().startswith("["):
         return [raw] if typing.get_args(field_type)[0] is str else [_toml_value(raw, where)]
     return _toml_value(raw, where)
+
+
+def _accepts_str(field_type: Any) -> bool:
+    if field_type is str:
+        return True
+    if typing.get_origin(field_type) is typing.Literal:
+        return all(isinstance(a, str) for a in typing.get_args(field_type))
+    if typing.get_origin(field_type) in (typing.Union, types.UnionType):
+        return any(_accepts_str(a) for a in typing.get_args(field_type))
+    return False
 
 
 def _toml_value(raw: str, where: str) -> Any:
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{where} {raw!r}: not a value (a number, true/false, or a [list])") from err
+        raise ConfigError(
+            f"{where} {raw!r}: not a value (a number, true/false, a [list] or a {{table}})"
+        ) from err
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def _check_type(value: Any, field_type: Any, where: str) -> Any:
     """The value converted to the field's type, or a ConfigError saying what was expected."""
     origin = typing.get_origin(field_type)
-    if origin is list:
-        (item,) = typing.get_args(field_type)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} = {value!r}: expected a list of {item.__name__}")
-        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is typing.Literal:
+        accepted = typing.get_args(field_type)
+        if value not in accepted:
+            raise ConfigError(f"{where} = {value!r}: accepted values are {', '.join(map(repr, accepted))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(field_type):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err).split(": ", 1)[-1])
+        raise ConfigError(f"{where} = {value!r}: {' or '.join(errors)}")
+    if origin in (list, tuple):
+        item = typing.get_args(field_type)[0]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} = {value!r}: expected a list of {_NAMES.get(item, item.__name__)}")
+        items = [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin in (dict, collections.abc.Mapping):
+        key_type, value_type = typing.get_args(field_type)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {value!r}: expected a table")
+        return {
+            _check_type(k, key_type, where): _check_type(v, value_type, f"{where}[{k!r}]")
+            for k, v in value.items()
+        }
     if field_type is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if field_type is int and isinstance(value, bool):
         raise ConfigError(f"{where} = {value!r}: expected an integer")
     if not isinstance(value, field_type):
-        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-        raise ConfigError(f"{where} = {value!r}: expected {names.get(field_type, field_type.__name__)}")
+        raise ConfigError(f"{where} = {value!r}: expected {_NAMES.get(field_type, field_type.__name__)}")
     return value
 
 
-def _build(values: dict[str, dict[str, Any]], origins: dict[tuple[str, str], str]) -> Config:
+def _build(values: dict[str, Any], origins: dict[tuple[str, ...], str]) -> Config:
     sections = {}
     for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for name, value in values.get(section, {}).items():
-            try:
-                kwargs[name] = _check_type(value, hints[name], f"{section}.{name}")
-            except ConfigError as err:
-                raise ConfigError(f"{err} (set by {origins[section, name]})") from err
+        table = dict(values.get(section, {}))
+        if section == "model":
+            name = table.pop(MODEL_PRESET_KEY, DEFAULT_PRESET)
+            if name not in nam_spec.PRESETS:
+                raise ConfigError(
+                    f"model.preset = {name!r} (set by {origins.get(('model', MODEL_PRESET_KEY), 'the defaults')}): "
+                    f"no such nam-spec model preset; accepted: {', '.join(nam_spec.PRESETS)}"
+                )
+            sections[section] = _apply(nam_spec.PRESETS[name], table, (section,), origins)
+            continue
         try:
-            sections[section] = cls(**kwargs)
+            sections[section] = _apply(cls(), table, (section,), origins)
         except ConfigError as err:
             raise ConfigError(f"{err} (set by {_origin_of(str(err), section, origins)})") from err
     return Config(**sections)
 
 
-def _origin_of(message: str, section: str, origins: dict[tuple[str, str], str]) -> str:
+def _apply(
+    base: Any, table: dict[str, Any], path: tuple[str, ...], origins: dict[tuple[str, ...], str]
+) -> Any:
+    """``base`` (a dataclass) with ``table``'s values, type-checked, nested tables applied recursively."""
+    hints = typing.get_type_hints(type(base))
+    changes = {}
+    for name, value in table.items():
+        key = (*path, name)
+        if _is_table(hints[name]) and isinstance(value, dict):
+            changes[name] = _apply(getattr(base, name), value, key, origins)
+            continue
+        try:
+            changes[name] = _check_type(value, hints[name], ".".join(key))
+        except ConfigError as err:
+            raise ConfigError(f"{err} (set by {origins[key]})") from err
+    return dataclasses.replace(base, **changes)
+
+
+def _origin_of(message: str, section: str, origins: dict[tuple[str, ...], str]) -> str:
     """Which layer set the key a section's own check complains about (the key the message names first)."""
     named = [
-        (message.find(f"{sec}.{name} "), origin) for (sec, name), origin in origins.items() if sec == section
+        (message.find(f"{'.'.join(key)} "), origin) for key, origin in origins.items() if key[0] == section
     ]
     named = [(at, origin) for at, origin in named if at >= 0]
     return min(named)[1] if named else "the defaults"
@@ -176,10 +276,17 @@ def to_toml(config: Config) -> str:
     """The full configuration as TOML; loading it back gives the same Config whatever the preset."""
     lines: list[str] = []
     for section, table in config.to_dict().items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{name} = {_toml_literal(value)}" for name, value in table.items())
-        lines.append("")
+        _table_lines(lines, section, table)
     return "\n".join(lines)
+
+
+def _table_lines(lines: list[str], name: str, table: dict[str, Any]) -> None:
+    lines.append(f"[{name}]")
+    nested = {k: v for k, v in table.items() if isinstance(v, dict) and k != "recompute"}
+    lines.extend(f"{k} = {_toml_literal(v)}" for k, v in table.items() if k not in nested)
+    lines.append("")
+    for key, sub in nested.items():
+        _table_lines(lines, f"{name}.{key}", sub)
 
 
 def _toml_literal(value: Any) -> str:
@@ -189,6 +296,10 @@ def _toml_literal(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{_toml_literal(str(k))} = {_toml_literal(v)}" for k, v in value.items()) + "}"
+        )
     raise TypeError(f"no TOML literal for {value!r}")

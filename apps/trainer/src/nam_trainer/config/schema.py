@@ -1,14 +1,19 @@
 """The configuration as data: one frozen dataclass per TOML section.
 
-Every field has a default so that a preset only states what it changes; ranges that a single
-field can check are checked here, where the field is defined. Checks that involve several
-fields or the world size live in ``validate.py``.
+``[model]`` is nam-spec's ``ModelConfig`` itself (nested tables ``[model.moe]``, ``[model.mamba]``
+...), and ``[parallel]`` extends nam-spec's ``ParallelConfig`` with what only the trainer knows:
+there is one model schema in the project, and it is nam-spec's. The sections defined here are the
+trainer's own. Every field has a default so that a preset only states what it changes; ranges
+that a single field can check are checked here, where the field is defined. Checks that involve
+several fields or the world size live in ``validate.py`` (with nam-spec's model checks).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
+
+import nam_spec
 
 
 class ConfigError(ValueError):
@@ -30,120 +35,19 @@ def _one_of(section: object, name: str, accepted: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Which family (pattern and depth, from nam-layout) and the width of its blocks."""
-
-    SECTION: ClassVar[str] = "model"
-    family: str = "NAM56R"
-    families_file: str = ""  # extra families from a nam-layout TOML file ("" = built-ins only)
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: int = 2  # KV heads (GQA)
-    kv_channels: int = 0  # head dim; 0 = hidden_size / num_attention_heads
-    ffn_hidden_size: int = 512  # the dense MLP of '-' layers
-    untie_embeddings_and_output_weights: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size"):
-            _at_least(self, name, 1)
-        _at_least(self, "kv_channels", 0)
-
-    @property
-    def head_dim(self) -> int:
-        return self.kv_channels or self.hidden_size // self.num_attention_heads
-
-
-@dataclass(frozen=True)
-class MoEConfig:
-    """The E layers: experts, router and shared expert."""
-
-    SECTION: ClassVar[str] = "moe"
-    num_experts: int = 4
-    router_topk: int = 2
-    ffn_hidden_size: int = 128
-    shared_expert_ffn_hidden_size: int = 0  # 0 = no shared expert
-    router_score_function: str = "sigmoid"
-    aux_loss_coeff: float = 1e-2
-
-    def __post_init__(self) -> None:
-        for name in ("num_experts", "router_topk", "ffn_hidden_size"):
-            _at_least(self, name, 1)
-        _at_least(self, "shared_expert_ffn_hidden_size", 0)
-        _at_least(self, "aux_loss_coeff", 0.0)
-        _one_of(self, "router_score_function", ("sigmoid", "softmax"))
-
-
-@dataclass(frozen=True)
-class MambaConfig:
-    """The M layers (Mamba-2 SSD mixer)."""
-
-    SECTION: ClassVar[str] = "mamba"
-    state_dim: int = 16
-    head_dim: int = 32
-    num_groups: int = 1
-    expand: int = 2
-    path: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("state_dim", "head_dim", "num_groups", "expand"):
-            _at_least(self, name, 1)
-        _one_of(self, "path", ("auto", "fused", "split", "reference"))
-
-
-@dataclass(frozen=True)
-class M2RNNConfig:
-    """The R layers (M2RNN): value heads split across TP ranks, one shared q/k head."""
-
-    SECTION: ClassVar[str] = "m2rnn"
-    num_v_heads: int = 4
-    v_head_dim: int = 16
-    k_head_dim: int = 32
-
-    def __post_init__(self) -> None:
-        for name in ("num_v_heads", "v_head_dim", "k_head_dim"):
-            _at_least(self, name, 1)
-
-
-@dataclass(frozen=True)
-class EmbeddingConfig:
-    """nam-embed's extras beside the word embedding: n-gram hash tables and structure channels."""
-
-    SECTION: ClassVar[str] = "embedding"
-    ngram: bool = True
-    ngram_orders: list[int] = field(default_factory=lambda: [2, 3])
-    ngram_heads: int = 8
-    ngram_table_size: int = 500_000
-    ngram_dim: int = 16
-    structure: bool = True  # needs data.structure = "cpp"
-    structure_bottleneck: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("ngram_heads", "ngram_table_size", "ngram_dim", "structure_bottleneck"):
-            _at_least(self, name, 1)
-        if not self.ngram_orders or any(n < 2 for n in self.ngram_orders):
-            raise ConfigError(
-                f"embedding.ngram_orders = {self.ngram_orders!r}: need a non-empty list of orders >= 2"
-            )
-
-
-@dataclass(frozen=True)
 class TokenizerConfig:
     """A byte-level BPE trained on the training split, or a tokenizer.json given by path."""
 
     SECTION: ClassVar[str] = "tokenizer"
-    path: str = ""  # a `tokenizers` tokenizer.json; "" = train a byte-level BPE (cached)
-    vocab_size: int = 4096  # what to train; with `path`, must equal the file's size (or be 0)
+    # a `tokenizers` tokenizer.json (at most model.vocab_size tokens); "" = train a byte-level BPE of
+    # model.vocab_size tokens (cached)
+    path: str = ""
     min_frequency: int = 2
     eos_token: str = "<|endoftext|>"
     pad_token: str = "<|pad|>"
 
     def __post_init__(self) -> None:
         _at_least(self, "min_frequency", 1)
-        if not self.path and self.vocab_size < 256 + 2:
-            raise ConfigError(
-                f"tokenizer.vocab_size = {self.vocab_size}: a byte-level BPE needs >= 258 "
-                "(256 bytes and the two special tokens)"
-            )
         if self.eos_token == self.pad_token or not self.eos_token or not self.pad_token:
             raise ConfigError(
                 f"tokenizer.eos_token = {self.eos_token!r}, tokenizer.pad_token = {self.pad_token!r}: "
@@ -162,13 +66,11 @@ class DataConfig:
     compiler: str = ""  # "" = the first of c++, g++, clang++ on PATH (only for the default corpus)
     jsonl_text_key: str = "text"
     validation_fraction: float = 0.05  # of documents (files); 0 = no validation split
-    split_seed: int = 0
-    seq_length: int = 256
+    split_seed: int = 0  # rows are model.seq_length tokens long
     structure: str = "cpp"  # structure channels from nam-embed's C++ extractor, or "none"
     cache_dir: str = "~/.cache/nam-train"
 
     def __post_init__(self) -> None:
-        _at_least(self, "seq_length", 1)
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"data.validation_fraction = {self.validation_fraction!r}: must be in [0, 1)")
         _one_of(self, "structure", ("cpp", "none"))
@@ -189,9 +91,7 @@ class TrainingConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.1
     clip_grad: float = 1.0
-    seed: int = 1234
-    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
-    recompute: str = "none"
+    seed: int = 1234  # precision and recompute are the model's: model.params_dtype, model.recompute
     eval_interval: int = 50
     eval_iters: int = 4  # validation batches (of global_batch_size rows) per evaluation
     # steps in a row with a non-finite loss (each skipped: no optimizer update) that stop the run (exit 3)
@@ -217,19 +117,14 @@ class TrainingConfig:
             )
         if self.min_lr > self.lr:
             raise ConfigError(f"training.min_lr = {self.min_lr!r}: must be <= training.lr = {self.lr!r}")
-        _one_of(self, "precision", ("auto", "bf16", "fp32"))
-        _one_of(self, "recompute", ("none", "selective", "full"))
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    """megatron-core parallel sizes; the data-parallel size follows from the world size."""
+class ParallelConfig(nam_spec.ParallelConfig):
+    """nam-spec's parallel sizes, and the trainer's: data parallelism (what the world size leaves)
+    and the distributed optimizer."""
 
     SECTION: ClassVar[str] = "parallel"
-    tensor: int = 1
-    pipeline: int = 1
-    virtual_pipeline: int = 1
-    expert: int = 1
     data: int = -1  # -1 = world size / (tensor * pipeline)
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
@@ -237,6 +132,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tensor", "pipeline", "virtual_pipeline", "expert"):
             _at_least(self, name, 1)
+        _at_least(self, "expert_tensor", 0)
         if self.data != -1 and self.data < 1:
             raise ConfigError(f"parallel.data = {self.data!r}: must be >= 1, or -1 to follow the world size")
 
@@ -305,11 +201,7 @@ class PlasticityConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    mamba: MambaConfig = field(default_factory=MambaConfig)
-    m2rnn: M2RNNConfig = field(default_factory=M2RNNConfig)
-    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    model: nam_spec.ModelConfig = field(default_factory=nam_spec.ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -318,10 +210,8 @@ class Config:
     plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {
-            f.name: {g.name: getattr(getattr(self, f.name), g.name) for g in fields(getattr(self, f.name))}
-            for f in fields(self)
-        }
+        """Section -> its fields, nested tables as dicts (``[model.moe]`` as ``model["moe"]``)."""
+        return {f.name: asdict(getattr(self, f.name)) for f in fields(self)}
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]

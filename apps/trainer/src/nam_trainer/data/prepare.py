@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from nam_trainer.config.schema import DataConfig, TokenizerConfig
+from nam_trainer.config.schema import Config, DataConfig
 from nam_trainer.data.cache import FORMAT, cache_key, load_or_build, problem, read_manifest
 from nam_trainer.data.corpus import Corpus, Document, fingerprint, load_corpus
 from nam_trainer.data.dataset import PackedSplit
@@ -63,7 +63,9 @@ def plan_corpus(cfg: DataConfig) -> CorpusPlan:
     return CorpusPlan(corpus, train, validation)
 
 
-def packed_key_inputs(cfg: DataConfig, plan: CorpusPlan, tokenizer: LoadedTokenizer) -> dict[str, Any]:
+def packed_key_inputs(
+    cfg: DataConfig, seq_length: int, plan: CorpusPlan, tokenizer: LoadedTokenizer
+) -> dict[str, Any]:
     """Everything the packed rows depend on; any change gives another cache entry."""
     return {
         "kind": "packed rows",
@@ -73,23 +75,23 @@ def packed_key_inputs(cfg: DataConfig, plan: CorpusPlan, tokenizer: LoadedTokeni
         "tokenizer": tokenizer.sha256,
         "eos_id": tokenizer.eos_id,
         "pad_id": tokenizer.pad_id,
-        "seq_length": cfg.seq_length,
+        "seq_length": seq_length,
         "structure": extractor_version() if cfg.structure == "cpp" else "none",
     }
 
 
-def prepare_data(
-    data: DataConfig, tokenizer_cfg: TokenizerConfig, log: Callable[[str], None] = print
-) -> PreparedData:
-    """Build what is missing or bad in the cache, verify the rest, and open the packed splits."""
+def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> PreparedData:
+    """Build what is missing or bad in the cache, verify the rest, and open the packed splits: a
+    tokenizer of at most ``model.vocab_size`` tokens, rows of ``model.seq_length``."""
+    data, seq_length = cfg.data, cfg.model.seq_length
     plan = plan_corpus(data)
     root = cache_root(data)
     log(
         f"corpus: {len(plan.corpus.documents)} documents, {plan.corpus.num_bytes:,} bytes from {plan.corpus.origin}"
         + (f" (skipped {plan.corpus.skipped})" if plan.corpus.skipped else "")
     )
-    tokenizer = prepare_tokenizer(tokenizer_cfg, plan.train, root, log)
-    key_inputs = packed_key_inputs(data, plan, tokenizer)
+    tokenizer = prepare_tokenizer(cfg.tokenizer, cfg.model.vocab_size, plan.train, root, log)
+    key_inputs = packed_key_inputs(data, seq_length, plan, tokenizer)
     channels = CHANNELS if data.structure == "cpp" else ()
 
     def build(out: Path) -> dict[str, Any]:
@@ -97,12 +99,12 @@ def prepare_data(
         for split, docs in zip(SPLITS, (plan.train, plan.validation), strict=True):
             if docs:
                 log(f"data: tokenizing and packing {len(docs)} {split} documents")
-                info[split] = _write_split(docs, out / split, data.seq_length, tokenizer, channels)
+                info[split] = _write_split(docs, out / split, seq_length, tokenizer, channels)
         return info
 
     entry = load_or_build(root, "packed", key_inputs, build, log)
     info = read_manifest(entry)["info"]
-    splits = {s: PackedSplit(entry / s, data.seq_length, channels) if s in info else None for s in SPLITS}
+    splits = {s: PackedSplit(entry / s, seq_length, channels) if s in info else None for s in SPLITS}
     assert splits["train"] is not None
     return PreparedData(tokenizer, entry, splits["train"], splits["validation"], info)
 
@@ -130,14 +132,15 @@ def _write_split(
     }
 
 
-def cache_status(data: DataConfig, tokenizer_cfg: TokenizerConfig, plan: CorpusPlan) -> list[str]:
+def cache_status(cfg: Config, plan: CorpusPlan) -> list[str]:
     """What ``prepare_data`` would reuse and what it would build, without building anything."""
-    root = cache_root(data)
+    tokenizer_cfg, vocab_size = cfg.tokenizer, cfg.model.vocab_size
+    root = cache_root(cfg.data)
     if tokenizer_cfg.path:
-        tokenizer = load_tokenizer(Path(tokenizer_cfg.path).expanduser(), tokenizer_cfg)
+        tokenizer = load_tokenizer(Path(tokenizer_cfg.path).expanduser(), tokenizer_cfg, vocab_size)
         lines = [f"tokenizer: {tokenizer.path} ({tokenizer.vocab_size} tokens)"]
     else:
-        tok_inputs = tokenizer_key_inputs(tokenizer_cfg, plan.train)
+        tok_inputs = tokenizer_key_inputs(tokenizer_cfg, vocab_size, plan.train)
         tok_entry = root / "tokenizer" / cache_key(tok_inputs)
         why = problem(tok_entry, tok_inputs)
         if why is not None:
@@ -145,9 +148,9 @@ def cache_status(data: DataConfig, tokenizer_cfg: TokenizerConfig, plan: CorpusP
                 f"tokenizer: to train into {tok_entry} ({why})",
                 "packed rows: to build after the tokenizer",
             ]
-        tokenizer = load_tokenizer(tok_entry / TOKENIZER_FILE, tokenizer_cfg)
+        tokenizer = load_tokenizer(tok_entry / TOKENIZER_FILE, tokenizer_cfg, vocab_size)
         lines = [f"tokenizer: cached in {tok_entry} ({tokenizer.vocab_size} tokens)"]
-    inputs = packed_key_inputs(data, plan, tokenizer)
+    inputs = packed_key_inputs(cfg.data, cfg.model.seq_length, plan, tokenizer)
     entry = root / "packed" / cache_key(inputs)
     why = problem(entry, inputs)
     lines.append(

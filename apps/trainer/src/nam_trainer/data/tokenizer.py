@@ -57,8 +57,9 @@ def train_bpe(
     return tok
 
 
-def load_tokenizer(path: Path, cfg: TokenizerConfig) -> LoadedTokenizer:
-    """A tokenizer.json, checked for the configured special tokens and vocabulary size."""
+def load_tokenizer(path: Path, cfg: TokenizerConfig, vocab_size: int) -> LoadedTokenizer:
+    """A tokenizer.json, checked for the configured special tokens and to fit the model's
+    ``vocab_size`` (embedding rows beyond its tokens stay unused)."""
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception for missing and malformed files
@@ -76,19 +77,21 @@ def load_tokenizer(path: Path, cfg: TokenizerConfig) -> LoadedTokenizer:
     # Special tokens spelled inside a document stay text: only the packer places EOS.
     tok.encode_special_tokens = True
     size = tok.get_vocab_size(with_added_tokens=True)
-    if cfg.path and cfg.vocab_size not in (0, size):
+    if size > vocab_size:
         raise TokenizerError(
-            f"tokenizer.path = {cfg.path!r} has {size} tokens but tokenizer.vocab_size = {cfg.vocab_size}; "
-            f"set tokenizer.vocab_size = {size} or 0"
+            f"tokenizer {str(path)!r} has {size} tokens but model.vocab_size = {vocab_size}; "
+            f"set model.vocab_size to at least {size}"
         )
     return LoadedTokenizer(tok, path, file_sha256(path), ids["eos_token"], ids["pad_token"])
 
 
-def tokenizer_key_inputs(cfg: TokenizerConfig, train_documents: Sequence[Document]) -> dict[str, Any]:
+def tokenizer_key_inputs(
+    cfg: TokenizerConfig, vocab_size: int, train_documents: Sequence[Document]
+) -> dict[str, Any]:
     """Everything a trained tokenizer depends on; any change trains another one."""
     return {
         "kind": "byte-level BPE",
-        "vocab_size": cfg.vocab_size,
+        "vocab_size": vocab_size,
         "min_frequency": cfg.min_frequency,
         "special_tokens": [cfg.eos_token, cfg.pad_token],
         "corpus": fingerprint(train_documents),
@@ -98,24 +101,26 @@ def tokenizer_key_inputs(cfg: TokenizerConfig, train_documents: Sequence[Documen
 
 def prepare_tokenizer(
     cfg: TokenizerConfig,
+    vocab_size: int,
     train_documents: Sequence[Document],
     cache_root: Path,
     log: Callable[[str], None] = print,
 ) -> LoadedTokenizer:
-    """The configured tokenizer: loaded from ``cfg.path``, or trained on ``train_documents`` once and cached."""
+    """The configured tokenizer: loaded from ``cfg.path``, or a BPE of ``vocab_size`` tokens trained on
+    ``train_documents`` once and cached."""
     if cfg.path:
-        return load_tokenizer(Path(cfg.path).expanduser(), cfg)
-    key_inputs = tokenizer_key_inputs(cfg, train_documents)
+        return load_tokenizer(Path(cfg.path).expanduser(), cfg, vocab_size)
+    key_inputs = tokenizer_key_inputs(cfg, vocab_size, train_documents)
 
     def build(out: Path) -> dict[str, object]:
         log(
-            f"tokenizer: training a byte-level BPE of {cfg.vocab_size} tokens on {len(train_documents)} documents"
+            f"tokenizer: training a byte-level BPE of {vocab_size} tokens on {len(train_documents)} documents"
         )
         tok = train_bpe(
-            [d.text for d in train_documents], cfg.vocab_size, cfg.min_frequency, key_inputs["special_tokens"]
+            [d.text for d in train_documents], vocab_size, cfg.min_frequency, key_inputs["special_tokens"]
         )
         tok.save(str(out / FILE))
         return {"vocab_size": tok.get_vocab_size(with_added_tokens=True)}
 
     entry = load_or_build(cache_root, "tokenizer", key_inputs, build, log)
-    return load_tokenizer(entry / FILE, cfg)
+    return load_tokenizer(entry / FILE, cfg, vocab_size)

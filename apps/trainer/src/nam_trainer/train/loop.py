@@ -8,7 +8,6 @@ rank skips, evaluates, checkpoints and stops after the same step. Rank 0 prints 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -22,7 +21,7 @@ import torch
 
 from nam_runtime import dist
 from nam_runtime.dist import World
-from nam_trainer.config import Checked, ConfigError
+from nam_trainer.config import Checked
 from nam_trainer.data import PreparedData, prepare_data
 from nam_trainer.metrics import Progress, RunLog
 from nam_trainer.train.batches import Shard, TrainOrder, collate, validation_samples
@@ -41,8 +40,7 @@ def train(checked: Checked) -> int:
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; the process group does not exist yet
     say: Callable[[str], None] = _stderr if rank == 0 else (lambda _m: None)
     cfg = checked.config
-    data = prepare_data(cfg.data, cfg.tokenizer, log=say)
-    checked = _with_tokenizer_vocab(checked, data)
+    data = prepare_data(cfg, log=say)
     _import_training_modules()
     world = init_world(checked)
     try:
@@ -69,20 +67,6 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _with_tokenizer_vocab(checked: Checked, data: PreparedData) -> Checked:
-    """The model's vocabulary: the configured size, or the tokenizer file's when that is 0."""
-    tok = checked.config.tokenizer
-    size = data.tokenizer.vocab_size
-    if tok.vocab_size == 0:
-        config = dataclasses.replace(checked.config, tokenizer=dataclasses.replace(tok, vocab_size=size))
-        return dataclasses.replace(checked, config=config)
-    if size > tok.vocab_size:
-        raise ConfigError(
-            f"tokenizer.vocab_size = {tok.vocab_size}: the tokenizer has {size} tokens; set it to {size} or 0"
-        )
-    return checked
-
-
 def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[str], None]) -> int:
     from nam_spec.accounting import model_flops_per_token
     from nam_trainer.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
@@ -105,16 +89,14 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
         )
         return EXIT_OK
 
-    plan = build_plan(
-        cfg.plasticity, run.model.layout, t.seed, _sequence_group(cfg.parallel.sequence_parallel)
-    )
+    plan = build_plan(cfg.plasticity, run.layout, t.seed, _sequence_group(cfg.parallel.sequence_parallel))
     if plan is not None:
         attach(plan, run.chunks, start + 1)
     feed = before_forward(plan)
-    moe = MoEMetrics(run.chunks, run.model.config, run.model.layout, world.device)
+    moe = MoEMetrics(run.chunks, run.model, run.layout, world.device)
     shard = Shard(t.global_batch_size, t.micro_batch_size, run.dp_rank, run.dp_size)
     order = TrainOrder(len(data.train), t.seed)
-    structure = "structure" in run.model.embedding
+    structure = run.model.embedding.structure
 
     def batch(split: Any, samples: list[int]) -> list[dict[str, Any]]:
         return [collate(split, rows, world.device, structure) for rows in shard.rows(samples)]
@@ -127,8 +109,8 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
         if data.validation is not None
         else []
     )
-    tokens_per_step = t.global_batch_size * cfg.data.seq_length
-    flops_per_step = model_flops_per_token(run.model.config, run.model.layout) * tokens_per_step
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    flops_per_step = model_flops_per_token(run.model, run.layout) * tokens_per_step
     on_gpu = world.device.type == "cuda"
 
     rank0 = world.rank == 0

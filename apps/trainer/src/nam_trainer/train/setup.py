@@ -7,12 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from nam_layout import Layout
 from nam_runtime import dist
 from nam_runtime.dist import World
+from nam_spec import ModelConfig
 from nam_trainer.config import Checked, ConfigError
-from nam_trainer.model_config import ModelSetup, model_setup, resolved_precision
+
+PRECISION = {"bfloat16": "bf16", "float32": "fp32"}  # what the console and metrics call them
 
 
 @dataclass
@@ -20,11 +21,15 @@ class Run:
     """Everything a step needs; ``chunks`` are the DDP-wrapped model chunks of this rank."""
 
     world: World
-    precision: str
-    model: ModelSetup
+    model: ModelConfig  # params_dtype decided for this machine
+    layout: Layout
     chunks: list[Any]
     optimizer: Any
     scheduler: Any
+
+    @property
+    def precision(self) -> str:
+        return PRECISION[self.model.params_dtype]
 
     @property
     def dp_rank(self) -> int:
@@ -77,9 +82,9 @@ def build_run(checked: Checked, world: World) -> Run:
     cfg = checked.config
     t, p = cfg.training, cfg.parallel
     reset_megatron_moe_state()  # left by any model built earlier in this process (tests, notebooks)
-    precision = resolved_precision(t.precision, cuda=world.device.type == "cuda")
-    setup = model_setup(cfg, precision=precision)
-    model = build_model(setup.layout, setup.config, plan=checked.stages, embedding_kwargs=setup.embedding)
+    model_cfg = cfg.model.replace(params_dtype=cfg.model.dtype_name)
+    bf16 = model_cfg.params_dtype == "bfloat16"
+    model = build_model(checked.layout, model_cfg, p, plan=checked.stages)
     model.to(world.device)
     tc = model.config
     ddp = DistributedDataParallel(
@@ -106,8 +111,8 @@ def build_run(checked: Checked, world: World) -> Run:
             adam_beta1=0.9,
             adam_beta2=0.95,
             adam_eps=1e-8,
-            bf16=precision == "bf16",
-            params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+            bf16=bf16,
+            params_dtype=model_cfg.torch_dtype,
             clip_grad=t.clip_grad,
             use_distributed_optimizer=p.distributed_optimizer,
         ),
@@ -130,7 +135,7 @@ def build_run(checked: Checked, world: World) -> Run:
     # The schedule's counter holds the step about to run (1-based): step 1 trains at the first
     # warm-up rate, not at init_lr = 0, and the last step at min_lr.
     scheduler.step(1)
-    return Run(world, precision, setup, chunks, optimizer, scheduler)
+    return Run(world, model_cfg, checked.layout, chunks, optimizer, scheduler)
 
 
 def learning_rate(run: Run) -> float:
