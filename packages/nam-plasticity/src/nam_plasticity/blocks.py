@@ -24,11 +24,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from nam_plasticity import megatron
-from nam_plasticity.megatron import Split
 from nam_plasticity.naming import expert_indices, global_names
 from nam_plasticity.params import local
 from nam_plasticity.parts import RowParts, declarations
 
+Split = Literal["rows", "cols"]
 Mode = Literal["all", "qk"]
 
 

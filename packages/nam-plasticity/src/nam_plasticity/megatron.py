@@ -20,7 +20,7 @@ read them by megatron's names and attributes and return the same data:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -29,9 +29,8 @@ from torch import nn
 from nam_plasticity.params import local
 
 if TYPE_CHECKING:
+    from nam_plasticity.blocks import Split
     from nam_plasticity.parts import ActivationHook, Neurons, PlasticityParts, RowParts
-
-Split = Literal["rows", "cols"]
 
 EXCLUDED = ("router", "embedding", "output_layer")
 _EXCLUDED_RE = re.compile(r"(^|\.)(" + "|".join(EXCLUDED) + r")(\.|$)")

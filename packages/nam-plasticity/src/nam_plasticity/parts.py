@@ -8,8 +8,9 @@ A module implements one method, ``plasticity_parts() -> PlasticityParts``, retur
 
 Both keys are optional. A module that does not implement the method is read by the megatron
 rules (``nam_plasticity.megatron``), which give the same data for megatron-core's linear layers
-and MLPs; FIRE, DASH and ReDo read nothing else. A parameter declared by a module's own method
-is never also split by the megatron rules of the module that holds it.
+and MLPs; FIRE, DASH and ReDo read nothing else. A module that implements the method is
+described by it alone, and a parameter it declares is never also split by the megatron rules of
+the module that holds it.
 """
 
 # No ``from __future__ import annotations``: TypedDict sees ``Required`` only in evaluated annotations.
