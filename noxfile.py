@@ -132,3 +132,4 @@ def lint(session: nox.Session) -> None:
     )
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("python", "tools/check_dependencies.py")

@@ -1,5 +1,5 @@
-"""The declared-parts protocol (``plasticity_row_parts``) and the grouped-experts ReDo protocol
-(``plasticity_neurons`` / ``register_activation_hook``) on plain torch modules."""
+"""The plasticity-parts protocol (``plasticity_parts()``: the rows FIRE and DASH act on, the
+neurons ReDo tracks) on plain torch modules."""
 
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ class Mixer(nn.Module):
         self.in_proj = nn.Linear(8, HEADS * (2 * V + 1), bias=False)
         self.out_proj = nn.Linear(HEADS * V, 8, bias=False)
 
-    def plasticity_row_parts(self) -> dict:
+    def plasticity_parts(self) -> dict:
         return {
-            "qk_weight": {"parts": (("q", 6), ("k", 6))},
-            "in_proj.weight": {"parts": (("v", V), ("g", V), ("f", 1)), "repeat": HEADS},
+            "rows": {
+                "qk_weight": {"parts": (("q", 6), ("k", 6))},
+                "in_proj.weight": {"parts": (("v", V), ("g", V), ("f", 1)), "repeat": HEADS},
+            }
         }
 
 
@@ -43,15 +45,21 @@ class GroupedMLP(nn.Module):
         self.fc2_weight = nn.Parameter(torch.randn(experts, hidden, ffn) / math.sqrt(ffn))
         self._hooks: OrderedDict[int, object] = OrderedDict()
 
-    def plasticity_row_parts(self) -> dict:
+    def plasticity_parts(self) -> dict:
         f = self.fc2_weight.shape[2]
         return {
-            "fc1_weight": {"parts": (("gate", f), ("up", f)), "expert_dim": 0},
-            "fc2_weight": {"expert_dim": 0},
+            "rows": {
+                "fc1_weight": {"parts": (("gate", f), ("up", f)), "expert_dim": 0},
+                "fc2_weight": {"expert_dim": 0},
+            },
+            "neurons": {
+                "fc1": "fc1_weight",
+                "fc2": "fc2_weight",
+                "gated": True,
+                "init_std": 0.02,
+                "activations": self.register_activation_hook,
+            },
         }
-
-    def plasticity_neurons(self) -> dict:
-        return {"fc1": "fc1_weight", "fc2": "fc2_weight", "gated": True, "group": None, "init_std": 0.02}
 
     def register_activation_hook(self, hook) -> RemovableHandle:
         handle = RemovableHandle(self._hooks)
@@ -122,8 +130,8 @@ def test_an_expert_axis_of_one_keeps_input_features_last() -> None:
             super().__init__()
             self.w = nn.Parameter(torch.randn(6, 2, 4))  # [rows, experts, in]
 
-        def plasticity_row_parts(self) -> dict:
-            return {"w": {"parts": (("a", 2), ("b", 4)), "expert_dim": 1}}
+        def plasticity_parts(self) -> dict:
+            return {"rows": {"w": {"parts": (("a", 2), ("b", 4)), "expert_dim": 1}}}
 
     module = ExpertsInTheMiddle()
     blocks = {b.name: b for b in find_blocks([module])}
@@ -147,21 +155,70 @@ def test_bad_declarations_say_what_and_where(spec: dict, match: str) -> None:
             super().__init__()
             self.proj = nn.Linear(4, 6, bias=False)
 
-        def plasticity_row_parts(self) -> dict:
-            return {"proj.weight": spec}
+        def plasticity_parts(self) -> dict:
+            return {"rows": {"proj.weight": spec}}
 
     with pytest.raises(ValueError, match=match) as err:
         find_blocks([nn.ModuleDict({"bad": Bad()})])
-    assert "Bad.plasticity_row_parts()['proj.weight'] at bad" in str(err.value)
+    assert "Bad.plasticity_parts() at bad: rows['proj.weight']" in str(err.value)
 
 
 def test_a_declaration_must_name_a_parameter() -> None:
     class Missing(nn.Module):
-        def plasticity_row_parts(self) -> dict:
-            return {"in_proj.weight": {}}
+        def plasticity_parts(self) -> dict:
+            return {"rows": {"in_proj.weight": {}}}
 
     with pytest.raises(ValueError, match="no such parameter"):
         find_blocks([Missing()])
+
+
+def test_unknown_keys_and_missing_neuron_entries_say_what_and_where() -> None:
+    class Typo(nn.Module):
+        def plasticity_parts(self) -> dict:
+            return {"row": {}}
+
+    with pytest.raises(ValueError, match=r"Typo.plasticity_parts\(\) at <root>: unknown keys \['row'\]"):
+        find_blocks([Typo()])
+
+    class NoHook(GroupedMLP):
+        def plasticity_parts(self) -> dict:
+            parts = super().plasticity_parts()
+            del parts["neurons"]["activations"]
+            return parts
+
+    with pytest.raises(ValueError, match=r"NoHook.plasticity_parts\(\) at moe: .*missing \['activations'\]"):
+        Redo().attach([nn.ModuleDict({"moe": NoHook()})])
+
+
+class Dense(nn.Module):
+    """An MLP under names of its own: ReDo finds it by its declaration, not by megatron's names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 6, bias=False)
+        self.down = nn.Linear(6, 8, bias=False)
+
+    def plasticity_parts(self) -> dict:
+        def activations(hook) -> RemovableHandle:
+            return self.down.register_forward_pre_hook(lambda _, args: hook(args[0], None))
+
+        return {"neurons": {"fc1": "up.weight", "fc2": "down.weight", "activations": activations}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_redo_tracks_a_dense_mlp_that_declares_its_neurons() -> None:
+    torch.manual_seed(0)
+    mlp = Dense()
+    redo = Redo(RedoConfig(beta=0.5))
+    redo.attach([nn.ModuleDict({"mlp": mlp})])
+    (layer,) = redo.layers
+    assert (layer.name, layer.tensors, layer.gated) == ("mlp", ("mlp.up.weight", "mlp.down.weight"), False)
+    assert layer.init_std == pytest.approx(1 / math.sqrt(3 * 8))  # nn.Linear's, fan-in 8
+    x = torch.randn(5, 8)
+    mlp(x)
+    assert torch.allclose(layer.ema, torch.relu(mlp.up(x)).detach().abs().mean(0))
 
 
 def _route(counts: list[int], hidden: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

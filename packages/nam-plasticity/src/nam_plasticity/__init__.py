@@ -1,9 +1,10 @@
 """FIRE, DASH, ReDo and STP plasticity interventions for tensor-parallel megatron-core models."""
 
-from nam_plasticity.blocks import Block, RowParts, find_blocks
+from nam_plasticity.blocks import Block, find_blocks
 from nam_plasticity.dash import Dash, DashConfig, dash_scale
 from nam_plasticity.fire import FireConfig, apply_fire, fire_matrices
 from nam_plasticity.params import Master, resolve
+from nam_plasticity.parts import Neurons, PlasticityParts, RowParts
 from nam_plasticity.plan import Plan, Schedule
 from nam_plasticity.polar import PolarResult, polar_factor
 from nam_plasticity.records import Record
@@ -20,7 +21,9 @@ __all__ = [
     "FireConfig",
     "HiddenStateHooks",
     "Master",
+    "Neurons",
     "Plan",
+    "PlasticityParts",
     "PolarResult",
     "Record",
     "Redo",

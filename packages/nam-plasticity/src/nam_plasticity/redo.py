@@ -11,14 +11,13 @@ an EMA over training forwards. Neuron i is dormant when s_i <= tau. Recycling dr
 rows afresh from the layer's initial distribution and zeroes (or fills with small noise) its
 outgoing column; its score restarts at the layer mean so it is not recycled again at once.
 
-Grouped experts (all of a layer's experts in 3-D weights) are found through a protocol of the
-module that owns them: ``plasticity_neurons()`` returns plain data, ``{"fc1": name, "fc2":
-name, "gated": bool, "group": tensor-parallel group of the units or None, "init_std": float}``
-with fc1 ``[E_local, (2 x) F_local, H]`` and fc2 ``[E_local, H, F_local]``, and
-``register_activation_hook(hook)`` calls ``hook(activations [tokens, F_local],
-tokens_per_expert [E_local])`` with fc2's input every forward (rows grouped by expert). Each
-expert is its own layer; an expert that received no tokens keeps its statistic, and one that
-has never received any is not scored.
+The units come from the ``neurons`` a module declares (``nam_plasticity.parts``: its own
+``plasticity_parts()``, else the megatron rules, which declare every megatron MLP): fc1, fc2,
+whether fc1 is gated, the tensor-parallel group of the units, a fresh row's std, and
+``activations(hook)``, through which the module hands fc2's input to the statistics every
+forward. Grouped experts (3-D fc1 and fc2) hand over the tokens per expert with it; each expert
+is then its own layer, an expert that received no tokens keeps its statistic, and one that has
+never received any is not scored.
 
 Data-parallel replicas see different tokens, so their EMAs differ; before scoring, each layer's
 EMA is averaged over its data-parallel group (dense layers: megatron's data-parallel group with
@@ -46,6 +45,7 @@ from torch import nn
 
 from nam_plasticity.naming import expert_indices, global_names
 from nam_plasticity.params import resolve
+from nam_plasticity.parts import Declaration, Neurons, declarations
 from nam_plasticity.records import Record
 
 
@@ -103,23 +103,31 @@ class _GroupedStats:
     seen: torch.Tensor  # [E_local] bool
 
 
-def _grouped_layers(
-    name: str, module: nn.Module, modules: dict[str, nn.Module], config: RedoConfig
-) -> list[MLPLayer]:
-    """One layer per local expert of a module that declares ``plasticity_neurons()``."""
-    spec = module.plasticity_neurons()
-    w1, w2 = getattr(module, spec["fc1"]), getattr(module, spec["fc2"])
-    gated = bool(spec["gated"])
-    if w1.dim() != 3 or w2.dim() != 3 or w1.shape[1] != w2.shape[2] * (2 if gated else 1):
+def _layers(name: str, d: Declaration, modules: dict[str, nn.Module], config: RedoConfig) -> list[MLPLayer]:
+    """The layers of one module's ``neurons``: the MLP, or one per local expert of grouped weights."""
+    spec = d.parts["neurons"]
+    unknown, missing = set(spec) - set(Neurons.__annotations__), Neurons.__required_keys__ - set(spec)
+    if unknown or missing:
         raise ValueError(
-            f"ReDo: {name}: plasticity_neurons() gives fc1 {tuple(w1.shape)} and fc2 {tuple(w2.shape)}; "
-            "accepted [E, (2 x) F, H] and [E, H, F]"
+            f"ReDo: {d.source}: neurons with unknown keys {sorted(unknown)}, missing {sorted(missing)}; "
+            f"accepted {sorted(Neurons.__annotations__)}"
         )
-    std = config.init_std or spec.get("init_std") or 1 / math.sqrt(3 * w1.shape[2])
+    w1, w2 = d.module.get_parameter(spec["fc1"]), d.module.get_parameter(spec["fc2"])
+    gated = bool(spec.get("gated", False))
+    if w1.dim() != w2.dim() or w1.dim() not in (2, 3) or w1.shape[-2] != w2.shape[-1] * (2 if gated else 1):
+        raise ValueError(
+            f"ReDo: {d.source}: fc1 {tuple(w1.shape)} and fc2 {tuple(w2.shape)} (gated={gated}); "
+            "accepted [(2 x) F, H] and [H, F], or grouped [E, (2 x) F, H] and [E, H, F]"
+        )
+    std = float(config.init_std or spec.get("init_std") or 1 / math.sqrt(3 * w1.shape[-1]))
+    group = spec.get("group")
+    group = group if group is not None and group.size() > 1 else None
     tensors = (f"{name}.{spec['fc1']}", f"{name}.{spec['fc2']}")
+    if w1.dim() == 2:
+        return [MLPLayer(name, w1, w2, gated, group, std, tensors)]
     return [
-        MLPLayer(f"{name}.{g}", w1, w2, gated, spec.get("group"), float(std), tensors, expert=e)
-        for e, g in enumerate(expert_indices(modules, name, w1.shape[0]))
+        MLPLayer(f"{name}.{g}", w1, w2, gated, group, std, tensors, expert=e)
+        for e, g in enumerate(expert_indices(modules, d.name, w1.shape[0]))
     ]
 
 
@@ -136,34 +144,18 @@ def _replica_group(expert: bool, group: dist.ProcessGroup | None) -> dist.Proces
     return group if group is not None and group.size() > 1 else None
 
 
-def _find_layers(model_chunks: Iterable[nn.Module], config: RedoConfig) -> list[tuple[nn.Module, MLPLayer]]:
-    """(module to hook, layer): fc2 of every MLP, and grouped-expert modules (one layer per expert)."""
-    layers = []
+def _find_layers(
+    model_chunks: Iterable[nn.Module], config: RedoConfig
+) -> list[tuple[Declaration, list[MLPLayer]]]:
+    """(declaring module, its layers) for every module that declares ``neurons``."""
+    found = []
     for chunk in model_chunks:
         names = global_names(chunk)
         modules = dict(chunk.named_modules())
-        for name, module in chunk.named_modules():
-            if callable(getattr(module, "plasticity_neurons", None)):
-                layers += [(module, layer) for layer in _grouped_layers(names[name], module, modules, config)]
-                continue
-            fc1, fc2 = getattr(module, "linear_fc1", None), getattr(module, "linear_fc2", None)
-            if not isinstance(fc1, nn.Module) or not isinstance(fc2, nn.Module):
-                continue
-            w1, w2 = getattr(fc1, "weight", None), getattr(fc2, "weight", None)
-            if not isinstance(w1, nn.Parameter) or not isinstance(w2, nn.Parameter) or w1.dim() != 2:
-                continue  # TE grouped linears (weight0..N) declare nothing and are not tracked
-            cfg = getattr(module, "config", None)
-            gated = bool(getattr(cfg, "gated_linear_unit", False))
-            if w1.shape[0] != w2.shape[1] * (2 if gated else 1):
-                raise ValueError(
-                    f"ReDo: {name}: fc1 has {w1.shape[0]} rows, fc2 {w2.shape[1]} columns (gated={gated})"
-                )
-            group = getattr(fc2, "tp_group", None)
-            group = group if group is not None and group.size() > 1 else None
-            std = config.init_std or getattr(cfg, "init_method_std", None) or 1 / math.sqrt(3 * w1.shape[1])
-            tensors = (f"{names[name]}.linear_fc1.weight", f"{names[name]}.linear_fc2.weight")
-            layers.append((fc2, MLPLayer(names[name], w1, w2, gated, group, float(std), tensors)))
-    return layers
+        for d in declarations(chunk):
+            if "neurons" in d.parts:
+                found.append((d, _layers(names[d.name], d, modules, config)))
+    return found
 
 
 def _rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -181,32 +173,29 @@ class Redo:
     _handles: list[Any] = field(default_factory=list, repr=False)
 
     def attach(self, model_chunks: Sequence[nn.Module]) -> None:
-        """Register forward pre-hooks on every fc2; they update the EMA during training forwards."""
+        """Hook every declared MLP's activations; the hooks update the EMA during training forwards."""
         self.detach()
         self.layers = []
-        grouped: dict[int, list[MLPLayer]] = {}
-        for module, layer in _find_layers(model_chunks, self.config):
-            layer.replicas = _replica_group(layer.expert is not None, self.group)
-            self.layers.append(layer)
-            if layer.expert is None:
-                self._handles.append(module.register_forward_pre_hook(self._hook(layer)))
-            else:
-                grouped.setdefault(id(module), [module]).append(layer)
-        for module, *experts in grouped.values():
-            self._handles.append(module.register_activation_hook(self._grouped_hook(module, experts)))
+        for d, layers in _find_layers(model_chunks, self.config):
+            for layer in layers:
+                layer.replicas = _replica_group(layer.expert is not None, self.group)
+            self.layers += layers
+            grouped = layers[0].expert is not None
+            hook = self._grouped_hook(d.module, layers) if grouped else self._hook(d.module, layers[0])
+            self._handles.append(d.parts["neurons"]["activations"](hook))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def _hook(self, layer: MLPLayer):
+    def _hook(self, module: nn.Module, layer: MLPLayer):
         beta = self.config.beta
 
-        def hook(module: nn.Module, args: tuple) -> None:
+        def hook(act: torch.Tensor, _counts: torch.Tensor | None) -> None:
             if not module.training or not torch.is_grad_enabled():
                 return
-            x = args[0].detach()
+            x = act.detach()
             if x.numel() == 0:
                 return
             stat = x.reshape(-1, x.shape[-1]).abs().float().mean(0)

@@ -79,15 +79,17 @@ class M2RNNAdapter(ProjectedCoreAdapter):
         self.qk_weight.sequence_parallel = True
         _broadcast_from_first_rank(self.qk_weight, self.tp_group)
 
-    def plasticity_row_parts(self) -> dict[str, dict[str, Any]]:
-        """nam-plasticity's declared parts: the shared q/k projection is [q, k] (replicated), in_proj
-        is head-major [v, g, x_f] per local value head, so v, g and the forget-gate input of all
-        local heads gathered over TP ranks are those parts of the model."""
+    def plasticity_parts(self) -> dict[str, Any]:
+        """nam-plasticity's plasticity-parts protocol: the shared q/k projection is [q, k]
+        (replicated), in_proj is head-major [v, g, x_f] per local value head, so v, g and the
+        forget-gate input of all local heads gathered over TP ranks are those parts of the model."""
         c, v = self.core, self.core.head_dim_v
         qk = c.num_qk_heads * c.head_dim_k
         return {
-            "qk_weight": {"parts": (("q", qk), ("k", qk))},
-            "in_proj.weight": {"parts": (("v", v), ("g", v), ("f", 1)), "repeat": c.num_heads},
+            "rows": {
+                "qk_weight": {"parts": (("q", qk), ("k", qk))},
+                "in_proj.weight": {"parts": (("v", v), ("g", v), ("f", 1)), "repeat": c.num_heads},
+            }
         }
 
     def forward(

@@ -69,14 +69,17 @@ class MambaAdapter(ProjectedCoreAdapter):
             )
         mark_tensor_parallel(*self.core.parameters())
 
-    def plasticity_row_parts(self) -> dict[str, dict[str, Any]]:
-        """nam-plasticity's declared parts: in_proj's local rows are [z, x, B, C, dt] of this rank's
-        channels, groups and heads, so each part gathered over TP ranks is that part of the model."""
+    def plasticity_parts(self) -> dict[str, Any]:
+        """nam-plasticity's plasticity-parts protocol: in_proj's local rows are [z, x, B, C, dt] of
+        this rank's channels, groups and heads, so each part gathered over TP ranks is that part of
+        the model."""
         gn = self.ngroups_local * self.d_state
         di = self.d_inner_local
         return {
-            "in_proj.weight": {
-                "parts": (("z", di), ("x", di), ("B", gn), ("C", gn), ("dt", self.nheads_local))
+            "rows": {
+                "in_proj.weight": {
+                    "parts": (("z", di), ("x", di), ("B", gn), ("C", gn), ("dt", self.nheads_local))
+                }
             }
         }
 

@@ -128,27 +128,25 @@ class GroupedExperts(MegatronModule):
     def backward_dw(self) -> None:  # weight gradients are not deferred
         return None
 
-    def plasticity_row_parts(self) -> dict[str, dict[str, Any]]:
-        """Logical matrices for nam-plasticity (its declared-parts protocol): every local expert
-        separately, fc1 as its gate and up halves (this rank's F slice of each), fc2 whole."""
+    def plasticity_parts(self) -> dict[str, Any]:
+        """nam-plasticity's plasticity-parts protocol. rows: every local expert separately, fc1
+        as its gate and up halves (this rank's F slice of each), fc2 whole. neurons: each
+        expert's hidden units (unit i: gate row i and up row i of fc1, column i of fc2), split
+        over expert TP, their activations delivered by ``register_activation_hook``."""
         f = self.fc2_weight.shape[2]
         return {
-            "fc1_weight": {"parts": (("gate", f), ("up", f)), "expert_dim": 0, "group": self.etp_group},
-            "fc2_weight": {"expert_dim": 0, "group": self.etp_group},
-        }
-
-    def plasticity_neurons(self) -> dict[str, Any]:
-        """What nam-plasticity's ReDo needs: the incoming and outgoing weights of each expert's
-        hidden units (neuron i: gate row i and up row i of fc1, column i of fc2), the group the
-        units are split over and the std of a fresh fc1 row; ``register_activation_hook``
-        delivers the units' activations."""
-        group = self.etp_group if self.etp_group.size() > 1 else None
-        return {
-            "fc1": "fc1_weight",
-            "fc2": "fc2_weight",
-            "gated": True,
-            "group": group,
-            "init_std": self.config.init_method_std,
+            "rows": {
+                "fc1_weight": {"parts": (("gate", f), ("up", f)), "expert_dim": 0, "group": self.etp_group},
+                "fc2_weight": {"expert_dim": 0, "group": self.etp_group},
+            },
+            "neurons": {
+                "fc1": "fc1_weight",
+                "fc2": "fc2_weight",
+                "gated": True,
+                "group": self.etp_group,
+                "init_std": self.config.init_method_std,
+                "activations": self.register_activation_hook,
+            },
         }
 
     def register_activation_hook(self, hook: ActivationHook) -> RemovableHandle:
