@@ -114,7 +114,7 @@ def test_bad_arguments_say_what_is_accepted(kwargs: dict, message: str) -> None:
 
 
 def test_model_parallel_sizes_are_refused_by_name() -> None:
-    with pytest.raises(SpecConfigError, match="covers parallel.tensor = pipeline = expert = 1"):
+    with pytest.raises(SpecConfigError, match=r"covers parallel\.tensor = pipeline = expert = 1"):
         memory_estimate(SMALL, NAM56R, ParallelConfig(pipeline=4), micro_batch_size=1)
 
 
