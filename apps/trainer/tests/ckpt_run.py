@@ -63,7 +63,9 @@ def model_config(hidden: int = 32, bf16: bool = False) -> Any:
         mamba=MambaConfig(d_state=8, head_dim=8, ngroups=2, chunk_size=4, path="reference"),
         m2rnn=M2RNNConfig(num_heads=4, head_dim_v=4, head_dim_k=8, path="reference"),
         # replica-marked n-gram tables
-        embedding=EmbeddingConfig(ngram=True, ngram_orders=(2, 3), ngram_heads=2, ngram_table_size=31, ngram_dim=4),
+        embedding=EmbeddingConfig(
+            ngram=True, ngram_orders=(2, 3), ngram_heads=2, ngram_table_size=31, ngram_dim=4
+        ),
         backend="local",
     )
 

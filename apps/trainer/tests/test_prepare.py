@@ -83,9 +83,7 @@ def _copy_cache(prepared: PreparedData, tmp_path: Path) -> Path:
 def _run(root: Path, header_slice: list[Path], *extra: str) -> tuple[PreparedData, list[str]]:
     logs: list[str] = []
     cfg = slice_config(root, header_slice, *extra)
-    return prepare_data(cfg, logs.append), [
-        line for line in logs if line.startswith("cache:")
-    ]
+    return prepare_data(cfg, logs.append), [line for line in logs if line.startswith("cache:")]
 
 
 def _bytes(data: PreparedData) -> dict[str, bytes]:

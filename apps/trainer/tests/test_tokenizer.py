@@ -63,6 +63,8 @@ def test_bad_tokenizer_files(tmp_path: Path, texts: list[str]) -> None:
         load_tokenizer(plain, TokenizerConfig(path=str(plain)), 4096)
     good = tmp_path / "good.json"
     train_bpe(texts, 300, 2, SPECIALS).save(str(good))
-    with pytest.raises(TokenizerError, match=re.escape("has 300 tokens but model.vocab_size = 299; set model")):
+    with pytest.raises(
+        TokenizerError, match=re.escape("has 300 tokens but model.vocab_size = 299; set model")
+    ):
         load_tokenizer(good, TokenizerConfig(path=str(good)), 299)
     assert load_tokenizer(good, TokenizerConfig(path=str(good)), 4096).vocab_size == 300  # rows to spare
