@@ -168,7 +168,7 @@ def test_plasticity_plan_and_stp_run_from_config(
             "data.sources[0] = '/nonexistent/corpus': no such file or directory",
         ),
         (["--training.stpes", "3"], "unknown key training.stpes (did you mean 'steps'?)"),
-        (["--world-size", "2", "--parallel.tensor", "3"], "is not divisible by parallel.tensor = 3"),
+        (["--world-size", "2", "--parallel.tensor", "3"], "is not divisible by parallel.tensor 3"),
         (["--training.global_batch_size", "3"], "training.global_batch_size = 3 is not divisible by"),
         (
             ["--world-size", "2", "--parallel.pipeline", "2", "--parallel.virtual_pipeline", "2"],
