@@ -16,9 +16,12 @@ MoE layers from ``get_gpt_layer_local_submodules``; torch RMSNorm for the final 
 ``masked_softmax_fusion=False``, ``use_mamba_mem_eff_path=False``, sequential experts), wrapped in
 megatron's Float16Module as megatron's own training does; plain word embedding (it has no extras).
 
-Step (both): megatron DDP (gradients reduced in an fp32 buffer) and megatron's optimizer (Adam,
-fp32 main parameters, distributed optimizer on one rank, clip 1.0, weight decay 0.1, the preset's
-lr 6e-4), ``get_forward_backward_func`` over MICROBATCHES micro-batches of MICRO_BATCH x 4096
+Set-up (both): the trainer's own, ``nam_trainer.train.setup.build_run`` on the preset (megatron's
+model through its ``build`` argument): megatron DDP (gradients reduced in an fp32 buffer) and
+megatron's optimizer (Adam, fp32 main parameters, distributed optimizer on one rank, the preset's
+clipping, weight decay with nam-spec's no-weight-decay rule, lr 6e-4: no warm-up and a decay
+horizon far beyond the benchmark's steps keep it at the peak). Step (both):
+``get_forward_backward_func`` over MICROBATCHES micro-batches of MICRO_BATCH x 4096
 random tokens (the same fixed batch every step), then ``optimizer.step()``. Micro-batch 1: the
 baseline holds ~55 GiB of activations per 4096-token row (GPU.md) beside ~38 GiB of parameters,
 gradients and Adam state, so 1 row keeps both near 100 GiB. WARMUP_STEPS, then the median of
@@ -53,10 +56,13 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.report import Report
 from bench.world import one_rank_world
+
+if TYPE_CHECKING:
+    from nam_trainer.model_config import ModelSetup
 
 PRESET = "nam56r-small"
 MICRO_BATCH = 1
@@ -79,25 +85,23 @@ def log(message: str) -> None:
     print(f"[trainer {time.strftime('%H:%M:%S')} +{time.monotonic() - _T0:5.0f}s] {message}", flush=True)
 
 
-@dataclass(frozen=True)
-class Setup:
-    """One model geometry and what its step needs beside it."""
+def preset(name: str = PRESET) -> Any:
+    """The trainer preset, checked for one rank, in bf16 (on the default local backend), with the preset's
+    recomputation off (megatron's model keeps all its activations too) and the learning rate held
+    at its peak: no warm-up, a cosine decay over a million steps."""
+    from nam_trainer.config import check, load_config
 
-    config: Any  # nam_spec.ModelConfig
-    layout: Any  # nam_layout.Layout
-    embedding: dict[str, Any]  # HybridEmbedding's extras: ngram, structure
-    lr: float
-
-
-def preset_setup(name: str = PRESET) -> Setup:
-    """The trainer preset's model, mapped by the trainer itself, on the local backend in bf16, with
-    the preset's recomputation off: megatron's model keeps all its activations too."""
-    from nam_trainer.config import load_config
-    from nam_trainer.model_config import model_setup
-
-    cfg = load_config(name, overrides=["--training.recompute", "none"])
-    model = model_setup(cfg, precision="bf16", backend="local")
-    return Setup(model.config, model.layout, model.embedding, cfg.training.lr)
+    overrides = {
+        "training.precision": "bf16",
+        "training.recompute": "none",
+        "training.warmup_steps": "0",
+        "training.steps": "1000000",
+        "parallel.distributed_optimizer": "true",
+    }
+    cfg = load_config(
+        name, overrides=[arg for key, value in overrides.items() for arg in (f"--{key}", value)]
+    )
+    return check(cfg, world_size=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,12 +135,6 @@ def flop_lines(config: Any, layout: Any) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # The two models
 # ------------------------------------------------------------------------------------------------
-
-
-def build_ours(setup: Setup) -> Any:
-    from nam_spec import build_model
-
-    return build_model(setup.layout, setup.config, embedding_kwargs=setup.embedding)
 
 
 def megatron_layout(layout: Any) -> Any:
@@ -211,7 +209,7 @@ def megatron_local_stack_spec(config: Any) -> Any:
     )
 
 
-def megatron_config(setup: Setup) -> Any:
+def megatron_config(setup: ModelSetup) -> Any:
     m = setup.config.mamba
     return dataclasses.replace(
         setup.config.transformer_config(megatron_layout(setup.layout)),
@@ -223,7 +221,7 @@ def megatron_config(setup: Setup) -> Any:
     )
 
 
-def build_megatron(setup: Setup) -> Any:
+def build_megatron(setup: ModelSetup) -> Any:
     """megatron-core's HybridModel, local spec, in Float16Module as megatron's training wraps it."""
     import torch
     from megatron.core.models.hybrid.hybrid_model import HybridModel
@@ -259,8 +257,7 @@ def build_megatron(setup: Setup) -> Any:
 
 @dataclass
 class Trainer:
-    ddp: Any
-    optimizer: Any
+    run: Any  # nam_trainer.train.setup.Run
     batches: list[dict[str, Any]]
     seq_length: int
 
@@ -273,18 +270,19 @@ class Trainer:
         import torch
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        for chunk in self.run.chunks:
+            chunk.zero_grad_buffer()
+        self.run.optimizer.zero_grad()
         stats = get_forward_backward_func()(
             forward_step_func=_forward_step,
             data_iterator=iter(self.batches),
-            model=[self.ddp],
+            model=self.run.chunks,
             num_microbatches=len(self.batches),
             seq_length=self.seq_length,
             micro_batch_size=self.batches[0]["input_ids"].shape[0],
             forward_only=False,
         )
-        _, grad_norm, _ = self.optimizer.step()
+        _, grad_norm, _ = self.run.optimizer.step()
         return torch.stack([s["lm loss"] for s in stats]).mean(), grad_norm
 
 
@@ -297,43 +295,9 @@ def _loss(per_token: Any) -> tuple[Any, dict[str, Any]]:
     return loss, {"lm loss": loss.detach().clone()}  # the schedule divides the loss in place
 
 
-def make_trainer(model: Any, setup: Setup, batches: list[dict[str, Any]]) -> Trainer:
-    """megatron DDP (fp32 grad buffer) + megatron's Adam (fp32 main params, distributed optimizer)."""
-    import torch
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    tc = model.config
-    ddp = DistributedDataParallel(
-        tc,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
-        model,
-    )
-    tc.no_sync_func = ddp.no_sync
-    tc.finalize_model_grads_func = finalize_model_grads  # DP reduce, expert-bias update
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=setup.lr,
-            min_lr=setup.lr / 10,
-            weight_decay=0.1,
-            adam_beta1=0.9,
-            adam_beta2=0.95,
-            bf16=tc.bf16,
-            params_dtype=tc.params_dtype if tc.bf16 else torch.float32,
-            clip_grad=1.0,
-            use_distributed_optimizer=True,
-        ),
-        [ddp],
-    )
-    return Trainer(ddp, optimizer, batches, setup.config.seq_length)
-
-
-def make_batches(setup: Setup, micro_batch: int, count: int, with_extras: bool, seed: int = 0) -> list[dict]:
+def make_batches(
+    setup: ModelSetup, micro_batch: int, count: int, with_extras: bool, seed: int = 0
+) -> list[dict]:
     """Random tokens (and structure channels where the embedding has them), one dict of model
     keyword arguments per micro-batch; labels are the inputs shifted by one."""
     import torch
@@ -456,7 +420,7 @@ class LetterRanges:
 
 
 def profile_summary(
-    report: Report, name: str, trainer: Trainer, layers: list[tuple[str, Any]], setup: Setup
+    report: Report, name: str, trainer: Trainer, layers: list[tuple[str, Any]], setup: ModelSetup
 ) -> None:
     """Top kernels by GPU time and GPU time per letter over PROFILE_STEPS steps."""
     from torch.autograd import DeviceType
@@ -563,7 +527,7 @@ def _extras_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.embedding.extra_parameters())
 
 
-def estimated_peak_gib(setup: Setup, model: Any, micro_batch: int) -> float:
+def estimated_peak_gib(setup: ModelSetup, model: Any, micro_batch: int) -> float:
     """nam_spec.memory's per-GPU peak for our model at this micro-batch (one rank, distributed optimizer)."""
     from nam_spec.memory import memory_estimate
 
@@ -575,8 +539,7 @@ def estimated_peak_gib(setup: Setup, model: Any, micro_batch: int) -> float:
 def run_model(
     report: Report,
     name: str,
-    model: Any,
-    setup: Setup,
+    run: Any,
     layout: Any,
     batches: list[dict],
     *,
@@ -585,22 +548,22 @@ def run_model(
     layers: list[tuple[str, Any]] | None = None,
     estimate_gib: float | None = None,
 ) -> dict[str, Any]:
-    """Checks, timed steps and one result row for a built model; profiles it when given its layers;
-    checks the measured peak against ``estimate_gib`` (nam_spec.memory) when given."""
+    """Checks, timed steps and one result row for a model set up by the trainer (``run``); profiles
+    it when given its layers; checks the measured peak against ``estimate_gib`` (nam_spec.memory)
+    when given."""
     import torch
 
     from nam_spec.accounting import model_flops_per_token
-    from nam_spec.moe_metrics import reset_megatron_moe_state
 
-    reset_megatron_moe_state()  # benchmarks earlier in the process (spec) built shallower models
-    total, by_dtype = _parameters(model)
+    setup = run.model
+    total, by_dtype = _parameters(run.chunks[0].module)
     log(f"{name}: {total / 1e9:.3f} B parameters {by_dtype}; accounting formula {formula_params / 1e9:.3f} B")
     report.check(
         f"{name}: built params vs accounting formula",
         abs(total - formula_params) / formula_params,
         params_tol,
     )
-    trainer = make_trainer(model, setup, batches)
+    trainer = Trainer(run, batches, setup.config.seq_length)
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -662,40 +625,39 @@ def run_model(
 
 def main(report: Report) -> None:
     log("initialising one rank")
-    with one_rank_world():
-        _bench(report)
+    with one_rank_world() as world:
+        _bench(report, world)
 
 
-def _bench(report: Report) -> None:
+def _bench(report: Report, world: Any) -> None:
     import torch
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from nam_spec.accounting import model_params
+    from nam_trainer.train.setup import build_run
 
-    # a plain backward through MoE layers earlier in this process (bench/spec.py) leaves a 0-d aux-loss
-    # scale that megatron's schedule cannot copy its [1] scale into: let the schedule create it
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    setup = preset_setup()
+    checked = preset()
+    lr = checked.config.training.lr
+
+    # ours -----------------------------------------------------------------------------------
+    log("building ours on the GPU")
+    run = build_run(checked, world)
+    _sync()
+    log("built ours")
+    setup = run.model
+    model = run.chunks[0].module
     c = setup.config
     log(
         f"{PRESET}: {setup.layout.pattern} x {setup.layout.depth}, hidden {c.hidden_size}, vocab {c.vocab_size}, "
         f"seq {c.seq_length}; micro-batch {MICRO_BATCH} x {MICROBATCHES} micro-batches = "
-        f"{MICRO_BATCH * MICROBATCHES * c.seq_length} tokens per step; lr {setup.lr}"
+        f"{MICRO_BATCH * MICROBATCHES * c.seq_length} tokens per step; lr {lr}"
     )
     log("model FLOPs, ours (DESIGN.md; nam_spec.accounting.model_flops_per_token):")
     for line in flop_lines(c, setup.layout):
         print("    " + line, flush=True)
-
-    # ours -----------------------------------------------------------------------------------
-    log("building ours on the GPU")
-    model = build_ours(setup)
-    _sync()
-    log("built ours")
     ours = run_model(
         report,
         "ours",
-        model,
-        setup,
+        run,
         setup.layout,
         make_batches(setup, MICRO_BATCH, MICROBATCHES, with_extras=True),
         formula_params=model_params(c, setup.layout).total + _extras_parameters(model),
@@ -704,8 +666,8 @@ def _bench(report: Report) -> None:
         estimate_gib=estimated_peak_gib(setup, model, MICRO_BATCH),
     )
     drop = ours["losses"][DROP_AFTER] / ours["losses"][0]
-    report.check(f"ours: loss after {DROP_AFTER} steps / initial, fixed batch, lr {setup.lr}", drop, 0.995)
-    del model
+    report.check(f"ours: loss after {DROP_AFTER} steps / initial, fixed batch, lr {lr}", drop, 0.995)
+    del run, model
     gc.collect()
     torch.cuda.empty_cache()
     log(f"freed ours: {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated")
@@ -715,14 +677,13 @@ def _bench(report: Report) -> None:
     log(f"megatron-core HybridModel, pattern {layout.kinds} (R as M); model FLOPs:")
     for line in flop_lines(c, layout):
         print("    " + line, flush=True)
-    model = build_megatron(setup)
+    run = build_run(checked, world, build=build_megatron)
     _sync()
     log("built megatron-core's")
     theirs = run_model(
         report,
         "megatron",
-        model,
-        setup,
+        run,
         layout,
         make_batches(setup, MICRO_BATCH, MICROBATCHES, with_extras=False),
         formula_params=model_params(c, layout).total,
@@ -739,7 +700,7 @@ def _bench(report: Report) -> None:
         f"ours / megatron-core tokens/s = {ratio:.2f} (goal >= 2); ours {ours['model TFLOP/s']:.0f} model "
         f"TFLOP/s against the 300 mark"
     )
-    del model
+    del run
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -748,14 +709,14 @@ def _bench(report: Report) -> None:
     for micro_batch in LARGER_MICRO_BATCHES:
         held = torch.cuda.memory_allocated() / 2**30  # counts in this run's peak, so in its estimate too
         log(f"ours at micro-batch {micro_batch}: {held:.2f} GiB still allocated")
-        model = build_ours(setup)
+        run = build_run(checked, world)
+        model = run.chunks[0].module
         count = MICRO_BATCH * MICROBATCHES // micro_batch
         try:
             run_model(
                 report,
                 "ours",
-                model,
-                setup,
+                run,
                 setup.layout,
                 make_batches(setup, micro_batch, count, with_extras=True),
                 formula_params=model_params(c, setup.layout).total + _extras_parameters(model),
@@ -764,6 +725,6 @@ def _bench(report: Report) -> None:
             )
         except torch.OutOfMemoryError:  # information beyond the comparison: keep the rows so far
             report.fail(f"ours at micro-batch {micro_batch}", traceback.format_exc())
-        del model
+        del run, model
         gc.collect()
         torch.cuda.empty_cache()
