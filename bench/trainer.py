@@ -16,9 +16,12 @@ MoE layers from ``get_gpt_layer_local_submodules``; torch RMSNorm for the final 
 ``masked_softmax_fusion=False``, ``use_mamba_mem_eff_path=False``, sequential experts), wrapped in
 megatron's Float16Module as megatron's own training does; plain word embedding (it has no extras).
 
-Step (both): megatron DDP (gradients reduced in an fp32 buffer) and megatron's optimizer (Adam,
-fp32 main parameters, distributed optimizer on one rank, clip 1.0, weight decay 0.1, the preset's
-lr 6e-4), ``get_forward_backward_func`` over MICROBATCHES micro-batches of MICRO_BATCH x 4096
+Set-up (both): the trainer's own, ``nam_trainer.train.setup.build_run`` on the preset (megatron's
+model through its ``build`` argument): megatron DDP (gradients reduced in an fp32 buffer) and
+megatron's optimizer (Adam, fp32 main parameters, distributed optimizer on one rank, the preset's
+clipping, weight decay with nam-spec's no-weight-decay rule, lr 6e-4: no warm-up and a decay
+horizon far beyond the benchmark's steps keep it at the peak). Step (both):
+``get_forward_backward_func`` over MICROBATCHES micro-batches of MICRO_BATCH x 4096
 random tokens (the same fixed batch every step), then ``optimizer.step()``. Micro-batch 1: the
 baseline holds ~55 GiB of activations per 4096-token row (GPU.md) beside ~38 GiB of parameters,
 gradients and Adam state, so 1 row keeps both near 100 GiB. WARMUP_STEPS, then the median of
@@ -53,10 +56,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.report import Report
 from bench.world import one_rank_world
+
+if TYPE_CHECKING:
+    from nam_layout import Layout
+    from nam_spec import ModelConfig
 
 PRESET = "nam56r-small"
 MICRO_BATCH = 1
@@ -79,25 +86,23 @@ def log(message: str) -> None:
     print(f"[trainer {time.strftime('%H:%M:%S')} +{time.monotonic() - _T0:5.0f}s] {message}", flush=True)
 
 
-@dataclass(frozen=True)
-class Setup:
-    """One model geometry and what its step needs beside it."""
+def preset(name: str = PRESET) -> Any:
+    """The trainer preset, checked for one rank, in bf16 (on the default local backend), with the preset's
+    recomputation off (megatron's model keeps all its activations too) and the learning rate held
+    at its peak: no warm-up, a cosine decay over a million steps."""
+    from nam_trainer.config import check, load_config
 
-    config: Any  # nam_spec.ModelConfig
-    layout: Any  # nam_layout.Layout
-    embedding: dict[str, Any]  # HybridEmbedding's extras: ngram, structure
-    lr: float
-
-
-def preset_setup(name: str = PRESET) -> Setup:
-    """The trainer preset's model, mapped by the trainer itself, on the local backend in bf16, with
-    the preset's recomputation off: megatron's model keeps all its activations too."""
-    from nam_trainer.config import load_config
-    from nam_trainer.model_config import model_setup
-
-    cfg = load_config(name, overrides=["--training.recompute", "none"])
-    model = model_setup(cfg, precision="bf16", backend="local")
-    return Setup(model.config, model.layout, model.embedding, cfg.training.lr)
+    overrides = {
+        "model.params_dtype": "bfloat16",
+        "model.recompute": "none",
+        "training.warmup_steps": "0",
+        "training.steps": "1000000",
+        "parallel.distributed_optimizer": "true",
+    }
+    cfg = load_config(
+        name, overrides=[arg for key, value in overrides.items() for arg in (f"--{key}", value)]
+    )
+    return check(cfg, world_size=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,16 +113,14 @@ def preset_setup(name: str = PRESET) -> Setup:
 def flop_lines(config: Any, layout: Any) -> list[str]:
     """The FLOP formula per letter with this geometry's numbers, as printed in the log."""
     from nam_spec.accounting import model_flops_per_token, model_params
+    from nam_spec.letters import LETTERS
 
     p = model_params(config, layout)
-    seq, heads, head_dim = config.seq_length, config.attention.num_heads, config.head_dim
     lines = [f"{'letter':<7} {'layers':>6} {'matmul weights':>15} {'GFLOP/token/layer':>18}  formula"]
     for letter, n in p.counts.items():
         mm = p.per_letter[letter].matmul_active
-        flops, formula = 6.0 * mm, f"6 x {mm:,}"
-        if letter == "A":
-            flops += 6.0 * seq * heads * head_dim
-            formula += f" + 6 x {seq} x {heads} x {head_dim}"
+        extra = LETTERS[letter].extra_flops_per_token(config)
+        flops, formula = 6.0 * mm + extra, f"6 x {mm:,}" + (f" + {extra:,.0f} (attention)" if extra else "")
         lines.append(f"{letter:<7} {n:>6} {mm:>15,} {flops / 1e9:>18.4f}  {formula}")
     output = p.output or p.embedding
     lines.append(f"{'output':<7} {1:>6} {output:>15,} {6.0 * output / 1e9:>18.4f}  6 x {output:,}")
@@ -131,12 +134,6 @@ def flop_lines(config: Any, layout: Any) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # The two models
 # ------------------------------------------------------------------------------------------------
-
-
-def build_ours(setup: Setup) -> Any:
-    from nam_spec import build_model
-
-    return build_model(setup.layout, setup.config, embedding_kwargs=setup.embedding)
 
 
 def megatron_layout(layout: Any) -> Any:
@@ -211,10 +208,12 @@ def megatron_local_stack_spec(config: Any) -> Any:
     )
 
 
-def megatron_config(setup: Setup) -> Any:
-    m = setup.config.mamba
+def megatron_config(config: ModelConfig, layout: Layout) -> Any:
+    from nam_spec.transformer_config import transformer_config
+
+    m = config.mamba
     return dataclasses.replace(
-        setup.config.transformer_config(megatron_layout(setup.layout)),
+        transformer_config(config, megatron_layout(layout)),
         moe_grouped_gemm=False,  # its grouped path needs TE or the grouped_gemm package
         use_mamba_mem_eff_path=False,
         mamba_state_dim=m.d_state,
@@ -223,7 +222,7 @@ def megatron_config(setup: Setup) -> Any:
     )
 
 
-def build_megatron(setup: Setup) -> Any:
+def build_megatron(config: ModelConfig, layout: Layout) -> Any:
     """megatron-core's HybridModel, local spec, in Float16Module as megatron's training wraps it."""
     import torch
     from megatron.core.models.hybrid.hybrid_model import HybridModel
@@ -232,16 +231,16 @@ def build_megatron(setup: Setup) -> Any:
 
     from nam_layout import to_megatron
 
-    tc = megatron_config(setup)
+    tc = megatron_config(config, layout)
     model = HybridModel(
         tc,
-        megatron_local_stack_spec(setup.config),
-        vocab_size=setup.config.vocab_size,
-        max_sequence_length=setup.config.seq_length,
-        hybrid_layer_pattern=to_megatron(setup.layout, map_letters={"R": "M"}),
-        share_embeddings_and_output_weights=not setup.config.untie_output,
+        megatron_local_stack_spec(config),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.seq_length,
+        hybrid_layer_pattern=to_megatron(layout, map_letters={"R": "M"}),
+        share_embeddings_and_output_weights=not config.untie_output,
         position_embedding_type="rope",
-        rotary_base=int(setup.config.attention.rope_base),
+        rotary_base=int(config.attention.rope_base),
     )
     model.decoder.final_norm = WrappedTorchNorm(
         config=tc, hidden_size=tc.hidden_size, eps=tc.layernorm_epsilon
@@ -259,8 +258,7 @@ def build_megatron(setup: Setup) -> Any:
 
 @dataclass
 class Trainer:
-    ddp: Any
-    optimizer: Any
+    run: Any  # nam_trainer.train.setup.Run
     batches: list[dict[str, Any]]
     seq_length: int
 
@@ -273,18 +271,19 @@ class Trainer:
         import torch
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        for chunk in self.run.chunks:
+            chunk.zero_grad_buffer()
+        self.run.optimizer.zero_grad()
         stats = get_forward_backward_func()(
             forward_step_func=_forward_step,
             data_iterator=iter(self.batches),
-            model=[self.ddp],
+            model=self.run.chunks,
             num_microbatches=len(self.batches),
             seq_length=self.seq_length,
             micro_batch_size=self.batches[0]["input_ids"].shape[0],
             forward_only=False,
         )
-        _, grad_norm, _ = self.optimizer.step()
+        _, grad_norm, _ = self.run.optimizer.step()
         return torch.stack([s["lm loss"] for s in stats]).mean(), grad_norm
 
 
@@ -297,43 +296,9 @@ def _loss(per_token: Any) -> tuple[Any, dict[str, Any]]:
     return loss, {"lm loss": loss.detach().clone()}  # the schedule divides the loss in place
 
 
-def make_trainer(model: Any, setup: Setup, batches: list[dict[str, Any]]) -> Trainer:
-    """megatron DDP (fp32 grad buffer) + megatron's Adam (fp32 main params, distributed optimizer)."""
-    import torch
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    tc = model.config
-    ddp = DistributedDataParallel(
-        tc,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
-        model,
-    )
-    tc.no_sync_func = ddp.no_sync
-    tc.finalize_model_grads_func = finalize_model_grads  # DP reduce, expert-bias update
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=setup.lr,
-            min_lr=setup.lr / 10,
-            weight_decay=0.1,
-            adam_beta1=0.9,
-            adam_beta2=0.95,
-            bf16=tc.bf16,
-            params_dtype=tc.params_dtype if tc.bf16 else torch.float32,
-            clip_grad=1.0,
-            use_distributed_optimizer=True,
-        ),
-        [ddp],
-    )
-    return Trainer(ddp, optimizer, batches, setup.config.seq_length)
-
-
-def make_batches(setup: Setup, micro_batch: int, count: int, with_extras: bool, seed: int = 0) -> list[dict]:
+def make_batches(
+    config: ModelConfig, micro_batch: int, count: int, with_extras: bool, seed: int = 0
+) -> list[dict]:
     """Random tokens (and structure channels where the embedding has them), one dict of model
     keyword arguments per micro-batch; labels are the inputs shifted by one."""
     import torch
@@ -344,7 +309,7 @@ def make_batches(setup: Setup, micro_batch: int, count: int, with_extras: bool, 
         else torch.device("cpu")
     )
     gen = torch.Generator(device=device).manual_seed(seed)
-    seq, vocab = setup.config.seq_length, setup.config.vocab_size
+    seq, vocab = config.seq_length, config.vocab_size
     position_ids = torch.arange(seq, device=device).expand(micro_batch, seq)
     batches = []
     for _ in range(count):
@@ -355,7 +320,7 @@ def make_batches(setup: Setup, micro_batch: int, count: int, with_extras: bool, 
             "attention_mask": None,
             "labels": tokens[:, 1:].contiguous(),
         }
-        structure = setup.embedding.get("structure") if with_extras else None
+        structure = config.embedding.structure_config() if with_extras else None
         if structure is not None:
             batch["structure"] = {
                 name: torch.randint(
@@ -456,13 +421,18 @@ class LetterRanges:
 
 
 def profile_summary(
-    report: Report, name: str, trainer: Trainer, layers: list[tuple[str, Any]], setup: Setup
+    report: Report,
+    name: str,
+    trainer: Trainer,
+    layers: list[tuple[str, Any]],
+    config: ModelConfig,
+    layout: Layout,
 ) -> None:
     """Top kernels by GPU time and GPU time per letter over PROFILE_STEPS steps."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from nam_spec.accounting import letter_params
+    from nam_spec.letters import LETTERS
 
     ranges = LetterRanges(layers)
     try:
@@ -501,7 +471,7 @@ def profile_summary(
     for e in prof.events():
         if e.device_type == DeviceType.CPU and e.name.startswith(RANGE_PREFIX):
             per_range[e.name[len(RANGE_PREFIX) :]] += e.device_time_total / 1e3 / PROFILE_STEPS
-    counts = setup.layout.counts
+    counts = layout.counts
     tokens = trainer.tokens_per_step
     lines.append(
         f"{'letter':<7} {'layers':>6} {'fwd ms/step':>11} {'bwd ms/step':>11} {'% step':>7} "
@@ -511,11 +481,8 @@ def profile_summary(
     for letter in sorted({k for k, _ in layers}):
         fwd, bwd = per_range.get(f"fwd {letter}", 0.0), per_range.get(f"bwd {letter}", 0.0)
         attributed += fwd + bwd
-        per_token = 6.0 * letter_params(setup.config, letter).matmul_active
-        if letter == "A":
-            per_token += (
-                6.0 * setup.config.seq_length * setup.config.attention.num_heads * setup.config.head_dim
-            )
+        block = LETTERS[letter]
+        per_token = 6.0 * block.params(config).matmul_active + block.extra_flops_per_token(config)
         total = fwd + bwd
         tflops = per_token * counts[letter] * tokens / (total * 1e-3) / 1e12 if total else float("nan")
         lines.append(
@@ -559,24 +526,17 @@ def _parameters(model: Any) -> tuple[int, dict[str, int]]:
     return sum(by_dtype.values()), dict(by_dtype)
 
 
-def _extras_parameters(model: Any) -> int:
-    return sum(p.numel() for p in model.embedding.extra_parameters())
-
-
-def estimated_peak_gib(setup: Setup, model: Any, micro_batch: int) -> float:
+def estimated_peak_gib(config: ModelConfig, layout: Layout, micro_batch: int) -> float:
     """nam_spec.memory's per-GPU peak for our model at this micro-batch (one rank, distributed optimizer)."""
     from nam_spec.memory import memory_estimate
 
-    return memory_estimate(
-        setup.config, setup.layout, micro_batch_size=micro_batch, extra_params=_extras_parameters(model)
-    ).total_gib
+    return memory_estimate(config, layout, micro_batch_size=micro_batch).total_gib
 
 
 def run_model(
     report: Report,
     name: str,
-    model: Any,
-    setup: Setup,
+    run: Any,
     layout: Any,
     batches: list[dict],
     *,
@@ -585,22 +545,22 @@ def run_model(
     layers: list[tuple[str, Any]] | None = None,
     estimate_gib: float | None = None,
 ) -> dict[str, Any]:
-    """Checks, timed steps and one result row for a built model; profiles it when given its layers;
-    checks the measured peak against ``estimate_gib`` (nam_spec.memory) when given."""
+    """Checks, timed steps and one result row for a model set up by the trainer (``run``); profiles
+    it when given its layers; checks the measured peak against ``estimate_gib`` (nam_spec.memory)
+    when given."""
     import torch
 
     from nam_spec.accounting import model_flops_per_token
-    from nam_spec.moe_metrics import reset_megatron_moe_state
 
-    reset_megatron_moe_state()  # benchmarks earlier in the process (spec) built shallower models
-    total, by_dtype = _parameters(model)
+    config = run.model
+    total, by_dtype = _parameters(run.chunks[0].module)
     log(f"{name}: {total / 1e9:.3f} B parameters {by_dtype}; accounting formula {formula_params / 1e9:.3f} B")
     report.check(
         f"{name}: built params vs accounting formula",
         abs(total - formula_params) / formula_params,
         params_tol,
     )
-    trainer = make_trainer(model, setup, batches)
+    trainer = Trainer(run, batches, config.seq_length)
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -614,7 +574,7 @@ def run_model(
             abs(est - peak) / peak,
             0.15,
         )
-    expected = expected_initial_loss(setup.config)
+    expected = expected_initial_loss(config)
     report.check(
         f"{name}: initial loss - (ln V + std^2 h / 2 = {expected:.2f})", abs(losses[0] - expected), 0.5
     )
@@ -623,7 +583,7 @@ def run_model(
     )
     ms = statistics.median(times[WARMUP_STEPS:])
     tokens = trainer.tokens_per_step
-    flops = model_flops_per_token(setup.config, layout) * tokens
+    flops = model_flops_per_token(config, layout) * tokens
     result = {
         "tokens/s": tokens / (ms * 1e-3),
         "model TFLOP/s": flops / (ms * 1e-3) / 1e12,
@@ -634,7 +594,7 @@ def run_model(
     result["MFU 989"] = result["model TFLOP/s"] / DENSE_BF16_TFLOPS
     result["MFU 700"] = result["model TFLOP/s"] / MATMUL_TFLOPS
     report.row(
-        f"{name} step {len(batches)}x{batches[0]['input_ids'].shape[0]}x{setup.config.seq_length} bf16",
+        f"{name} step {len(batches)}x{batches[0]['input_ids'].shape[0]}x{config.seq_length} bf16",
         ms=ms,
         floor_ms=flops / (MATMUL_TFLOPS * 1e12) * 1e3,
         peak_gib=peak,
@@ -653,7 +613,7 @@ def run_model(
     )
     if layers is not None:
         try:
-            profile_summary(report, name, trainer, layers, setup)
+            profile_summary(report, name, trainer, layers, config, layout)
         except Exception:  # the profile is extra information: keep the baseline's numbers coming
             report.fail("trainer profile", traceback.format_exc())
             log("profile failed (traceback in the table); continuing")
@@ -662,70 +622,68 @@ def run_model(
 
 def main(report: Report) -> None:
     log("initialising one rank")
-    with one_rank_world():
-        _bench(report)
+    with one_rank_world() as world:
+        _bench(report, world)
 
 
-def _bench(report: Report) -> None:
+def _bench(report: Report, world: Any) -> None:
     import torch
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+    from nam_spec import EmbeddingConfig
     from nam_spec.accounting import model_params
+    from nam_trainer.train.setup import build_run
 
-    # a plain backward through MoE layers earlier in this process (bench/spec.py) leaves a 0-d aux-loss
-    # scale that megatron's schedule cannot copy its [1] scale into: let the schedule create it
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    setup = preset_setup()
-    c = setup.config
-    log(
-        f"{PRESET}: {setup.layout.pattern} x {setup.layout.depth}, hidden {c.hidden_size}, vocab {c.vocab_size}, "
-        f"seq {c.seq_length}; micro-batch {MICRO_BATCH} x {MICROBATCHES} micro-batches = "
-        f"{MICRO_BATCH * MICROBATCHES * c.seq_length} tokens per step; lr {setup.lr}"
-    )
-    log("model FLOPs, ours (DESIGN.md; nam_spec.accounting.model_flops_per_token):")
-    for line in flop_lines(c, setup.layout):
-        print("    " + line, flush=True)
+    checked = preset()
+    lr = checked.config.training.lr
 
     # ours -----------------------------------------------------------------------------------
     log("building ours on the GPU")
-    model = build_ours(setup)
+    run = build_run(checked, world)
     _sync()
     log("built ours")
+    c, ours_layout = run.model, run.layout
+    model = run.chunks[0].module
+    log(
+        f"{PRESET}: {ours_layout.pattern} x {ours_layout.depth}, hidden {c.hidden_size}, vocab {c.vocab_size}, "
+        f"seq {c.seq_length}; micro-batch {MICRO_BATCH} x {MICROBATCHES} micro-batches = "
+        f"{MICRO_BATCH * MICROBATCHES * c.seq_length} tokens per step; lr {lr}"
+    )
+    log("model FLOPs, ours (DESIGN.md; nam_spec.accounting.model_flops_per_token):")
+    for line in flop_lines(c, ours_layout):
+        print("    " + line, flush=True)
     ours = run_model(
         report,
         "ours",
-        model,
-        setup,
-        setup.layout,
-        make_batches(setup, MICRO_BATCH, MICROBATCHES, with_extras=True),
-        formula_params=model_params(c, setup.layout).total + _extras_parameters(model),
+        run,
+        ours_layout,
+        make_batches(c, MICRO_BATCH, MICROBATCHES, with_extras=True),
+        formula_params=model_params(c, ours_layout).total,
         params_tol=0.0,
         layers=list(zip(model.decoder.kinds, model.decoder.layers, strict=True)),
-        estimate_gib=estimated_peak_gib(setup, model, MICRO_BATCH),
+        estimate_gib=estimated_peak_gib(c, ours_layout, MICRO_BATCH),
     )
     drop = ours["losses"][DROP_AFTER] / ours["losses"][0]
-    report.check(f"ours: loss after {DROP_AFTER} steps / initial, fixed batch, lr {setup.lr}", drop, 0.995)
-    del model
+    report.check(f"ours: loss after {DROP_AFTER} steps / initial, fixed batch, lr {lr}", drop, 0.995)
+    del run, model
     gc.collect()
     torch.cuda.empty_cache()
     log(f"freed ours: {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated")
 
     # megatron-core's HybridModel --------------------------------------------------------------
-    layout = megatron_layout(setup.layout)
+    layout = megatron_layout(ours_layout)
     log(f"megatron-core HybridModel, pattern {layout.kinds} (R as M); model FLOPs:")
     for line in flop_lines(c, layout):
         print("    " + line, flush=True)
-    model = build_megatron(setup)
+    run = build_run(checked, world, build=build_megatron)
     _sync()
     log("built megatron-core's")
     theirs = run_model(
         report,
         "megatron",
-        model,
-        setup,
+        run,
         layout,
-        make_batches(setup, MICRO_BATCH, MICROBATCHES, with_extras=False),
-        formula_params=model_params(c, layout).total,
+        make_batches(c, MICRO_BATCH, MICROBATCHES, with_extras=False),
+        formula_params=model_params(c.replace(embedding=EmbeddingConfig()), layout).total,  # no extras
         params_tol=1e-2,
     )
     ratio = ours["tokens/s"] / theirs["tokens/s"]
@@ -739,7 +697,7 @@ def _bench(report: Report) -> None:
         f"ours / megatron-core tokens/s = {ratio:.2f} (goal >= 2); ours {ours['model TFLOP/s']:.0f} model "
         f"TFLOP/s against the 300 mark"
     )
-    del model
+    del run
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -748,22 +706,22 @@ def _bench(report: Report) -> None:
     for micro_batch in LARGER_MICRO_BATCHES:
         held = torch.cuda.memory_allocated() / 2**30  # counts in this run's peak, so in its estimate too
         log(f"ours at micro-batch {micro_batch}: {held:.2f} GiB still allocated")
-        model = build_ours(setup)
+        run = build_run(checked, world)
+        model = run.chunks[0].module
         count = MICRO_BATCH * MICROBATCHES // micro_batch
         try:
             run_model(
                 report,
                 "ours",
-                model,
-                setup,
-                setup.layout,
-                make_batches(setup, micro_batch, count, with_extras=True),
-                formula_params=model_params(c, setup.layout).total + _extras_parameters(model),
+                run,
+                ours_layout,
+                make_batches(c, micro_batch, count, with_extras=True),
+                formula_params=model_params(c, ours_layout).total,
                 params_tol=0.0,
-                estimate_gib=held + estimated_peak_gib(setup, model, micro_batch),
+                estimate_gib=held + estimated_peak_gib(c, ours_layout, micro_batch),
             )
         except torch.OutOfMemoryError:  # information beyond the comparison: keep the rows so far
             report.fail(f"ours at micro-batch {micro_batch}", traceback.format_exc())
-        del model
+        del run, model
         gc.collect()
         torch.cuda.empty_cache()

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 @contextmanager
-def one_rank_world(seed: int = 1234) -> Iterator[None]:
-    """megatron's parallel state and RNG tracker for one rank, torn down afterwards so that the next
-    benchmark in the same process can set up its own."""
+def one_rank_world(seed: int = 1234) -> Iterator[Any]:
+    """megatron's parallel state and RNG tracker for one rank (yields its nam_runtime World), torn
+    down afterwards so that the next benchmark in the same process can set up its own."""
     from nam_runtime import dist
 
-    dist.initialize(seed=seed)
+    world = dist.initialize(seed=seed)
     try:
-        yield
+        yield world
     finally:
         dist.teardown()

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker, get_moe_metrics_tracker
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
 from nam_spec.config import ModelConfig
 
@@ -109,12 +108,3 @@ def init_megatron_tracker(config: ModelConfig, depth: int, device: torch.device 
     tracker = get_moe_metrics_tracker()
     for name in tracker_names(config):
         tracker.ensure_initialized(name, depth, device=device)
-
-
-def reset_megatron_moe_state() -> None:
-    """Forget megatron's process-wide MoE state left by a model built earlier in this process; call
-    before the first forward of the next one. A plain backward leaves a 0-d aux-loss scale that the
-    schedules cannot copy their [1] scale into (from None they make their own), and the metrics
-    tracker keeps per-layer tables of the first model's depth (a deeper model then indexes past them)."""
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    destroy_moe_metrics_tracker()

@@ -9,9 +9,8 @@ hidden-state hook of DESIGN.md.
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,9 +23,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import make_viewless_tensor
-from torch.overrides import _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
+
+from nam_runtime.megatron import same_function_modes
 
 HiddenStateHook = Callable[[int, str, torch.Tensor], torch.Tensor | None]
 """hook(layer_number (1-based, global), letter, hidden_states [s_local, b, h]) after each layer;
@@ -103,7 +103,7 @@ class NamStack(MegatronModule):
                     hidden_states,
                     kwargs,
                     use_reentrant=False,
-                    context_fn=_same_function_modes,
+                    context_fn=same_function_modes,  # CPU: keep nam_runtime's device mode
                 )
             else:
                 hidden_states = _run_layer(layer, hidden_states, kwargs)
@@ -131,20 +131,6 @@ class NamStack(MegatronModule):
                 )
             )
         return out
-
-
-def _same_function_modes() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """Recompute under the torch function modes of the forward: autograd runs the recompute with
-    an empty mode stack, which would drop e.g. nam_runtime's CPU device mapping."""
-    return contextlib.nullcontext(), _entered(_get_current_function_mode_stack())
-
-
-@contextlib.contextmanager
-def _entered(modes: list[Any]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for mode in modes:
-            stack.enter_context(mode)
-        yield
 
 
 def _run_layer(layer: torch.nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

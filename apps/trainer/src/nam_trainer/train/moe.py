@@ -1,8 +1,8 @@
 """MoE metrics of a step: megatron's aux losses and nam-spec's per-expert token counts.
 
-megatron's MoE tracker would reduce its entries with ``ReduceOp.AVG``, which gloo lacks, so its
-entries are reduced here with sums (the same order: pipeline, the entry's own group, data
-parallel); its report() is not used.
+megatron's tracker is reduced here, in the order of its report() (pipeline, the entry's own group,
+data parallel), rather than by report(), which formats a console string and writes its own
+TensorBoard scalars; averages are sums and a division, the same on gloo and NCCL.
 """
 
 from __future__ import annotations

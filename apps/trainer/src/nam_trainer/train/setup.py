@@ -1,15 +1,21 @@
 """The process and the megatron-core objects a run trains: parallel state, model chunks wrapped in
 megatron's DistributedDataParallel, its optimizer (Adam, distributed when configured, weight-decay
-groups from nam-spec) and its learning-rate schedule (linear warm-up, cosine decay to min_lr)."""
+groups from nam-spec) and its learning-rate schedule (linear warm-up, cosine decay to min_lr).
+
+`build_run` is the one set-up of these objects: the trainer's and bench/trainer.py's (which passes
+its own `build` for megatron-core's HybridModel). It alone decides the model's precision for this
+machine (`model.params_dtype = "auto"`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from nam_layout import Layout
 from nam_runtime import dist
 from nam_runtime.dist import World
+from nam_runtime.megatron import import_before_enable, reset_moe_state
 from nam_spec import ModelConfig
 from nam_trainer.config import Checked, ConfigError
 
@@ -46,6 +52,8 @@ class Run:
 
 def init_world(checked: Checked) -> World:
     """torch.distributed and megatron's parallel state from [parallel] (gloo on CPU, NCCL on GPU)."""
+    # what a step loads of megatron, before dist.initialize enables nam_runtime's CPU patches
+    import_before_enable("nam_spec.model", "nam_spec.moe_metrics", "nam_trainer.train.checkpoint")
     p = checked.config.parallel
     if p.virtual_pipeline > 1:
         raise ConfigError(
@@ -64,8 +72,12 @@ def init_world(checked: Checked) -> World:
         raise ConfigError(f"[parallel]: {err}") from err
 
 
-def build_run(checked: Checked, world: World) -> Run:
-    """Model chunk(s) from nam-spec, DDP, optimizer and scheduler, as megatron's own training does."""
+def build_run(
+    checked: Checked, world: World, build: Callable[[ModelConfig, Layout], Any] | None = None
+) -> Run:
+    """Model chunk(s) from nam-spec, DDP, optimizer and scheduler, as megatron's own training does.
+    ``build(model_config, layout)`` makes another model of the same config in place of nam-spec's
+    (a benchmark's baseline); it gets the same DDP, optimizer and schedule."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -76,15 +88,17 @@ def build_run(checked: Checked, world: World) -> Run:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from nam_spec import build_model
-    from nam_spec.moe_metrics import reset_megatron_moe_state
     from nam_spec.param_groups import no_weight_decay
 
     cfg = checked.config
     t, p = cfg.training, cfg.parallel
-    reset_megatron_moe_state()  # left by any model built earlier in this process (tests, notebooks)
+    reset_moe_state()  # left by any model built earlier in this process (tests, benchmarks, notebooks)
     model_cfg = cfg.model.replace(params_dtype=cfg.model.dtype_name)
     bf16 = model_cfg.params_dtype == "bfloat16"
-    model = build_model(checked.layout, model_cfg, p, plan=checked.stages)
+    if build is None:
+        model = build_model(checked.layout, model_cfg, p, plan=checked.stages)
+    else:
+        model = build(model_cfg, checked.layout)
     model.to(world.device)
     tc = model.config
     ddp = DistributedDataParallel(

@@ -1,0 +1,80 @@
+"""Resuming: the checks against nam_checkpoint.json, then model, optimizer, schedule and this
+rank's RNG as saved."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as torch_dist
+from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
+
+from nam_runtime.megatron import prime_adam_state, restore_adam_steps, restore_schedule
+from nam_trainer.train.checkpoint import marker, state
+from nam_trainer.train.checkpoint.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer.module import MegatronModule
+
+_log = logging.getLogger(__name__)
+
+# What reading a damaged checkpoint raises: megatron's CheckpointingException and torch's errors are
+# Exceptions; torch.distributed.checkpoint's CheckpointException (a missing shard file) is a BaseException.
+_READ_ERRORS = (Exception, DcpCheckpointException)
+
+
+def load_checkpoint(
+    path: Path,
+    model: list[MegatronModule],
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+) -> dict[str, Any]:
+    """Restore model, optimizer, schedule and this rank's RNG from the checkpoint at `path` (every
+    rank calls this); returns the `state` given to save_checkpoint."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    path = Path(path)
+    meta = marker.read_marker(path)
+    chunks = state.unwrap(model)
+    marker.check_layout(path, meta["parallel"], marker.parallel_layout(chunks, optimizer))
+    try:
+        sharded_metadata = dist_checkpointing.load_content_metadata(str(path))
+    except _READ_ERRORS as exc:
+        raise _damaged(path, exc) from exc
+    sharded = state.model_sharded(chunks, sharded_metadata)
+    marker.check_geometry(path, meta, marker.geometry(sharded))
+    prime_adam_state(optimizer)
+    sharded["optimizer"] = state.optimizer_sharded(optimizer, sharded, sharded_metadata, is_loading=True)
+    sharded["rng_state"] = state.rng_object(None)
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RAISE_ALL)
+    except _READ_ERRORS as exc:
+        raise _damaged(path, exc) from exc
+    state.load_model(chunks, loaded)
+    with torch.no_grad():  # dp_reshardable's loader copies into main params (views of fp32 weights)
+        state.load_optimizer(optimizer, loaded["optimizer"])
+    restore_adam_steps(optimizer)
+    differing = restore_schedule(scheduler, loaded["scheduler"])
+    if differing and torch_dist.get_rank() == 0:
+        _log.warning(
+            "%s: the learning-rate schedule continues as saved, not as configured: %s",
+            path,
+            ", ".join(differing),
+        )
+    state.restore_rng(loaded["rng_state"])
+    return loaded["state"]
+
+
+def _damaged(path: Path, exc: BaseException) -> CheckpointError:
+    if isinstance(exc, DcpCheckpointException) and exc.failures:  # the first rank's error, not tracebacks
+        exc = next(iter(exc.failures.values()))[0]
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return CheckpointError(
+        f"{path}: damaged checkpoint, dist_checkpointing could not read it ({type(exc).__name__}: {first[:300]}); "
+        "resume from an earlier checkpoint in the same directory or delete this one"
+    )

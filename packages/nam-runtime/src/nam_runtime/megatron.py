@@ -1,0 +1,262 @@
+"""megatron-core 0.19 (and torch 2.11) behaviours our training code works around, on CPU and GPU.
+
+`cpu.py` makes megatron run without a GPU; the rows here are needed wherever megatron runs. Each
+workaround is one row of `WORKAROUNDS`: where it applies, why, and what upstream change would make
+it unnecessary. `tests/test_megatron.py` reproduces each upstream behaviour and fails when it is
+gone, so a workaround that is no longer needed shows up (then delete its row and its function).
+
+Callers: nam-spec's stack (recompute under the forward's function modes), the trainer's set-up,
+checkpoints. This module imports neither of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.overrides import _get_current_function_mode_stack
+
+__all__ = [
+    "SCHEDULE_KEYS",
+    "WORKAROUNDS",
+    "Workaround",
+    "import_before_enable",
+    "inner_optimizers",
+    "prime_adam_state",
+    "reset_moe_state",
+    "restore_adam_steps",
+    "restore_schedule",
+    "same_function_modes",
+    "schedule_state",
+]
+
+
+@dataclass(frozen=True)
+class Workaround:
+    """One row of the workaround table."""
+
+    name: str
+    where: str  # the megatron-core (or torch) code whose behaviour it works around, and our callers
+    why: str
+    until: str  # the upstream change that would make it unnecessary
+
+
+WORKAROUNDS: dict[str, Workaround] = {}
+
+
+def _row(name: str, where: str, why: str, until: str) -> Workaround:
+    row = Workaround(name, where, why, until)
+    WORKAROUNDS[name] = row
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Imports before nam_runtime.cpu.enable()
+# ---------------------------------------------------------------------------------------------
+
+_row(
+    "import_before_enable",
+    "nam_runtime.cpu.enable() swaps megatron's torch.compile'd helpers (megatron.core.jit.jit_fuser) "
+    "for eager ones only in megatron modules already loaded; the trainer calls import_before_enable "
+    "before dist.initialize",
+    "a helper in a module loaded later (megatron.core.distributed, optimizer, pipeline_parallel, the "
+    "MoE router nam-spec loads) stays compiled: on CPU inductor compiles C++ on its first call, tens "
+    "of seconds per process. Harmless on GPU (imports only)",
+    "megatron-core no longer wrapping helpers in torch.compile at import, or enable() patching modules "
+    "as they are imported",
+)
+
+TRAINING_MODULES = (
+    "megatron.core.distributed",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer_param_scheduler",
+    "megatron.core.pipeline_parallel",
+)
+
+
+def import_before_enable(*modules: str) -> None:
+    """Import megatron's training modules and the caller's `modules` (names of modules that load
+    more of megatron, e.g. a model package), before `nam_runtime.cpu.enable()` runs."""
+    for name in (*TRAINING_MODULES, *modules):
+        importlib.import_module(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# megatron's process-wide MoE state
+# ---------------------------------------------------------------------------------------------
+
+_row(
+    "reset_moe_state",
+    "megatron.core.transformer.moe.moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale and "
+    "moe.moe_logging's global metrics tracker; called by the trainer's set-up before building a model",
+    "both are process-wide and outlive a model: a plain backward through an MoE layer leaves a 0-d "
+    "aux-loss scale that the schedules' set_loss_scale cannot copy their [1] scale into, and the "
+    "tracker keeps per-layer tables of the first model's depth (a deeper model indexes past them)",
+    "megatron-core keeping this state per model, or set_loss_scale replacing the scale instead of "
+    "copying into it",
+)
+
+
+def reset_moe_state() -> None:
+    """Forget megatron's process-wide MoE state left by a model built earlier in this process (tests,
+    benchmarks, notebooks); call before the first forward of the next one."""
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # the schedule makes its own from None
+    destroy_moe_metrics_tracker()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's Adam inside megatron's optimizers (where Transformer Engine and Apex are absent)
+# ---------------------------------------------------------------------------------------------
+
+_row(
+    "prime_adam_state",
+    "megatron.core.optimizer: DistributedOptimizer.sharded_state_dict and Float16/FP32Optimizer's "
+    "state dicts read each parameter's Adam `step`; the trainer's checkpoints call prime_adam_state "
+    "before building one (a save before the first step, and the fresh optimizer a load fills)",
+    "torch.optim.Adam creates its per-parameter state only on its first step, so megatron's state "
+    "dict of an optimizer that has not stepped raises; TE's and Apex's fused Adam keep the step in "
+    "the param group instead",
+    "megatron-core building the state dict of an optimizer that has not stepped (or torch's Adam "
+    "creating its state eagerly)",
+)
+
+
+def inner_optimizers(optimizer: Any) -> list[Any]:
+    """The megatron optimizers inside `optimizer` (a ChainedOptimizer holds several)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _torch_adams(optimizer: Any) -> Iterator[torch.optim.Optimizer]:
+    for opt in inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            yield inner
+
+
+def prime_adam_state(optimizer: Any) -> None:
+    """Give every parameter of a torch Adam inside `optimizer` that has not stepped yet the state
+    its first step would create (zeros, step 0)."""
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if "step" not in state:
+                    state.setdefault("exp_avg", torch.zeros_like(param))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(param))
+                    if group.get("amsgrad"):
+                        state.setdefault("max_exp_avg_sq", torch.zeros_like(param))
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+
+
+_row(
+    "restore_adam_steps",
+    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict (without TE or "
+    "Apex) and its dp_reshardable loader; the trainer's checkpoints call restore_adam_steps after "
+    "loading an optimizer",
+    "with torch's Adam the distributed optimizer saves the step in its param groups; its load puts one "
+    "shared step tensor in every parameter's state (torch's Adam then adds 1 to it once per "
+    "parameter) and the dp_reshardable loader overwrites it with the step the state had before the "
+    "load, so a resumed run would not continue bit for bit",
+    "megatron-core restoring a separate per-parameter `step` tensor, at the saved value",
+)
+
+
+def restore_adam_steps(optimizer: Any) -> None:
+    """Each parameter's Adam `step` as saved, in its own tensor, from the `step` megatron's load
+    left in the param groups (removed there: torch's Adam keeps it per parameter only)."""
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            if "step" not in group:  # megatron's other optimizers restore per-parameter steps themselves
+                continue
+            step = float(group.pop("step"))
+            for param in group["params"]:
+                inner.state[param]["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The learning-rate schedule
+# ---------------------------------------------------------------------------------------------
+
+_row(
+    "restore_schedule",
+    "megatron.core.optimizer_param_scheduler.OptimizerParamScheduler.state_dict / load_state_dict; "
+    "the trainer's checkpoints save schedule_state and call restore_schedule",
+    "state_dict() leaves out init_lr, wsd_decay_steps and lr_wsd_decay_style; load_state_dict() adds "
+    "the saved step count to the current one (a scheduler already stepped to step 1, as the trainer's "
+    "set-up leaves it, ends one step ahead), sets the weight decay before restoring its schedule, and "
+    "asserts or overrides the saved values when its flags say so",
+    "OptimizerParamScheduler saving its whole schedule and loading it as saved",
+)
+
+# The attributes that define the schedule (OptimizerParamScheduler 0.19).
+SCHEDULE_KEYS = (
+    "max_lr",
+    "min_lr",
+    "lr_warmup_steps",
+    "lr_decay_steps",
+    "lr_decay_style",
+    "start_wd",
+    "end_wd",
+    "wd_incr_steps",
+    "wd_incr_style",
+    "num_steps",
+    "init_lr",
+    "wsd_decay_steps",
+    "lr_wsd_decay_style",
+)
+
+
+def schedule_state(scheduler: Any) -> dict[str, Any]:
+    """The whole schedule of an OptimizerParamScheduler, plain values."""
+    return {key: getattr(scheduler, key) for key in SCHEDULE_KEYS}
+
+
+def restore_schedule(scheduler: Any, saved: dict[str, Any]) -> list[str]:
+    """Set the schedule exactly as `saved` (from schedule_state), with the learning rate and weight
+    decay of every param group at its step; returns what differed from `scheduler`'s configured
+    schedule, as "key configured -> saved" (the step count aside)."""
+    differing = [
+        f"{key} {getattr(scheduler, key)!r} -> {saved[key]!r}"
+        for key in SCHEDULE_KEYS
+        if key != "num_steps" and getattr(scheduler, key) != saved[key]
+    ]
+    for key in SCHEDULE_KEYS:
+        setattr(scheduler, key, saved[key])
+    scheduler.step(0)
+    return differing
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation recomputation (torch.utils.checkpoint) under torch function modes
+# ---------------------------------------------------------------------------------------------
+
+_row(
+    "same_function_modes",
+    "torch.utils.checkpoint.checkpoint(use_reentrant=False): the recompute runs inside the autograd "
+    "engine; nam-spec's stack passes same_function_modes as context_fn for full recomputation",
+    "autograd runs the recompute with an empty torch function mode stack, so a mode of the forward "
+    "(nam_runtime.cpu's device mapping, without which megatron's layers allocate on CUDA) is off "
+    "there",
+    "torch.utils.checkpoint re-entering the forward's function modes for the recompute",
+)
+
+
+def same_function_modes() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """`context_fn` for torch.utils.checkpoint: the forward as it is, the recompute under the torch
+    function modes active at the forward."""
+    return contextlib.nullcontext(), _entered(_get_current_function_mode_stack())
+
+
+@contextlib.contextmanager
+def _entered(modes: list[Any]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        yield

@@ -1,0 +1,236 @@
+"""nam_runtime.megatron: each test reproduces the upstream behaviour its workaround exists for, and
+fails once megatron-core or torch no longer behaves that way (then drop the row), and checks
+that the workaround answers it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import gpt
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.utils.checkpoint import checkpoint
+
+from nam_runtime import dist, megatron
+from nam_runtime.testing import run_ranks
+
+
+def test_every_workaround_is_documented() -> None:
+    for row in megatron.WORKAROUNDS.values():
+        assert row.where and row.why and row.until, row.name
+        assert callable(getattr(megatron, row.name)), row.name  # each row names its function
+
+
+def test_readme_table_lists_exactly_the_workarounds() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## The workarounds", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
+    assert rows == list(megatron.WORKAROUNDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# import_before_enable
+# ---------------------------------------------------------------------------------------------
+
+_COMPILED_LEFT = """
+import inspect, json, sys, warnings
+warnings.simplefilter("ignore")
+from nam_runtime import cpu, megatron
+{first}
+{second}
+left = []
+for name, mod in list(sys.modules.items()):
+    if name.startswith("megatron.") and mod is not None:
+        for value in vars(mod).values():
+            members = vars(value).values() if inspect.isclass(value) and value.__module__ == name else ()
+            for fn in (value, *(m.__func__ if isinstance(m, staticmethod) else m for m in members)):
+                if cpu._is_megatron_compiled(fn):
+                    left.append(fn._torchdynamo_orig_callable.__qualname__)
+print(json.dumps(left))
+"""
+
+
+def _compiled_left(first: str, second: str) -> list[str]:
+    script = _COMPILED_LEFT.format(first=first, second=second)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="cpu.enable() is a no-op with CUDA")
+def test_import_before_enable() -> None:
+    # megatron compiles helpers at import; enable() makes eager only those of modules loaded by then
+    after = _compiled_left("cpu.enable()", "megatron.import_before_enable()")
+    assert after, "megatron's training modules no longer load torch.compile'd helpers: drop the row"
+    assert _compiled_left("megatron.import_before_enable()", "cpu.enable()") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# reset_moe_state
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reset_moe_state() -> None:
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    megatron.reset_moe_state()
+    x, aux = torch.ones(2, requires_grad=True), torch.tensor(0.5, requires_grad=True)
+    MoEAuxLossAutoScaler.apply(x, aux).sum().backward()  # a plain backward, outside the schedules
+    with pytest.raises(RuntimeError, match="broadcast shape"):
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))  # what the schedules do
+    get_moe_metrics_tracker().ensure_initialized("load_balancing_loss", 2, device="cpu")
+    get_moe_metrics_tracker().ensure_initialized("load_balancing_loss", 4, device="cpu")  # a deeper model
+    assert get_moe_metrics_tracker().metrics["load_balancing_loss"].values.shape == (2,)
+
+    megatron.reset_moe_state()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    get_moe_metrics_tracker().ensure_initialized("load_balancing_loss", 4, device="cpu")
+    assert get_moe_metrics_tracker().metrics["load_balancing_loss"].values.shape == (4,)
+    megatron.reset_moe_state()
+
+
+# ---------------------------------------------------------------------------------------------
+# prime_adam_state, restore_adam_steps
+# ---------------------------------------------------------------------------------------------
+
+_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False}
+
+
+def _optimizer() -> tuple[Any, Any]:
+    """A dense GPT in megatron's DDP and its distributed optimizer (torch's Adam: no TE, no Apex)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    cfg = gpt.config(moe=False, layers=2)
+    module = gpt.model(cfg)
+    ddp = DistributedDataParallel(
+        cfg, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True), module
+    )
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True), [ddp]
+    )
+    (inner,) = megatron.inner_optimizers(opt)
+    return module, inner
+
+
+def _steps(opt: Any) -> list[tuple[int, float]]:
+    return [(id(s["step"]), float(s["step"])) for s in opt.optimizer.state.values()]
+
+
+def _adam_rank(directory: str) -> dict[str, Any]:
+    from megatron.core import dist_checkpointing
+
+    dist.initialize(seed=1)
+    module, opt = _optimizer()
+    unprimed = None
+    try:
+        opt.sharded_state_dict(module.sharded_state_dict(), False, metadata=_METADATA)
+    except (KeyError, AssertionError, IndexError) as exc:
+        unprimed = repr(exc)
+    megatron.prime_adam_state(opt)
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step()  # zero gradients: the steps count all the same
+    sharded = {"optimizer": opt.sharded_state_dict(module.sharded_state_dict(), False, metadata=_METADATA)}
+    dist_checkpointing.save(sharded, directory, content_metadata=dict(_METADATA))
+
+    module, fresh = _optimizer()
+    megatron.prime_adam_state(fresh)
+    target = {"optimizer": fresh.sharded_state_dict(module.sharded_state_dict(), True, metadata=_METADATA)}
+    loaded = dist_checkpointing.load(target, directory)
+    with torch.no_grad():
+        fresh.load_state_dict(loaded["optimizer"])
+    as_loaded = _steps(fresh)
+    megatron.restore_adam_steps(fresh)
+    return {"unprimed": unprimed, "as_loaded": as_loaded, "restored": _steps(fresh)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="one CPU rank")
+def test_prime_adam_state_and_restore_adam_steps(tmp_path: Path) -> None:
+    (result,) = run_ranks(_adam_rank, 1, str(tmp_path))
+    # prime_adam_state: megatron cannot build the state dict of a torch Adam that has not stepped
+    assert result["unprimed"] is not None
+    # restore_adam_steps: megatron's load leaves one shared step tensor, or another step than saved
+    ids, values = zip(*result["as_loaded"], strict=True)
+    assert len(set(ids)) < len(ids) or set(values) != {2.0}, result["as_loaded"]
+    ids, values = zip(*result["restored"], strict=True)
+    assert len(set(ids)) == len(ids) and set(values) == {2.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# restore_schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def _scheduler(warmup: int, decay: int) -> Any:
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    optimizer = types.SimpleNamespace(param_groups=[{"params": []}])
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=1e-2,
+        min_lr=1e-3,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=decay,
+        lr_decay_style="cosine",
+        start_wd=0.1,
+        end_wd=0.1,
+        wd_incr_steps=decay,
+        wd_incr_style="constant",
+    )
+    scheduler.step(1)  # the trainer's set-up: the counter holds the step about to run
+    return scheduler
+
+
+def test_restore_schedule() -> None:
+    saved = _scheduler(2, 20)
+    for _ in range(3):
+        saved.step(1)
+    assert "init_lr" not in saved.state_dict()  # megatron's state dict misses part of the schedule
+    same = _scheduler(2, 20)
+    same.load_state_dict(saved.state_dict())
+    assert same.num_steps == saved.num_steps + 1  # added to the step count it had
+
+    other = _scheduler(5, 40)
+    differing = megatron.restore_schedule(other, megatron.schedule_state(saved))
+    assert differing == ["lr_warmup_steps 5 -> 2", "lr_decay_steps 40 -> 20", "wd_incr_steps 40 -> 20"]
+    assert megatron.schedule_state(other) == megatron.schedule_state(saved)
+    assert other.optimizer.param_groups[0]["lr"] == saved.optimizer.param_groups[0]["lr"]
+
+
+# ---------------------------------------------------------------------------------------------
+# same_function_modes
+# ---------------------------------------------------------------------------------------------
+
+
+class _Mode(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def _recompute_modes(**context: Any) -> list[int]:
+    seen: list[int] = []
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        seen.append(len(_get_current_function_mode_stack()))
+        return x.sin()
+
+    x = torch.ones(3, requires_grad=True)
+    with _Mode():
+        checkpoint(layer, x, use_reentrant=False, **context).sum().backward()
+    return seen  # [forward, recompute]
+
+
+def test_same_function_modes() -> None:
+    assert _recompute_modes() == [1, 0]  # torch recomputes without the forward's modes
+    assert _recompute_modes(context_fn=megatron.same_function_modes) == [1, 1]
