@@ -165,3 +165,13 @@ def test_nam_spec_plan_and_dry_run_print_the_same_table_and_total(
     dry = _table_and_total(capsys.readouterr().out)
     assert plan == dry
     assert len(plan[0]) == 52
+
+
+def test_te_backend_only_when_asked_and_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert load_config("nam56r-tiny").model.backend == "local"
+    argv = ["--dry-run", "--model.backend", "te", "--data.cache_dir", str(tmp_path)]
+    assert nam_train_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "te backend classes" in out and "warning: model.backend = 'te': the Transformer Engine" in out

@@ -82,6 +82,10 @@ def model_report(checked: Checked, out: Callable[[str], None] = print) -> None:
         raise ConfigError(f"the model cannot be built: {err}") from err
     params = model_params(config, layout)
     out(f"spec      nam-spec layer table ({config.backend} backend classes, parameters from the formula):")
+    if config.backend == "te":
+        from nam_spec.backends import TE_UNTESTED
+
+        out(f"          warning: {TE_UNTESTED}")
     for line in table.splitlines():
         out(f"          {line}")
     out(

@@ -18,6 +18,10 @@ from typing import Any
 import torch
 
 _TE_MODULE = "megatron.core.extensions.transformer_engine"
+TE_UNTESTED = (
+    "model.backend = 'te': the Transformer Engine backend is tested structurally only (which class "
+    "fills each slot) and has never been executed by this project; 'local' is the tested one"
+)
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,7 @@ def te_backend(*, check: bool = True) -> Backend:
             "use model.backend = 'local'"
         )
     if check:
-        warnings.warn(
-            "model.backend = 'te': the Transformer Engine backend is tested structurally only (which "
-            "class fills each slot) and has never been executed by this project; 'local' is the tested one",
-            stacklevel=2,
-        )
+        warnings.warn(TE_UNTESTED, stacklevel=2)
     from functools import partial
 
     from megatron.core.transformer.moe.experts import GroupedMLPSubmodules, TEGroupedMLP
