@@ -196,8 +196,8 @@ def optimizer_sharded_state_dict(
     optimizer: Any, model_sharded: dict[str, Any], metadata: dict[str, Any], is_loading: bool
 ) -> dict[str, Any]:
     """The sharded state dict of each megatron optimizer inside `optimizer` as `chained_<i>` (its
-    tensor keys prefixed `chained_<i>.` when there are several, as ChainedOptimizer's are), with the
-    rows below: an optimizer without parameters on this rank is left out (holds_params), and a
+    tensor keys prefixed `chained_<i>.` when there are several, as ChainedOptimizer prefixes them
+    for dp_reshardable), with the rows below: an optimizer without parameters on this rank is left out (holds_params), and a
     non-distributed one's plain values are stored per rank (plain_per_rank)."""
     from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
