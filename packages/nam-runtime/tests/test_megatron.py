@@ -4,10 +4,12 @@ that the workaround answers it."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import subprocess
 import sys
+import traceback
 import types
 from pathlib import Path
 from typing import Any
@@ -99,27 +101,31 @@ def test_reset_moe_state() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# prime_adam_state, restore_adam_steps
+# prime_adam_state, restore_adam_steps, load_without_grad
 # ---------------------------------------------------------------------------------------------
 
 _METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False}
 
 
-def _optimizer() -> tuple[Any, Any]:
-    """A dense GPT in megatron's DDP and its distributed optimizer (torch's Adam: no TE, no Apex)."""
+def _optimizer(**config: Any) -> tuple[Any, Any]:
+    """This stage's part of a GPT (gpt.config(**config)) in megatron's DDP, and its distributed
+    optimizer (a ChainedOptimizer, of the dense and the expert parameters; torch's Adam: no TE, no
+    Apex)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    cfg = gpt.config(moe=False, layers=2)
+    cfg = gpt.config(**config)
     module = gpt.model(cfg)
+    for name, param in module.named_parameters():
+        if ".experts." in name:  # as nam-spec marks its experts (megatron's only at EP > 1)
+            param.allreduce = False  # reduced over the expert data-parallel group: their own optimizer
     ddp = DistributedDataParallel(
         cfg, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True), module
     )
     opt = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True), [ddp]
     )
-    (inner,) = megatron.inner_optimizers(opt)
-    return module, inner
+    return module, opt
 
 
 def _steps(opt: Any) -> list[tuple[int, float]]:
@@ -130,7 +136,7 @@ def _adam_rank(directory: str) -> dict[str, Any]:
     from megatron.core import dist_checkpointing
 
     dist.initialize(seed=1)
-    module, opt = _optimizer()
+    module, opt = _optimizer(moe=False, layers=2)
     unprimed = None
     try:
         opt.sharded_state_dict(module.sharded_state_dict(), False, metadata=_METADATA)
@@ -143,27 +149,103 @@ def _adam_rank(directory: str) -> dict[str, Any]:
     sharded = {"optimizer": opt.sharded_state_dict(module.sharded_state_dict(), False, metadata=_METADATA)}
     dist_checkpointing.save(sharded, directory, content_metadata=dict(_METADATA))
 
-    module, fresh = _optimizer()
+    module, fresh = _optimizer(moe=False, layers=2)
     megatron.prime_adam_state(fresh)
     target = {"optimizer": fresh.sharded_state_dict(module.sharded_state_dict(), True, metadata=_METADATA)}
     loaded = dist_checkpointing.load(target, directory)
-    with torch.no_grad():
-        fresh.load_state_dict(loaded["optimizer"])
+    with_grad = None
+    try:
+        fresh.load_state_dict(copy.deepcopy(loaded["optimizer"]))
+    except RuntimeError as exc:
+        with_grad = str(exc)
+    megatron.load_without_grad(fresh, loaded["optimizer"])
     as_loaded = _steps(fresh)
     megatron.restore_adam_steps(fresh)
-    return {"unprimed": unprimed, "as_loaded": as_loaded, "restored": _steps(fresh)}
+    return {"unprimed": unprimed, "with_grad": with_grad, "as_loaded": as_loaded, "restored": _steps(fresh)}
+
+
+@pytest.fixture(scope="module")
+def adam_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A distributed optimizer stepped twice, saved and loaded into a fresh one, on one CPU rank."""
+    (result,) = run_ranks(_adam_rank, 1, str(tmp_path_factory.mktemp("adam")))
+    return result
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="one CPU rank")
-def test_prime_adam_state_and_restore_adam_steps(tmp_path: Path) -> None:
-    (result,) = run_ranks(_adam_rank, 1, str(tmp_path))
-    # prime_adam_state: megatron cannot build the state dict of a torch Adam that has not stepped
-    assert result["unprimed"] is not None
-    # restore_adam_steps: megatron's load leaves one shared step tensor, or another step than saved
-    ids, values = zip(*result["as_loaded"], strict=True)
-    assert len(set(ids)) < len(ids) or set(values) != {2.0}, result["as_loaded"]
-    ids, values = zip(*result["restored"], strict=True)
+def test_prime_adam_state(adam_run: dict[str, Any]) -> None:
+    # megatron cannot build the state dict of a torch Adam that has not stepped
+    assert adam_run["unprimed"] is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="one CPU rank")
+def test_restore_adam_steps(adam_run: dict[str, Any]) -> None:
+    # megatron's load leaves one shared step tensor, or another step than saved
+    ids, values = zip(*adam_run["as_loaded"], strict=True)
+    assert len(set(ids)) < len(ids) or set(values) != {2.0}, adam_run["as_loaded"]
+    ids, values = zip(*adam_run["restored"], strict=True)
     assert len(set(ids)) == len(ids) and set(values) == {2.0}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="one CPU rank")
+def test_load_without_grad(adam_run: dict[str, Any]) -> None:
+    # the dp_reshardable loader copies into main params that are views of fp32 weights
+    assert adam_run["with_grad"] is not None and "in-place" in adam_run["with_grad"], adam_run["with_grad"]
+    assert adam_run["restored"]  # load_without_grad loaded what the checks above read
+
+
+# ---------------------------------------------------------------------------------------------
+# holds_params, plain_per_rank (optimizer_sharded_state_dict, load_optimizer_state)
+# ---------------------------------------------------------------------------------------------
+
+
+def _paramless_rank() -> dict[str, Any]:
+    dist.initialize(pipeline_parallel=2, seed=1)
+    module, opt = _optimizer(moe=True, layers=2)  # layer 1 is the MoE one: stage 0 holds no experts
+    megatron.prime_adam_state(opt)
+    model_sharded = module.sharded_state_dict()
+    refused = None
+    try:
+        opt.sharded_state_dict(model_sharded, False, metadata=_METADATA)  # megatron's own, every part
+    except AssertionError as exc:
+        refused = traceback.extract_tb(exc.__traceback__)[-1].name
+    parts = megatron.optimizer_sharded_state_dict(opt, model_sharded, _METADATA, is_loading=False)
+    return {
+        "held": [megatron.holds_params(sub) for sub in megatron.inner_optimizers(opt)],
+        "refused": refused,
+        "parts": sorted(parts),
+    }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU ranks")
+def test_holds_params() -> None:
+    stage0, stage1 = run_ranks(_paramless_rank, 2)
+    # the stage without expert layers has an expert optimizer without parameters, and megatron
+    # cannot build its state dict
+    assert stage0["held"] == [True, False] and stage0["refused"] == "state_dict"
+    assert stage1["held"] == [True, True] and stage1["refused"] is None
+    assert stage0["parts"] == ["chained_0"] and stage1["parts"] == ["chained_0", "chained_1"]
+
+
+def _groups(rank: int) -> dict[str, Any]:
+    return {"param_groups": [{"params": list(range(rank + 1)), "lr": 0.1}]}  # this stage's parameters
+
+
+def _plain_rank(directory: str) -> dict[str, Any]:
+    from megatron.core import dist_checkpointing
+
+    rank = dist.initialize(seed=1).rank
+    state = {"common": _groups(rank), "own": megatron.plain_per_rank(_groups(rank), "own")}
+    dist_checkpointing.save(state, directory)
+    state = {"common": _groups(rank), "own": megatron.plain_per_rank(_groups(rank), "own")}
+    loaded = dist_checkpointing.load(state, directory)
+    return {"common": loaded["common"], "own": megatron.merge_plain(loaded["own"])}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU ranks")
+def test_plain_per_rank(tmp_path: Path) -> None:
+    rank0, rank1 = run_ranks(_plain_rank, 2, str(tmp_path))
+    assert rank1["common"] == _groups(0)  # dist_checkpointing stores plain values from rank 0 only
+    assert rank0["own"] == _groups(0) and rank1["own"] == _groups(1)
 
 
 # ---------------------------------------------------------------------------------------------

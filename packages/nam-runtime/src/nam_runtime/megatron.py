@@ -6,7 +6,8 @@ it unnecessary. `tests/test_megatron.py` reproduces each upstream behaviour and 
 gone, so a workaround that is no longer needed shows up (then delete its row and its function).
 
 Callers: nam-spec's stack (recompute under the forward's function modes), the trainer's set-up,
-checkpoints. This module imports neither of them.
+checkpoints (which build and load the optimizer's state through optimizer_sharded_state_dict and
+load_optimizer_state). This module imports neither of them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,14 @@ __all__ = [
     "SCHEDULE_KEYS",
     "WORKAROUNDS",
     "Workaround",
+    "holds_params",
     "import_before_enable",
     "inner_optimizers",
+    "load_optimizer_state",
+    "load_without_grad",
+    "merge_plain",
+    "optimizer_sharded_state_dict",
+    "plain_per_rank",
     "prime_adam_state",
     "reset_moe_state",
     "restore_adam_steps",
@@ -178,6 +185,125 @@ def restore_adam_steps(optimizer: Any) -> None:
             step = float(group.pop("step"))
             for param in group["params"]:
                 inner.state[param]["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer's sharded state dict (ChainedOptimizer's, part by part)
+# ---------------------------------------------------------------------------------------------
+
+
+def optimizer_sharded_state_dict(
+    optimizer: Any, model_sharded: dict[str, Any], metadata: dict[str, Any], is_loading: bool
+) -> dict[str, Any]:
+    """The sharded state dict of each megatron optimizer inside `optimizer` as `chained_<i>` (its
+    tensor keys prefixed `chained_<i>.` when there are several, as ChainedOptimizer prefixes them
+    for dp_reshardable), with the rows below: an optimizer without parameters on this rank is left out (holds_params), and a
+    non-distributed one's plain values are stored per rank (plain_per_rank)."""
+    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = inner_optimizers(optimizer)
+    parts: dict[str, Any] = {}
+    for index, opt in enumerate(subs):
+        if not holds_params(opt):
+            continue
+        part = opt.sharded_state_dict(model_sharded, is_loading, metadata=metadata)
+        if len(subs) > 1:
+            add_prefix_for_sharding(part, f"chained_{index}.")
+        if not isinstance(opt, DistributedOptimizer):
+            part = plain_per_rank(part, f"optimizer.chained_{index}.plain")
+        parts[f"chained_{index}"] = part
+    return parts
+
+
+def load_optimizer_state(optimizer: Any, loaded: dict[str, Any]) -> None:
+    """Load into each megatron optimizer inside `optimizer` its part of `loaded` (what
+    dist_checkpointing read for optimizer_sharded_state_dict(..., is_loading=True))."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for index, opt in enumerate(inner_optimizers(optimizer)):
+        if not holds_params(opt):
+            continue
+        part = loaded[f"chained_{index}"]
+        if not isinstance(opt, DistributedOptimizer):
+            part = merge_plain(part)
+        load_without_grad(opt, part)
+
+
+_row(
+    "holds_params",
+    "megatron.core.optimizer.get_megatron_optimizer gives every rank the same param groups, so a "
+    "pipeline stage without expert layers gets an expert optimizer whose group is empty; "
+    "DistributedOptimizer.state_dict (without TE or Apex) asserts that its parameters share one Adam "
+    "`step`; optimizer_sharded_state_dict and load_optimizer_state skip an optimizer for which "
+    "holds_params is False",
+    "with torch's Adam the step lives in per-parameter state, and an optimizer without parameters has "
+    "none, so megatron cannot build its state dict (prime_adam_state has nothing to prime); there is "
+    "nothing of it to save on this rank",
+    "DistributedOptimizer.state_dict accepting an optimizer without parameters (or get_megatron_optimizer "
+    "leaving it out)",
+)
+
+
+def holds_params(opt: Any) -> bool:
+    """Whether the megatron optimizer `opt` (one inside a ChainedOptimizer) has parameters on this rank."""
+    inner = getattr(opt, "optimizer", None)
+    return inner is not None and any(group["params"] for group in inner.param_groups)
+
+
+_row(
+    "plain_per_rank",
+    "megatron.core.dist_checkpointing.save / load: the values of a sharded state dict that are not "
+    "sharded (the common state dict) are written by rank 0 only and read by every rank; "
+    "optimizer_sharded_state_dict stores those of megatron's non-distributed optimizers (Float16 / "
+    "FP32Optimizer) through plain_per_rank, load_optimizer_state reads them back with merge_plain",
+    "those optimizers leave their param groups (with the indices of this rank's parameters) and Adam's "
+    "common step as plain values, and pipeline stages hold other parameters: every stage would load "
+    "rank 0's groups. The distributed optimizer wraps its own in per-rank ShardedObjects already",
+    "megatron's non-distributed optimizers wrapping their plain values in ShardedObjects of their "
+    "model-parallel rank, as DistributedOptimizer does",
+)
+
+
+def plain_per_rank(part: dict[str, Any], key: str) -> dict[str, Any]:
+    """A megatron optimizer's sharded state dict as {"sharded": its sharded values, "plain": the
+    rest as this rank's own ShardedObject `<key>.rank_<rank>`}; merge_plain undoes it."""
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import (
+        LocalNonpersistentObject,
+        ShardedBase,
+        ShardedObject,
+    )
+
+    sharded, plain = extract_matching_values(
+        part, lambda v: isinstance(v, ShardedBase | LocalNonpersistentObject)
+    )
+    rank = torch.distributed.get_rank()
+    return {"sharded": sharded, "plain": ShardedObject(f"{key}.rank_{rank}", plain, (1,), (0,), replica_id=0)}
+
+
+def merge_plain(part: dict[str, Any]) -> dict[str, Any]:
+    """The state dict that plain_per_rank split, as dist_checkpointing loaded it."""
+    from megatron.core.dist_checkpointing.dict_utils import merge
+
+    return merge(part["sharded"], part["plain"])
+
+
+_row(
+    "load_without_grad",
+    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict: its dp_reshardable "
+    "loader (load_parameter_state_from_dp_reshardable, unlike the fully_reshardable and fs_model_space ones) is not under "
+    "torch.no_grad; load_optimizer_state loads every optimizer through load_without_grad",
+    "it copies the saved main params in place, and with fp32 weights the main params are views of the "
+    "model's parameters, which require grad: autograd refuses an in-place op on a view of such a leaf",
+    "load_parameter_state_from_dp_reshardable running under torch.no_grad() as those loaders do",
+)
+
+
+def load_without_grad(opt: Any, state_dict: dict[str, Any]) -> None:
+    """`opt.load_state_dict(state_dict)` outside autograd."""
+    with torch.no_grad():
+        opt.load_state_dict(state_dict)
 
 
 # ---------------------------------------------------------------------------------------------

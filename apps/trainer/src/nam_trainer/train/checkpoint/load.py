@@ -7,11 +7,16 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import torch.distributed as torch_dist
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
-from nam_runtime.megatron import prime_adam_state, restore_adam_steps, restore_schedule
+from nam_runtime.megatron import (
+    load_optimizer_state,
+    optimizer_sharded_state_dict,
+    prime_adam_state,
+    restore_adam_steps,
+    restore_schedule,
+)
 from nam_trainer.train.checkpoint import marker, state
 from nam_trainer.train.checkpoint.errors import CheckpointError
 
@@ -49,15 +54,14 @@ def load_checkpoint(
     sharded = state.model_sharded(chunks, sharded_metadata)
     marker.check_geometry(path, meta, marker.geometry(sharded))
     prime_adam_state(optimizer)
-    sharded["optimizer"] = state.optimizer_sharded(optimizer, sharded, sharded_metadata, is_loading=True)
+    sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded, sharded_metadata, is_loading=True)
     sharded["rng_state"] = state.rng_object(None)
     try:
         loaded = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RAISE_ALL)
     except _READ_ERRORS as exc:
         raise _damaged(path, exc) from exc
     state.load_model(chunks, loaded)
-    with torch.no_grad():  # dp_reshardable's loader copies into main params (views of fp32 weights)
-        state.load_optimizer(optimizer, loaded["optimizer"])
+    load_optimizer_state(optimizer, loaded["optimizer"])
     restore_adam_steps(optimizer)
     differing = restore_schedule(scheduler, loaded["scheduler"])
     if differing and torch_dist.get_rank() == 0:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as torch_dist
 
-from nam_runtime.megatron import prime_adam_state, schedule_state
+from nam_runtime.megatron import optimizer_sharded_state_dict, prime_adam_state, schedule_state
 from nam_trainer.train.checkpoint import files, marker, state
 from nam_trainer.train.checkpoint.errors import CheckpointError
 
@@ -55,7 +55,7 @@ def save_checkpoint(
     metadata = state.SHARDED_METADATA
     sharded = state.model_sharded(chunks, metadata)
     geometry = marker.geometry(sharded)
-    sharded["optimizer"] = state.optimizer_sharded(optimizer, sharded, metadata, is_loading=False)
+    sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded, metadata, is_loading=False)
     sharded["scheduler"] = schedule_state(scheduler)
     sharded["state"] = saved_state
     sharded["rng_state"] = state.rng_object(rng)

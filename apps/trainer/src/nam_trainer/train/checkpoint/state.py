@@ -1,7 +1,7 @@
 """What goes in a checkpoint: megatron's sharded state dicts of the model chunks and the optimizer,
 the RNG state of every rank, and the caller's `state` (plain values, the same on every rank).
-The schedule is nam_runtime.megatron's schedule_state; the torch-Adam fixes around the optimizer's
-state dict are nam_runtime.megatron's too."""
+The optimizer's state dict (optimizer_sharded_state_dict, load_optimizer_state) and the schedule
+(schedule_state) are nam_runtime.megatron's, with the workarounds megatron needs around them."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from nam_runtime.megatron import inner_optimizers
 from nam_trainer.train.checkpoint.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from megatron.core.optimizer import MegatronOptimizer
     from megatron.core.transformer.module import MegatronModule
 
 # megatron's sharded-state-dict options, stored in the checkpoint (content metadata) and reused
@@ -30,7 +28,7 @@ SHARDED_METADATA = {
 
 
 # ------------------------------------------------------------------------------------------------
-# Model and optimizer
+# Model
 # ------------------------------------------------------------------------------------------------
 
 
@@ -52,62 +50,6 @@ def model_sharded(chunks: list[MegatronModule], metadata: dict[str, Any]) -> dic
 def load_model(chunks: list[MegatronModule], loaded: dict[str, Any]) -> None:
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
-
-
-def _has_params(opt: Any) -> bool:
-    inner = getattr(opt, "optimizer", None)
-    return inner is not None and any(group["params"] for group in inner.param_groups)
-
-
-def optimizer_sharded(
-    optimizer: MegatronOptimizer, model_sharded: dict[str, Any], metadata: dict[str, Any], is_loading: bool
-) -> dict[str, Any]:
-    """Each megatron optimizer's sharded state dict, in ChainedOptimizer's format (`chained_<i>.`
-    key prefixes), leaving out optimizers without parameters on this rank (e.g. the expert
-    optimizer on a pipeline stage without E layers): with torch's Adam megatron cannot build their
-    state dict (it reads the step from per-parameter state, and there is none)."""
-    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
-    from megatron.core.dist_checkpointing.mapping import (
-        LocalNonpersistentObject,
-        ShardedBase,
-        ShardedObject,
-    )
-    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    subs = inner_optimizers(optimizer)
-    parts: dict[str, Any] = {}
-    for index, opt in enumerate(subs):
-        if not _has_params(opt):
-            continue
-        part = opt.sharded_state_dict(model_sharded, is_loading, metadata=metadata)
-        if len(subs) > 1:
-            add_prefix_for_sharding(part, f"chained_{index}.")
-        if not isinstance(opt, DistributedOptimizer):
-            # megatron's other optimizers leave their param groups as plain values, which
-            # dist_checkpointing stores once, from rank 0; pipeline stages hold other groups
-            sharded, plain = extract_matching_values(
-                part, lambda v: isinstance(v, ShardedBase | LocalNonpersistentObject)
-            )
-            key = f"optimizer.chained_{index}.plain.rank_{torch_dist.get_rank()}"
-            part = {"sharded": sharded, "plain": ShardedObject(key, plain, (1,), (0,), replica_id=0)}
-        parts[f"chained_{index}"] = part
-    return parts
-
-
-def load_optimizer(optimizer: MegatronOptimizer, loaded: dict[str, Any]) -> None:
-    from megatron.core.dist_checkpointing.dict_utils import merge
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for index, opt in enumerate(inner_optimizers(optimizer)):
-        if not _has_params(opt):
-            continue
-        part = loaded[f"chained_{index}"]
-        if not isinstance(opt, DistributedOptimizer):
-            part = merge(part["sharded"], part["plain"])
-        opt.load_state_dict(part)
-    if len(inner_optimizers(optimizer)) > 1:
-        optimizer._synchronize_steps()  # what ChainedOptimizer.load_state_dict does last (TE's Adam)
 
 
 # ------------------------------------------------------------------------------------------------
