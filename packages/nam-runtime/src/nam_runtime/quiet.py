@@ -65,6 +65,26 @@ NOISE: tuple[Noise, ...] = (
         UserWarning,
     ),
     Noise(
+        r"megatron\.core\._rank_utils",
+        r"Could not determine rank from torch\.distributed",
+        "megatron-core 0.19 at import, before any process group exists; a one-process run has no "
+        "RANK, and the rank it defaults to is the right one",
+        UserWarning,
+    ),
+    Noise(
+        r"megatron\.core\.models\.mimo\.",
+        r"MimoModelConfig is experimental",
+        "a megatron-core model class we never use, said when megatron.core.models is imported",
+        UserWarning,
+    ),
+    Noise(
+        r"nam_runtime\.cpu",
+        r"The \.grad attribute of a Tensor that is not a leaf",
+        "megatron-core reads .grad of a non-leaf tensor during a step on CPU; torch warns from the "
+        "frame of nam_runtime.cpu's device mode, which forwards every torch call, so it names our module",
+        UserWarning,
+    ),
+    Noise(
         "torch.utils.cpp_extension",
         r"No CUDA runtime is found",
         "torch at import on a machine without CUDA, where the CPU path is the intended one",
