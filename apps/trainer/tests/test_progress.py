@@ -108,3 +108,21 @@ def test_disabled_progress_writes_nothing() -> None:
 def test_bad_step_range_is_refused() -> None:
     with pytest.raises(ValueError, match="0 <= start_step <= total_steps, got 10, 11"):
         Progress(10, start_step=11)
+
+
+@pytest.mark.parametrize("columns", [80, 60, 40])
+def test_terminal_line_fits_the_width_and_keeps_the_eta(
+    columns: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 80 columns the full line (~110 characters) lost its ETA to the cut."""
+    monkeypatch.setenv("COLUMNS", str(columns))  # what shutil.get_terminal_size reads first
+    clock, out = Clock(), Terminal()
+    bar = Progress(10_000, start_step=999, clock=clock, stream=out)
+    for step in (1000, 1001):
+        clock.now += 3725.0
+        bar.update(step, VALUES)
+    line = out.getvalue().rsplit("\r", 1)[1].rstrip()
+    assert len(line) < columns and line.startswith("step 1001/10000 | ") and line.endswith("ETA 9311h27m55s")
+    if columns == 80:
+        assert "loss 3.2146" in line and "lr" not in line  # the rightmost values go first
+    bar.close()

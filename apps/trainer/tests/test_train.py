@@ -205,3 +205,52 @@ def test_torchrun_entry_point_is_the_cli() -> None:
         [sys.executable, "-m", "nam_trainer", "--help"], capture_output=True, text=True, check=False
     )
     assert run.returncode == 0 and "--section.key VALUE" in run.stdout
+
+
+# What megatron-core and torch said on every run before nam_runtime.quiet (apps/trainer/README.md).
+LIBRARY_NOISE = (
+    "No CUDA runtime is found",
+    "SyntaxWarning",
+    "Apex",
+    "Transformer Engine",
+    "full_param_layout",
+    "async save is deprecated",
+    "Warning",
+)
+
+
+def test_a_second_run_on_the_same_directory_exits_2_naming_the_first(
+    cache: Path, header_slice: list[Path], tmp_path: Path
+) -> None:
+    """Two runs 2 s apart on one directory used to interleave metrics.jsonl (one crashed at its
+    first save). The first holds the lock; the second is refused in one line naming its pid; the
+    first finishes whole. Its stderr holds only the run's own lines."""
+    run_dir = tmp_path / "run"
+    argv = [
+        sys.executable,
+        "-m",
+        "nam_trainer",
+        *train_args(cache, header_slice, run_dir, "--training.steps", "2"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # megatron compiled from source, as a fresh install is
+    first = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "nam-train.lock").exists():
+            if first.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"the first run ended or stalled before taking its lock:\n{first.communicate()[1]}"
+                )
+            time.sleep(0.1)
+        second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+        _, err = first.communicate(timeout=180)
+    finally:
+        first.kill()
+    assert second.returncode == 2, second.stderr
+    refusal = [line for line in second.stderr.splitlines() if line.startswith("nam-train:")]
+    assert len(refusal) == 1 and f"is in use: pid {first.pid} on host" in refusal[0], second.stderr
+    assert first.returncode == 0, err
+    assert sorted(losses(run_dir)) == [1, 2] and sorted(losses(run_dir, "valid")) == [0, 2]
+    assert not (run_dir / "nam-train.lock").exists()  # released at the end
+    assert not [line for line in err.splitlines() if any(noise in line for noise in LIBRARY_NOISE)], err

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def test_invalid_pattern_json(capsys: pytest.CaptureFixture[str]) -> None:
     [
         (["validate", "AEME"], "needs --depth N"),
         (["validate"], "give a PATTERN with --depth N, or --family NAME"),
-        (["validate", "AEME", "--depth", "0"], "depth must be at least 1"),
+        (["validate", "AEME", "--depth", "0"], "depth must be between 1 and 1,000,000 layers, got 0"),
         (["validate", "AEME", "--depth", "4", "--family", "NAM52"], "not both"),
         (["validate", "--family", "NOPE"], "unknown family 'NOPE'"),
         (["split", "AEME", "--depth", "4", "--stages", "5"], "would leave a stage empty"),
@@ -270,3 +271,43 @@ def test_bad_family_file_is_an_error_not_a_traceback(
     path.write_bytes(content)
     code, _, err = run(capsys, "families", "--families", str(path))
     assert code == 2 and err.startswith(f"nam-layout families: {path}: ") and message in err
+
+
+def test_a_huge_depth_is_one_line_naming_the_limit(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """10**11 layers would be a 100 GB string (a MemoryError traceback before the bound)."""
+    code, out, err = run(capsys, "validate", "AEM", "--depth", str(10**11))
+    assert code == 2 and out == ""
+    assert err == "nam-layout validate: depth must be between 1 and 1,000,000 layers, got 100,000,000,000\n"
+    path = tmp_path / "f.toml"
+    path.write_text(f'[family.BIG]\npattern = "AEM"\ndepth = {10**11}\ncounts = {{A = 1}}\n')
+    code, _, err = run(capsys, "families", "--families", str(path))
+    assert code == 2 and len(err.splitlines()) == 1 and "between 1 and 1,000,000 layers" in err
+
+
+def test_a_closed_stdout_ends_quietly_with_141() -> None:
+    """``nam-layout families | head -1``: the reader is gone before we print."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "nam_layout.cli", "families"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_ctrl_c_is_one_line_and_130(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nam_layout.cli._validate", interrupted)
+    code, _, err = run(capsys, "validate", "AEM", "--depth", "3")
+    assert (code, err) == (130, "nam-layout: interrupted\n")

@@ -80,7 +80,7 @@ _GOOD = 'pattern = "AE"\ndepth = 4\ncounts = {A=2, E=2}\n'
         ),
         (
             '[family.X]\npattern = "AE"\ndepth = 0\ncounts = {A=2, E=2}\n',
-            "[family.X] depth: depth must be at least 1",
+            "[family.X] depth: depth must be between 1 and 1,000,000 layers, got 0",
         ),
         ("[family.X]\npattern = 5\ndepth = 4\ncounts = {A=2, E=2}\n", "[family.X] pattern: must be a string"),
         (

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from nam_layout import Layout, LayoutError, PatternError, get_family
+from nam_layout import MAX_DEPTH, Layout, LayoutError, PatternError, get_family
 
 
 def test_tiling_without_cuts() -> None:
@@ -26,10 +26,15 @@ def test_cut_segments_must_total_depth() -> None:
         Layout.tile("AEM|EA", 6)
 
 
-@pytest.mark.parametrize("depth", [0, -3])
-def test_depth_below_one(depth: int) -> None:
-    with pytest.raises(LayoutError, match=f"depth must be at least 1 layer, got {depth}"):
+@pytest.mark.parametrize("depth", [0, -3, MAX_DEPTH + 1, 10**11])
+def test_depth_outside_the_bound(depth: int) -> None:
+    """Refused before anything is allocated: 10**11 layers would be a 100 GB string."""
+    with pytest.raises(LayoutError, match=f"depth must be between 1 and 1,000,000 layers, got {depth:,}"):
         Layout.tile("AEME", depth)
+
+
+def test_the_deepest_layout_allowed() -> None:
+    assert Layout.tile("AEME", MAX_DEPTH).counts["A"] == MAX_DEPTH // 4
 
 
 @pytest.mark.parametrize("depth", [2.0, "52", True, None])

@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +46,27 @@ def test_bad_input_exits_2_with_a_message(
 ) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_family_of_huge_depth_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A families file with depth 10**11 was a MemoryError traceback."""
+    path = tmp_path / "big.toml"
+    path.write_text(f'[family.BIG]\npattern = "AEM"\ndepth = {10**11}\ncounts = {{A = 1}}\n')
+    assert main(["plan", "BIG", "--families", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "depth must be between 1 and 1,000,000 layers" in err
+
+
+def test_plan_says_nothing_of_the_libraries_on_stderr() -> None:
+    """No TE/Apex fall-back notices, no megatron SyntaxWarning, no 'No CUDA runtime'."""
+    # a world of its own: not the rendezvous port an in-process --meta plan left in this environment
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env |= {"CUDA_VISIBLE_DEVICES": "", "PYTHONDONTWRITEBYTECODE": "1"}  # compiled: SyntaxWarnings are said
+    done = subprocess.run(
+        [sys.executable, "-m", "nam_spec.cli", "plan", "--meta"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, "")

@@ -1,14 +1,30 @@
-"""``nam-train``: the command line.
+"""``nam-train``: train NAM hybrid models on megatron-core.
 
-    nam-train [--preset NAME] [--config FILE ...] [--section.key VALUE ...]   # train (or resume)
-    nam-train [same options] --dry-run # what would be built, without building it
-    nam-train data [same options]      # build or verify the tokenizer and packed-data cache
-    nam-train report RUN_DIR           # PNG plots of RUN_DIR/metrics.jsonl into RUN_DIR/report
+commands:
+  nam-train [--preset NAME] [--config FILE ...] [--section.key VALUE ...]   train (or resume)
+  nam-train [same options] --dry-run   what would be built, without building or writing anything
+  nam-train data [same options]        build or verify the tokenizer and packed-data cache
+  nam-train report RUN_DIR             PNG plots of RUN_DIR/metrics.jsonl into RUN_DIR/report
 
-Options are layered: preset < config files (in order) < ``--section.key`` overrides. Under
-torchrun (``torchrun ... -m nam_trainer``) every process runs the same command.
-Exit codes: 0 success (also after a SIGTERM/SIGINT stop with its checkpoint), 2 invalid
-configuration or input (the message says what and where), 3 stopped by repeated non-finite losses.
+Options are layered: preset < config files (in order) < --section.key VALUE overrides. Under
+torchrun (torchrun ... -m nam_trainer) every process runs the same command.
+
+config keys (sections model, tokenizer, data, training, parallel, checkpoint, plasticity):
+  [model] is nam-spec's ModelConfig (packages/nam-spec/src/nam_spec/config.py), [parallel] its
+  ParallelConfig; the other sections are in apps/trainer/src/nam_trainer/config/schema.py; the
+  trainer's README (apps/trainer/README.md, "Configuration") explains them all. --dry-run prints
+  the resolved configuration as TOML.
+
+exit codes:
+  0    done, or stopped by SIGTERM/SIGINT during training with its checkpoint written
+  1    an unexpected failure (a bug, or the machine: the traceback says where)
+  2    invalid configuration or input, with one message saying what and where: unknown keys or
+       values, parallel sizes that do not fit, a corpus that is missing or empty, a data.cache_dir
+       or checkpoint.dir that cannot be used, a run directory in use by another run, a checkpoint
+       of another layout or a damaged one, a bad command line
+  3    stopped by training.max_consecutive_skips non-finite losses in a row
+  130  interrupted (Ctrl-C) before training began: data preparation, process set-up, model build
+  141  stdout closed early (nam-train --dry-run | head)
 """
 
 from __future__ import annotations
@@ -16,24 +32,41 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
+from nam_layout.shell import guarded
+from nam_runtime.quiet import quiet
 from nam_trainer.config import DEFAULT_PRESET, PRESETS, ConfigError, check, load_config
 from nam_trainer.data import CorpusError, TokenizerError, ToolchainError, prepare_data
 from nam_trainer.dry_run import report
 from nam_trainer.metrics import MetricsError
+from nam_trainer.paths import usable_dir
 
 EXIT_INVALID = 2
+INTERRUPTED = (
+    "interrupted before training began; nothing half-built is kept (the data cache holds only "
+    "complete entries, the run directory only complete checkpoints)"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line with exit code 2, like every other invalid input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INVALID, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nam-train",
-        description="Train NAM hybrid models on megatron-core. Any config key can be set as --section.key VALUE.",
+    p = _Parser(prog="nam-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "command",
+        nargs="?",
+        choices=("train", "data"),
+        default="train",
+        help="train (the default) or data; `nam-train report RUN_DIR` plots a run",
     )
-    p.add_argument("command", nargs="?", choices=("train", "data"), default="train")
     p.add_argument(
         "--preset",
         default=DEFAULT_PRESET,
@@ -49,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--world-size",
         type=int,
-        default=int(os.environ.get("WORLD_SIZE", "1")),
+        default=os.environ.get("WORLD_SIZE", "1"),  # a string default goes through type= too
         help="number of processes to plan for (default: $WORLD_SIZE from torchrun, else 1)",
     )
     return p
@@ -74,7 +107,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def _report(argv: list[str]) -> int:
     """``nam-train report RUN_DIR``: no configuration, just the run's metrics file."""
-    p = argparse.ArgumentParser(prog="nam-train report", description="Plot a run's metrics.jsonl as PNGs.")
+    p = _Parser(prog="nam-train report", description="Plot a run's metrics.jsonl as PNGs.")
     p.add_argument("run_dir", type=Path, help="the run directory holding metrics.jsonl")
     args = p.parse_args(argv)
     from nam_trainer.metrics.report import write_report  # matplotlib loads only for reports
@@ -89,16 +122,13 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
-def _quiet_library_warnings() -> None:
-    """megatron-core warns at import about optional packages (Apex, Transformer Engine) it falls
-    back from, and torch about CPU-only paths it takes; on a training console that is noise."""
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint")
-    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """The exit code of ``nam-train ARGV`` (the module docstring lists them)."""
+    quiet()  # before megatron is imported (by the dry run, data structure or training): it speaks at import
+    return guarded("nam-train", lambda: _main(argv), INTERRUPTED)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["report"]:
         return _report(arguments[1:])
@@ -108,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.preset, args.config, overrides)
         checked = check(config, args.world_size)
         if args.command == "data":
+            usable_dir(config.data.cache_dir, "data.cache_dir")
             data = prepare_data(config)
             for split in ("train", "validation"):
                 if split in data.info:
@@ -121,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             layers = [f"preset {args.preset}", *(f"config {c}" for c in args.config)]
             report(checked, " < ".join(layers + (["command-line overrides"] if overrides else [])))
             return 0
-        _quiet_library_warnings()
+        usable_dir(config.data.cache_dir, "data.cache_dir")
+        usable_dir(config.checkpoint.dir, "checkpoint.dir")
         from nam_trainer.train.checkpoint import CheckpointError
         from nam_trainer.train.loop import train
 

@@ -1,6 +1,7 @@
 """``nam-layout``: validate, show, split and translate layer patterns from the shell.
 
-Exit codes: 0 valid, 2 invalid input (with a message that points at the problem).
+Exit codes: 0 valid, 2 invalid input (with a message that points at the problem; a depth is
+at most 1,000,000 layers), 130 interrupted (Ctrl-C), 141 stdout closed early (``| head``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from nam_layout.families import REGISTRY, Family, FamilyError, FamilyRegistry
 from nam_layout.grammar import PatternError
 from nam_layout.layout import Layout, LayoutError
 from nam_layout.megatron import to_megatron
+from nam_layout.shell import guarded
 from nam_layout.stages import DEFAULT_COSTS, CostModel, StagePlan, plan_stages
 
 EXIT_INVALID = 2
@@ -24,6 +26,10 @@ _POSITIONS_SHOWN = 16
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return guarded("nam-layout", lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     args.json = args.json_before or args.json_after
     try:

@@ -12,6 +12,10 @@ from typing import Any
 from nam_layout.grammar import CUT, LETTERS, split_segments
 
 JSON_SCHEMA = 1
+# A layout holds one letter per layer, so a typo of a depth (1e11) would allocate that many bytes
+# before anything could be said. Real models have hundreds of layers; a million is as long as
+# the grammar promises to check in linear time.
+MAX_DEPTH = 1_000_000
 
 
 class LayoutError(ValueError):
@@ -44,8 +48,8 @@ class Layout:
         segments = split_segments(pattern, letters)
         if isinstance(depth, bool) or not isinstance(depth, int):
             raise LayoutError(f"depth must be a whole number of layers, got {depth!r}")
-        if depth < 1:
-            raise LayoutError(f"depth must be at least 1 layer, got {depth}")
+        if not 1 <= depth <= MAX_DEPTH:
+            raise LayoutError(f"depth must be between 1 and {MAX_DEPTH:,} layers, got {depth:,}")
         if len(segments) == 1:
             repeats = -(-depth // len(pattern))
             return cls((pattern * repeats)[:depth], ((0, depth),), pattern, MappingProxyType(dict(letters)))

@@ -5,7 +5,9 @@
     nam-spec plan --preset nam56r-small --json
     nam-spec plan NAM52 --preset nam56r-small # another family at a preset's geometry
 
-Exit codes: 0 ok, 2 invalid input (unknown family or preset, a config that cannot build).
+Exit codes: 0 ok, 2 invalid input (unknown family or preset, a config that cannot build, a
+family deeper than nam-layout's 1,000,000 layers), 130 interrupted (Ctrl-C), 141 stdout closed
+early (``| head``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from nam_layout.shell import guarded
+from nam_runtime.quiet import quiet
 from nam_spec.config import SpecConfigError
 from nam_spec.presets import PRESETS, preset
 
@@ -22,6 +26,11 @@ EXIT_INVALID = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet()  # megatron's and torch's notices at import; nam-spec's own messages stay
+    return guarded("nam-spec", lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="nam-spec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -43,6 +43,11 @@ def check(config: Config, world_size: int) -> Checked:
     m, p, t = config.model, config.parallel, config.training
     kinds = set(layout.kinds)
     problems = nam_spec.problems(m, layout, p)
+    if world_size < 1:
+        problems.append(
+            f"world size {world_size}: needs at least 1 process (--world-size N; default $WORLD_SIZE "
+            "from torchrun, else 1)"
+        )
 
     inner = p.tensor * p.pipeline
     if p.data == -1:

@@ -1,6 +1,7 @@
 """The live progress line of a training run (the caller shows it on rank 0 only).
 
-On a terminal one line is redrawn in place (carriage return); anywhere else (CI logs, files) a
+On a terminal one line is redrawn in place (carriage return), fitted to the terminal's width
+(values dropped from the right, the step and the ETA kept); anywhere else (CI logs, files) a
 plain line is printed every ``every_steps`` steps or ``every_s`` seconds, whichever comes first.
 """
 
@@ -51,7 +52,7 @@ class Progress:
         self._last: tuple[float, int] | None = None
         self._step_s: float | None = None
         self._shown: tuple[float, int] | None = None  # when and at which step a line was last shown
-        self._pending = ""  # the newest line, not yet shown
+        self._pending: list[str] = []  # the parts of the newest line, not yet shown
         self._drawn, self._width = "", 0  # the line on the terminal now
 
     def update(self, step: int, values: dict[str, float]) -> None:
@@ -64,7 +65,7 @@ class Progress:
                 per_step if self._step_s is None else SMOOTHING * per_step + (1 - SMOOTHING) * self._step_s
             )
         self._last = (now, step)
-        self._pending = self._line(step, values, now)
+        self._pending = self._parts(step, values, now)
         if self._due(step, now):
             self._show(now, step)
 
@@ -99,16 +100,17 @@ class Progress:
     def _show(self, now: float, step: int) -> None:
         if self._tty:
             columns = shutil.get_terminal_size().columns - 1  # a full-width line would wrap and break \r
-            line = self._pending[:columns]
+            line = _fit(self._pending, columns)
             self._stream.write("\r" + line.ljust(self._width))
             self._drawn, self._width = line, len(line)
         else:
-            self._stream.write(self._pending + "\n")
+            self._stream.write(" | ".join(self._pending) + "\n")
         self._stream.flush()
         self._shown = (now, step)
-        self._pending = ""
+        self._pending = []
 
-    def _line(self, step: int, values: dict[str, float], now: float) -> str:
+    def _parts(self, step: int, values: dict[str, float], now: float) -> list[str]:
+        """The line's parts: the step first, the elapsed time and ETA last."""
         parts = [f"step {step}/{self.total_steps}"]
         if "loss" in values:
             parts.append(f"loss {values['loss']:.4f}")
@@ -122,7 +124,21 @@ class Progress:
             parts.append(f"lr {values['lr']:.2e}")
         eta = "--" if self._step_s is None else _duration(self._step_s * (self.total_steps - step))
         parts.append(f"{_duration(now - self._start)} elapsed, ETA {eta}")
-        return " | ".join(parts)
+        return parts
+
+
+def _fit(parts: list[str], width: int) -> str:
+    """The line in ``width`` columns: the values between the step and the times are dropped from
+    the right (lr first, loss last), then the elapsed time; only a terminal narrower than
+    ``step | ETA`` cuts the line itself."""
+    keep = list(parts)
+    while len(" | ".join(keep)) > width and len(keep) > 2:
+        del keep[-2]
+    line = " | ".join(keep)
+    if len(line) > width:
+        times = keep[-1]
+        line = f"{keep[0]} | {times[times.rindex('ETA') :]}"
+    return line[:width]
 
 
 def _si(value: float) -> str:

@@ -1,7 +1,8 @@
 """The training loop: data, process set-up, resume, steps, evaluation, checkpoints, metrics; each part
 lives in its own module (setup, state, step, step_metrics, checkpoint, plasticity, signals).
 
-    code = train(checked)   # 0 done or stopped by a signal (checkpoint written), 3 non-finite loss
+    code = train(checked)   # 0 done or stopped by a signal (checkpoint written), 2 the run directory
+                            # is held by another run, 3 non-finite loss
 
 Every rank runs the same loop; collectives decide together (the loss, a stop request), so every
 rank skips, evaluates, checkpoints and stops after the same step. Rank 0 prints and logs.
@@ -17,6 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as torch_dist
+
 from nam_runtime import dist
 from nam_runtime.dist import World
 from nam_trainer.config import Checked
@@ -24,6 +28,7 @@ from nam_trainer.data import PreparedData, prepare_data
 from nam_trainer.train.batches import Shard, TrainOrder, collate, validation_samples
 from nam_trainer.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from nam_trainer.train.plasticity import attach, before_forward, build_plan
+from nam_trainer.train.run_lock import RunDirBusy, RunLock
 from nam_trainer.train.setup import Run, build_run, init_world, learning_rate
 from nam_trainer.train.signals import StopRequest
 from nam_trainer.train.state import TrainState
@@ -31,6 +36,7 @@ from nam_trainer.train.step import evaluate, train_step
 from nam_trainer.train.step_metrics import StepMetrics
 
 EXIT_OK = 0
+EXIT_BUSY = 2
 EXIT_NONFINITE = 3
 
 
@@ -41,10 +47,30 @@ def train(checked: Checked) -> int:
     cfg = checked.config
     data = prepare_data(cfg, log=say)
     world = init_world(checked)
+    lock = RunLock(Path(cfg.checkpoint.dir).expanduser())
     try:
+        if not _hold(lock, world, say):
+            return EXIT_BUSY
         return _train(checked, data, world, say)
     finally:
+        lock.release()  # nothing on the ranks that do not hold it
         dist.teardown()
+
+
+def _hold(lock: RunLock, world: World, say: Callable[[str], None]) -> bool:
+    """Rank 0 takes the run directory's lock for the job, before any rank writes there; every
+    rank learns whether it did (a broadcast), so all of them go on or all stop."""
+    held = 1.0
+    if world.rank == 0:
+        try:
+            lock.acquire(say)
+        except RunDirBusy as busy:
+            say(f"nam-train: {busy}")
+            held = 0.0
+    flag = torch.tensor([held], device=world.device)
+    if torch_dist.is_initialized():
+        torch_dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _stderr(message: str) -> None:

@@ -79,6 +79,6 @@ def _damaged(path: Path, exc: BaseException) -> CheckpointError:
         exc = next(iter(exc.failures.values()))[0]
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return CheckpointError(
-        f"{path}: damaged checkpoint, dist_checkpointing could not read it ({type(exc).__name__}: {first[:300]}); "
+        f"{path}: damaged checkpoint, dist_checkpointing could not read it ({type(exc).__name__}: {first if len(first) <= 300 else first[:300].rsplit(' ', 1)[0] + ' ...'}); "
         "resume from an earlier checkpoint in the same directory or delete this one"
     )

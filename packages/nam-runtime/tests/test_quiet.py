@@ -1,0 +1,49 @@
+"""quiet(): the library messages of the noise table are gone, every other message stays."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nam_runtime.quiet import NOISE, Noise, quiet
+
+# Imports that make megatron-core and torch say the rows' import-time messages.
+PROBE = """
+import logging, warnings
+from nam_runtime.quiet import quiet
+quiet()
+import torch.utils.cpp_extension
+import megatron.core.optimizer, megatron.core.models.backends
+import megatron.core.inference.contexts.kv_block_allocator
+import megatron.core.distributed.distributed_data_parallel as ddp
+ddp.logger.warning("DistributedDataParallel: full_param_layout not provided with use_distributed_optimizer=True.")
+ddp.logger.warning("another DDP warning")
+warnings.warn("our own warning")
+"""
+
+
+def test_library_noise_is_gone_and_other_messages_stay() -> None:
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }  # compile, so SyntaxWarnings are said
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "another DDP warning" in done.stderr and "our own warning" in done.stderr
+    for said in ("Apex", "invalid escape sequence", "No CUDA runtime", "full_param_layout"):
+        assert said not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("row", [r for r in NOISE if r.category is None], ids=lambda r: r.source)
+def test_log_rows_drop_only_their_message(row: Noise, caplog: pytest.LogCaptureFixture) -> None:
+    quiet()
+    logger = logging.getLogger(row.source)
+    with caplog.at_level(logging.WARNING, logger=row.source):
+        logger.warning(row.message + " and more")  # the log rows' patterns are literal text
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
