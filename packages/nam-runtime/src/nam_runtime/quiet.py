@@ -51,6 +51,13 @@ NOISE: tuple[Noise, ...] = (
         SyntaxWarning,
     ),
     Noise(
+        r"megatron\.core\.hyper_comm_grid",
+        r"absl\.logging is not installed",
+        "megatron-core 0.19's import-time notice that it logs through the standard library where "
+        "absl-py is absent (environments without tensorboard); its messages still reach logging",
+        UserWarning,
+    ),
+    Noise(
         r"megatron\.core\.transformer\.transformer_config",
         r"full scope is deprecated",
         "megatron-core 0.19's TransformerConfig about its own CUDA-graph scope default; nam-spec "
