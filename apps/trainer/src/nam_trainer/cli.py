@@ -8,7 +8,8 @@
 Options are layered: preset < config files (in order) < ``--section.key`` overrides. Under
 torchrun (``torchrun ... -m nam_trainer``) every process runs the same command.
 Exit codes: 0 success (also after a SIGTERM/SIGINT stop with its checkpoint), 2 invalid
-configuration or input (the message says what and where), 3 stopped by repeated non-finite losses.
+configuration or input (the message says what and where), 3 stopped by repeated non-finite losses,
+4 no disk space for a checkpoint (the last good one is intact; free space and rerun to resume).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from nam_trainer.dry_run import report
 from nam_trainer.metrics import MetricsError
 
 EXIT_INVALID = 2
+EXIT_NO_SPACE = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,11 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             report(checked, " < ".join(layers + (["command-line overrides"] if overrides else [])))
             return 0
         _quiet_library_warnings()
-        from nam_trainer.train.checkpoint import CheckpointError
+        from nam_trainer.train.checkpoint import CheckpointError, DiskFull
         from nam_trainer.train.loop import train
 
         try:
             return train(checked)
+        except DiskFull as err:
+            print(f"nam-train: {err}", file=sys.stderr)
+            return EXIT_NO_SPACE
         except CheckpointError as err:
             print(f"nam-train: {err}", file=sys.stderr)
             return EXIT_INVALID
