@@ -221,7 +221,7 @@ def test_a_changed_tokenizer_or_data_is_refused_before_the_model_is_built(
     refused unless checkpoint.allow_new_data."""
     from nam_trainer.train import loop
 
-    run_dir = tmp_path / "run"
+    run_dir, cache = tmp_path / "run", shutil.copytree(cache, tmp_path / "cache")  # its new entries stay here
     shutil.copytree(uninterrupted, run_dir)
     meta = json.loads((run_dir / "checkpoints" / "step_0000010" / "nam_checkpoint.json").read_text())
     old_tokenizer = meta["trained_on"]["tokenizer"]["path"]
