@@ -4,6 +4,7 @@ losses, and drives the plasticity plan."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -254,3 +255,68 @@ def test_a_second_run_on_the_same_directory_exits_2_naming_the_first(
     assert sorted(losses(run_dir)) == [1, 2] and sorted(losses(run_dir, "valid")) == [0, 2]
     assert not (run_dir / "nam-train.lock").exists()  # released at the end
     assert not [line for line in err.splitlines() if any(noise in line for noise in LIBRARY_NOISE)], err
+
+
+def test_a_changed_tokenizer_or_data_is_refused_before_the_model_is_built(
+    uninterrupted: Path,
+    cache: Path,
+    header_slice: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The issue's case: a copy of a finished run with another validation split trains a new BPE; it
+    must not resume the old weights on new token ids. With the old tokenizer the data still differ:
+    refused unless checkpoint.allow_new_data."""
+    from nam_trainer.train import loop
+
+    run_dir, cache = tmp_path / "run", shutil.copytree(cache, tmp_path / "cache")  # its new entries stay here
+    shutil.copytree(uninterrupted, run_dir)
+    meta = json.loads((run_dir / "checkpoints" / "step_0000010" / "nam_checkpoint.json").read_text())
+    old_tokenizer = meta["trained_on"]["tokenizer"]["path"]
+    other_split = ("--data.validation_fraction", "0.1")
+    real_build = loop.build_run
+
+    def no_model(*_args: object) -> None:
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(loop, "build_run", no_model)
+    assert main(train_args(cache, header_slice, run_dir, *other_split)) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "step_0000010: trained with another tokenizer" in err and "never resumed" in err
+    assert f'tokenizer.path = "{old_tokenizer}"' in err
+
+    same_tokenizer = (*other_split, "--tokenizer.path", old_tokenizer)
+    assert main(train_args(cache, header_slice, run_dir, *same_tokenizer)) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "trained on other data (train documents differ, validation documents differ" in err
+    assert "checkpoint.allow_new_data = true" in err
+
+    monkeypatch.setattr(loop, "build_run", real_build)
+    allowed = (*same_tokenizer, "--checkpoint.allow_new_data", "true")
+    assert main(train_args(cache, header_slice, run_dir, *allowed)) == 0  # at step 10: loads, nothing to do
+    err = capsys.readouterr().err
+    assert "resuming on other data than it was trained on" in err and "nothing to do" in err
+
+
+def test_bit_flips_in_the_newest_checkpoint_resume_from_the_previous_one(
+    uninterrupted: Path, cache: Path, header_slice: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The issue's case: 8 bytes flipped at 29 offsets of the step-10 shard. The run resumes from
+    step 5 instead (saying so), repeats the uninterrupted run bit for bit and keeps the damaged one."""
+    from test_checkpoint_faults import flip_bits
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    flip_bits(run_dir / "checkpoints" / "step_0000010" / "__0_0.distcp")
+    assert main(train_args(cache, header_slice, run_dir)) == 0
+    err = capsys.readouterr().err
+    assert "step_0000010: damaged checkpoint (__0_0.distcp does not match the sha256" in err
+    assert "resuming from the previous good checkpoint, step_0000005" in err
+    assert losses(run_dir) == losses(uninterrupted)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "damaged-step_0000010",
+        "latest",
+        "step_0000005",
+        "step_0000010",
+    ]

@@ -21,8 +21,11 @@ exit codes:
   2    invalid configuration or input, with one message saying what and where: unknown keys or
        values, parallel sizes that do not fit, a corpus that is missing or empty, a data.cache_dir
        or checkpoint.dir that cannot be used, a run directory in use by another run, a checkpoint
-       of another layout or a damaged one, a bad command line
+       of another layout, geometry, tokenizer or data (checkpoint.allow_new_data lets new data
+       through), every checkpoint damaged (a damaged newest one falls back to the previous good
+       one), a bad command line
   3    stopped by training.max_consecutive_skips non-finite losses in a row
+  4    no disk space for a checkpoint (the last good one is intact; free space and rerun to resume)
   130  interrupted (Ctrl-C) before training began: data preparation, process set-up, model build
   141  stdout closed early (nam-train --dry-run | head)
 """
@@ -45,6 +48,7 @@ from nam_trainer.metrics import MetricsError
 from nam_trainer.paths import usable_dir
 
 EXIT_INVALID = 2
+EXIT_NO_SPACE = 4
 INTERRUPTED = (
     "interrupted before training began; nothing half-built is kept (the data cache holds only "
     "complete entries, the run directory only complete checkpoints)"
@@ -154,11 +158,14 @@ def _main(argv: Sequence[str] | None) -> int:
             return 0
         usable_dir(config.data.cache_dir, "data.cache_dir")
         usable_dir(config.checkpoint.dir, "checkpoint.dir")
-        from nam_trainer.train.checkpoint import CheckpointError
+        from nam_trainer.train.checkpoint import CheckpointError, DiskFull
         from nam_trainer.train.loop import train
 
         try:
             return train(checked)
+        except DiskFull as err:
+            print(f"nam-train: {err}", file=sys.stderr)
+            return EXIT_NO_SPACE
         except CheckpointError as err:
             print(f"nam-train: {err}", file=sys.stderr)
             return EXIT_INVALID

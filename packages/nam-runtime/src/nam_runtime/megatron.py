@@ -39,6 +39,7 @@ __all__ = [
     "restore_schedule",
     "same_function_modes",
     "schedule_state",
+    "zero_optimizer_padding",
 ]
 
 
@@ -386,3 +387,39 @@ def _entered(modes: list[Any]) -> Iterator[None]:
         for mode in modes:
             stack.enter_context(mode)
         yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The distributed optimizer's padding in checkpoints
+# ---------------------------------------------------------------------------------------------
+
+_row(
+    "zero_optimizer_padding",
+    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.sharded_param_state_dp_reshardable "
+    "(the dp_reshardable optimizer state dict); the trainer's checkpoint save calls "
+    "zero_optimizer_padding on the optimizer's sharded state dict before writing it",
+    "the gaps between parameters in a bucket (alignment padding) are saved from tensors it allocates "
+    "with torch.empty, so a checkpoint holds uninitialised memory (values like 1.7e38): two identical "
+    "runs never write identical files, and the state hashes differently on every save",
+    "megatron-core allocating the padding with torch.zeros",
+)
+
+
+def zero_optimizer_padding(sharded: Any) -> None:
+    """Zero the padding tensors in a distributed optimizer's dp_reshardable sharded state dict (the
+    entries megatron marks with `padding`: LocalNonpersistentObject(True)); other state is left as it is."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedTensor
+
+    if isinstance(sharded, dict):
+        padding = sharded.get("padding")
+        if isinstance(padding, LocalNonpersistentObject) and padding.obj is True:
+            for value in sharded.values():
+                if isinstance(value, ShardedTensor):
+                    value.data.zero_()
+        values: Any = sharded.values()
+    elif isinstance(sharded, list | tuple):
+        values = sharded
+    else:
+        return
+    for value in values:
+        zero_optimizer_padding(value)

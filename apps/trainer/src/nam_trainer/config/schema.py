@@ -146,6 +146,8 @@ class CheckpointConfig:
     interval: int = 100  # steps between checkpoints (also written on SIGTERM/SIGINT and at the end)
     keep_last: int = 2
     resume: bool = True  # continue from the newest complete checkpoint in dir, if any
+    # resume checkpoints trained on other data (fine-tuning on purpose); a changed tokenizer is always refused
+    allow_new_data: bool = False
 
     def __post_init__(self) -> None:
         _at_least(self, "interval", 1)

@@ -52,6 +52,23 @@ class PreparedData:
     def channels(self) -> tuple[str, ...]:
         return self.train.channels
 
+    def trained_on(self) -> dict[str, Any]:
+        """What weights trained on this data depend on besides the model, for the checkpoints: the
+        tokenizer (its file's sha256, vocabulary and special ids; its path for messages only) and the
+        packed rows (the key inputs of their cache entry: each split's documents, row length, structure
+        channels, the tokenizer; the configured sources for messages only)."""
+        tok = self.tokenizer
+        return {
+            "tokenizer": {
+                "sha256": tok.sha256,
+                "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id,
+                "pad_id": tok.pad_id,
+                "path": str(tok.path),
+            },
+            "data": {"rows": read_manifest(self.entry)["key_inputs"], "sources": self.info["corpus"]},
+        }
+
 
 def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir).expanduser()

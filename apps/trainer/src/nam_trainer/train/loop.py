@@ -26,7 +26,7 @@ from nam_runtime.dist import World
 from nam_trainer.config import Checked
 from nam_trainer.data import PreparedData, prepare_data
 from nam_trainer.train.batches import Shard, TrainOrder, collate, validation_samples
-from nam_trainer.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from nam_trainer.train.checkpoint import check_trained_on, find_latest, resume, save_checkpoint
 from nam_trainer.train.plasticity import attach, before_forward, build_plan
 from nam_trainer.train.run_lock import RunDirBusy, RunLock
 from nam_trainer.train.setup import Run, build_run, init_world, learning_rate
@@ -80,13 +80,25 @@ def _stderr(message: str) -> None:
 def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[str], None]) -> int:
     cfg = checked.config
     t, ck = cfg.training, cfg.checkpoint
-    run = build_run(checked, world)
     run_dir = Path(ck.dir).expanduser()
+    trained_on = data.trained_on()
+    newest = find_latest(run_dir) if ck.resume else None
+    if newest is not None:  # its marker only: a changed tokenizer or data fails before the model is built
+        check_trained_on(newest, trained_on, ck.allow_new_data)
+
+    def check(path: Path) -> None:
+        note = check_trained_on(path, trained_on, ck.allow_new_data)
+        if note is not None:
+            say(f"nam-train: {note}")
+
+    run = build_run(checked, world)
     state = TrainState()
-    latest = find_latest(run_dir) if ck.resume else None
-    if latest is not None:
-        state = TrainState.restored(latest, load_checkpoint(latest, run.chunks, run.optimizer, run.scheduler))
-        say(f"resumed from {latest} at step {state.step}")
+    resumed = (
+        resume(run_dir, run.chunks, run.optimizer, run.scheduler, check, say) if newest is not None else None
+    )
+    if resumed is not None:
+        state = TrainState.restored(*resumed)
+        say(f"resumed from {resumed[0]} at step {state.step}")
     start = state.step
     if start >= t.steps:
         say(
@@ -153,7 +165,14 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
             stopping = stop.requested()
             if state.consecutive_skips == 0 and (step % ck.interval == 0 or step == t.steps or stopping):
                 path = save_checkpoint(
-                    run_dir, step, run.chunks, run.optimizer, run.scheduler, state.saved(), ck.keep_last
+                    run_dir,
+                    step,
+                    run.chunks,
+                    run.optimizer,
+                    run.scheduler,
+                    state.saved(),
+                    ck.keep_last,
+                    trained_on,
                 )
                 metrics.note(f"step {step}: checkpoint {path}")
                 if stopping:

@@ -13,6 +13,9 @@ LATEST = "latest"
 CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp-"  # a write in progress or killed
 OLD_PREFIX = ".old-"  # a checkpoint of the same step being replaced
+DAMAGED_PREFIX = (
+    "damaged-"  # a checkpoint a resume found damaged: kept for inspection, never loaded or pruned
+)
 _STEP_DIR = re.compile(r"step_(\d{7,})")
 
 
@@ -46,6 +49,29 @@ def find_latest(run_dir: Path) -> Path | None:
     return complete[-1][1] if complete else None
 
 
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """The checkpoints a resume tries, in order: find_latest's, then the other complete ones, newest
+    step first."""
+    first = find_latest(run_dir)
+    if first is None:
+        return []
+    older = [path for _, path in reversed(complete_checkpoints(Path(run_dir) / CHECKPOINTS)) if path != first]
+    return [first, *older]
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to `damaged-step_N` (`-2`, `-3`, ... if taken): kept, but out of
+    find_latest's and pruning's sight, so that the checkpoints kept by keep_last are good ones."""
+    target = path.with_name(f"{DAMAGED_PREFIX}{path.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{n}")
+    path.rename(target)
+    fsync_dir(path.parent)
+    return target
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -55,13 +81,18 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """`text` in `path`, all or nothing: a temporary file, fsynced, renamed over it."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """`text` in `path`, all or nothing: a temporary file, fsynced, renamed over it. The temporary
+    name is a leftover's (TMP_PREFIX) should a kill stop it halfway."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -80,9 +111,11 @@ def prune(root: Path, keep_last: int, written: Path) -> None:
     complete = complete_checkpoints(root)
     for _, path in complete[: max(0, len(complete) - keep_last)]:
         if path != written:
-            # the marker goes first: a kill mid-removal leaves an incomplete directory, never loaded
-            (path / MARKER).unlink()
-            shutil.rmtree(path)
+            # renamed first (atomic): a kill mid-removal leaves a leftover the next save removes, not
+            # an incomplete step directory that nothing would ever remove
+            old = root / f"{OLD_PREFIX}{path.name}"
+            path.rename(old)
+            shutil.rmtree(old)
 
 
 def publish(root: Path, tmp: Path, final: Path, marker_text: str, keep_last: int) -> None:

@@ -1,9 +1,11 @@
-"""Resuming: the checks against nam_checkpoint.json, then model, optimizer, schedule and this
-rank's RNG as saved."""
+"""Resuming: the checks against nam_checkpoint.json (layout, the files' checksums, geometry), then
+model, optimizer, schedule and this rank's RNG as saved; `resume` falls back from a damaged checkpoint
+to the previous good one."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +19,8 @@ from nam_runtime.megatron import (
     restore_adam_steps,
     restore_schedule,
 )
-from nam_trainer.train.checkpoint import marker, state
-from nam_trainer.train.checkpoint.errors import CheckpointError
+from nam_trainer.train.checkpoint import checksums, files, marker, state
+from nam_trainer.train.checkpoint.errors import CheckpointError, DamagedCheckpoint
 
 if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
@@ -39,7 +41,8 @@ def load_checkpoint(
     scheduler: OptimizerParamScheduler,
 ) -> dict[str, Any]:
     """Restore model, optimizer, schedule and this rank's RNG from the checkpoint at `path` (every
-    rank calls this); returns the `state` given to save_checkpoint."""
+    rank calls this); returns the `state` given to save_checkpoint. Raises DamagedCheckpoint, before
+    any tensor is read, when a file differs from the size and sha256 recorded at save."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
@@ -47,6 +50,11 @@ def load_checkpoint(
     meta = marker.read_marker(path)
     chunks = state.unwrap(model)
     marker.check_layout(path, meta["parallel"], marker.parallel_layout(chunks, optimizer))
+    problem = checksums.problem(path, meta["files"])
+    if problem is not None:
+        raise DamagedCheckpoint(
+            f"{path}: damaged checkpoint ({problem}); resume from an earlier checkpoint in the same directory"
+        )
     try:
         sharded_metadata = dist_checkpointing.load_content_metadata(str(path))
     except _READ_ERRORS as exc:
@@ -74,11 +82,50 @@ def load_checkpoint(
     return loaded["state"]
 
 
-def _damaged(path: Path, exc: BaseException) -> CheckpointError:
+def _damaged(path: Path, exc: BaseException) -> DamagedCheckpoint:
     if isinstance(exc, DcpCheckpointException) and exc.failures:  # the first rank's error, not tracebacks
         exc = next(iter(exc.failures.values()))[0]
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return CheckpointError(
+    return DamagedCheckpoint(
         f"{path}: damaged checkpoint, dist_checkpointing could not read it ({type(exc).__name__}: {first if len(first) <= 300 else first[:300].rsplit(' ', 1)[0] + ' ...'}); "
         "resume from an earlier checkpoint in the same directory or delete this one"
     )
+
+
+def resume(
+    run_dir: Path,
+    model: list[MegatronModule],
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    check: Callable[[Path], None],
+    log: Callable[[str], None],
+) -> tuple[Path, dict[str, Any]] | None:
+    """Load the newest good checkpoint of `run_dir` (every rank calls this): find_latest's, else,
+    when that one is damaged, the previous complete ones in turn. A damaged one is set aside as
+    `damaged-step_N` (kept, never deleted; out of pruning's count, so keep_last keeps good ones) and
+    `log` says so. `check(path)` runs before each load (the trainer's check of tokenizer and data).
+    Returns (path, state), or None when `run_dir` has no checkpoint; raises when all are damaged."""
+    damaged: list[str] = []
+    for path in files.resume_candidates(run_dir):
+        check(path)
+        try:
+            saved = load_checkpoint(path, model, optimizer, scheduler)
+        except DamagedCheckpoint as exc:
+            damaged.append(path.name)
+            torch_dist.barrier()  # every rank has read it before it moves
+            if torch_dist.get_rank() == 0:
+                aside = files.set_aside(path)
+                log(f"nam-train: {exc}; moved aside to {aside.name} (kept, not deleted)")
+            torch_dist.barrier()
+            continue
+        if damaged:
+            log(
+                f"nam-train: {', '.join(damaged)} damaged: resuming from the previous good checkpoint, {path.name}"
+            )
+        return path, saved
+    if damaged:
+        raise CheckpointError(
+            f"{Path(run_dir) / files.CHECKPOINTS}: every checkpoint is damaged ({', '.join(damaged)}, now named "
+            f"{files.DAMAGED_PREFIX}*); restore them from a copy or start a new run directory (--checkpoint.dir)"
+        )
+    return None

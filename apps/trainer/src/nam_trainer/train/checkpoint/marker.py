@@ -1,6 +1,6 @@
 """nam_checkpoint.json: what a checkpoint was saved from (format, step, parallel layout, model
-geometry and its fingerprint, versions), and the checks a load makes against it before a tensor
-is read."""
+geometry and its fingerprint, what the weights were trained on, versions) with the size and sha256
+of each of its files, and the checks a load makes against it before a tensor is read."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from megatron.core.transformer.module import MegatronModule
 
 FORMAT = "nam-trainer-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the files' checksums and `trained_on`
 
 
 def parallel_layout(chunks: list[MegatronModule], optimizer: MegatronOptimizer) -> dict[str, Any]:
@@ -72,7 +72,14 @@ def _fingerprint(geometry: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(geometry, sort_keys=True).encode()).hexdigest()
 
 
-def marker_text(step: int, layout: dict[str, Any], optimizer_sharding: str, geometry: dict[str, str]) -> str:
+def marker_text(
+    step: int,
+    layout: dict[str, Any],
+    optimizer_sharding: str,
+    geometry: dict[str, str],
+    trained_on: dict[str, Any] | None,
+    files: dict[str, dict[str, Any]],
+) -> str:
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -80,7 +87,9 @@ def marker_text(step: int, layout: dict[str, Any], optimizer_sharding: str, geom
         "parallel": layout,
         "optimizer_sharding": optimizer_sharding,
         "model_fingerprint": _fingerprint(geometry),
+        "trained_on": trained_on,
         "versions": {"torch": torch.__version__, "megatron_core": _megatron_version()},
+        "files": files,
         "geometry": geometry,
     }
     return json.dumps(meta, indent=1) + "\n"
@@ -151,3 +160,48 @@ def check_geometry(path: Path, meta: dict[str, Any], geometry: dict[str, str]) -
         f"{path}: the checkpoint holds another model geometry ({'; '.join(details) or 'fingerprint differs'}); "
         "build the model with the configuration the checkpoint was saved with, or start a new run directory"
     )
+
+
+def check_trained_on(path: Path, current: dict[str, Any], allow_new_data: bool) -> str | None:
+    """Refuse to resume the checkpoint at `path` if its weights were trained with another tokenizer
+    (always: their embeddings index other token ids) or on other data (unless `allow_new_data`);
+    returns what changed when the data did and that is allowed, else None. Reads the marker only, so
+    it can run before the model is built. `current` is nam_trainer.data.trained_on's: {"tokenizer":
+    {sha256, vocab_size, eos_id, pad_id, path}, "data": {"rows": the packed rows' key inputs, "sources"}}."""
+    saved = read_marker(path).get("trained_on")
+    if saved is None:
+        raise CheckpointError(
+            f"{path}: the checkpoint records no tokenizer or data (saved without trained_on), so a resume "
+            "cannot tell whether they changed; start a new run directory (--checkpoint.dir)"
+        )
+    was, now = saved["tokenizer"], current["tokenizer"]
+    if _compared(was) != _compared(now):
+        raise CheckpointError(
+            f"{path}: trained with another tokenizer (sha256 {was['sha256'][:12]} -> {now['sha256'][:12]}, "
+            f"{was['vocab_size']} -> {now['vocab_size']} tokens, was {was['path']}): its weights index other "
+            f'token ids, so it is never resumed with this one; set tokenizer.path = "{was["path"]}" if that '
+            "file is unchanged, or start a new run directory (--checkpoint.dir)"
+        )
+    rows_was, rows_now = saved["data"]["rows"], current["data"]["rows"]
+    if rows_was == rows_now:
+        return None
+    changed = ", ".join(
+        f"{key} documents differ"  # a fingerprint of the split's documents
+        if key in ("train", "validation")
+        else f"{key} {rows_was.get(key)} -> {rows_now.get(key)}"
+        for key in sorted(rows_was.keys() | rows_now.keys())
+        if rows_was.get(key) != rows_now.get(key)
+    )
+    what = f"{changed}; sources {saved['data']['sources']} -> {current['data']['sources']}"
+    if allow_new_data:
+        return f"{path}: resuming on other data than it was trained on ({what}): checkpoint.allow_new_data = true"
+    raise CheckpointError(
+        f"{path}: trained on other data ({what}); to continue these weights on the new data on purpose "
+        "(fine-tuning with the same tokenizer) set checkpoint.allow_new_data = true, otherwise restore the "
+        "data settings or start a new run directory (--checkpoint.dir)"
+    )
+
+
+def _compared(tokenizer: dict[str, Any]) -> dict[str, Any]:
+    """A tokenizer's identity: all but where its file was."""
+    return {key: value for key, value in tokenizer.items() if key != "path"}
