@@ -350,9 +350,15 @@ def _padding_rank() -> dict[str, Any]:
         torch.use_deterministic_algorithms(False)
     padding = _padding(sharded)
     uninitialised = sum(int(t.isnan().sum()) for t in padding)
-    main = [p.detach().clone() for group in opt.optimizer.param_groups for p in group["params"]]
+    params = [
+        p
+        for inner in megatron.inner_optimizers(opt)
+        for g in inner.optimizer.param_groups
+        for p in g["params"]
+    ]
+    main = [p.detach().clone() for p in params]
     megatron.zero_optimizer_padding(sharded)
-    after = [p for group in opt.optimizer.param_groups for p in group["params"]]
+    after = params
     return {
         "pads": len(padding),
         "uninitialised": uninitialised,
