@@ -27,6 +27,7 @@ from nam_runtime import dist
 from nam_runtime.testing import free_port, run_ranks
 from nam_trainer.train.checkpoint import (
     MARKER,
+    CheckpointError,
     DamagedCheckpoint,
     DiskFull,
     find_latest,
@@ -343,3 +344,15 @@ def test_sigkill_at_random_points_of_a_save_loop_always_resumes_right(tmp_path: 
         assert outcome["path"] == f"step_{outcome['resumed']:07d}"
     assert len({o["resumed"] for o in result["outcomes"]}) > 1, result  # the kills hit different saves
     assert not [n for n in result["left"] if n.startswith(checkpoint_files.DAMAGED_PREFIX)]
+
+
+def test_a_checkpoint_of_the_first_format_is_refused_saying_how_to_proceed(tmp_path: Path) -> None:
+    """Checkpoints from before the checksums (format version 1) cannot be verified: refused with
+    what to do, before anything is built."""
+    from nam_trainer.train.checkpoint import marker
+
+    path = tmp_path / "step_0000032"
+    path.mkdir()
+    (path / checkpoint_files.MARKER).write_text(json.dumps({"format": marker.FORMAT, "version": 1}))
+    with pytest.raises(CheckpointError, match=r"version 1 predates the checksums.*new run directory"):
+        marker.read_marker(path)

@@ -123,7 +123,9 @@ def read_marker(path: Path) -> dict[str, Any]:
         found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(
             f"{marker}: not a {FORMAT} version {FORMAT_VERSION} checkpoint (found {found}); "
-            "this nam-trainer cannot load it"
+            "this nam-trainer cannot load it (version 1 predates the checksums and the record of the "
+            "tokenizer and data): resume it with the nam-trainer that wrote it, or start a new run "
+            "directory (--checkpoint.dir)"
         )
     return meta
 
