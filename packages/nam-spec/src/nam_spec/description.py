@@ -50,9 +50,9 @@ class Description:
         ]
         lines.append("")
         for k, v in {**self.by_letter, **self.extra}.items():
-            lines.append(f"  {k:<12} {v:>16,}")
-        lines.append(f"  {'total':<12} {self.total:>16,}   (formula {self.formula_total:,})")
-        lines.append(f"  {'active':<12} {self.active:>16,}   (routed experts at top_k / num_experts)")
+            lines.append(f"  {k:<16} {v:>16,}")
+        lines.append(f"  {'total':<16} {self.total:>16,}   (formula {self.formula_total:,})")
+        lines.append(f"  {'active':<16} {self.active:>16,}   (routed experts at top_k / num_experts)")
         lines.append(f"  model FLOPs per token (fwd+bwd) {self.model_flops_per_token:.4g}")
         return "\n".join(lines)
 
