@@ -17,7 +17,7 @@ from nam_spec.letters.base import norm_bytes
 SOURCE = Path(nam_spec.__file__).parent
 # a letter as a string literal: "A", 'E', "-" ... (quotes around one pattern letter)
 LETTER_LITERAL = re.compile(r"""(?<![\w\\])(["'])[AEMR\-]\1""")
-REQUIRED = ("spec", "core", "spec_core", "params", "inner_activations")
+REQUIRED = ("spec", "core", "spec_core", "params", "summary", "inner_activations")
 
 
 def test_the_table_holds_the_buildable_letters_each_declaring_every_part() -> None:

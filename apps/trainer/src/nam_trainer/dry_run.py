@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from nam_spec.letters import LETTERS
 from nam_trainer.config import Checked, ConfigError, to_toml
 from nam_trainer.data import cache_status, plan_corpus
 
@@ -19,7 +20,6 @@ def report(checked: Checked, sources: str, out: Callable[[str], None] = print) -
     """Print the layout, parallel plan, model widths and data plan; data errors propagate."""
     cfg, layout, sizes, plan = checked.config, checked.layout, checked.sizes, checked.stages
     m = cfg.model
-    moe, mamba, rnn = m.moe, m.mamba, m.m2rnn
     out(f"nam-train dry run: {sources}")
     counts = ", ".join(f"{k} {n}" for k, n in layout.counts.items() if n)
     out(f"layout    {m.family}: {layout.pattern} x {layout.depth} layers: {counts}")
@@ -38,14 +38,10 @@ def report(checked: Checked, sources: str, out: Callable[[str], None] = print) -
         f"parallel  world {sizes.world} = tensor {sizes.tensor} x pipeline {sizes.pipeline} x data {sizes.data}; "
         f"expert {sizes.expert}; sequence parallel {'on' if cfg.parallel.sequence_parallel else 'off'}"
     )
-    att = m.attention
-    shared = f", shared {moe.shared_ffn_hidden_size}" if moe.shared_ffn_hidden_size else ""
+    letters = "; ".join(LETTERS[k].summary(m) for k in LETTERS if layout.counts[k])
     out(
-        f"model     preset geometry: hidden {m.hidden_size}, vocab {m.vocab_size}, seq {m.seq_length}; attention "
-        f"{att.num_heads} heads / {att.num_kv_heads} KV (head dim {m.head_dim}); MoE {moe.num_experts} experts "
-        f"top-{moe.top_k} (FFN {moe.ffn_hidden_size}{shared}, {moe.score_function}); Mamba state {mamba.d_state}, "
-        f"head {mamba.head_dim}, groups {mamba.ngroups}, expand {mamba.expand}; M2RNN {rnn.num_heads} x "
-        f"{rnn.head_dim_v} (k {rnn.head_dim_k}); {m.backend} backend"
+        f"model     preset geometry: hidden {m.hidden_size}, vocab {m.vocab_size}, seq {m.seq_length}; "
+        f"{letters}; {m.backend} backend"
     )
     t = cfg.training
     out(

@@ -57,6 +57,10 @@ class Attention(Letter):
     def spec_core(self, spec: Any) -> Any:
         return spec.submodules.self_attention.submodules.core_attention
 
+    def summary(self, config: ModelConfig) -> str:
+        a = config.attention
+        return f"attention {a.num_heads} heads / {a.num_kv_heads} KV (head dim {config.head_dim})"
+
     def params(self, config: ModelConfig) -> LetterParams:
         h, a, d = config.hidden_size, config.attention, config.head_dim
         mm = h * (a.num_heads * d + 2 * a.num_kv_heads * d) + a.num_heads * d * h

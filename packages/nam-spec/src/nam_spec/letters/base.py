@@ -70,6 +70,10 @@ class Letter:
     def params(self, config: ModelConfig) -> LetterParams:
         raise NotImplementedError
 
+    def summary(self, config: ModelConfig) -> str:
+        """The letter's geometry in a few words, for one-line model descriptions."""
+        raise NotImplementedError
+
     def extra_flops_per_token(self, config: ModelConfig) -> float:
         """Forward+backward FLOPs per token beyond 6 x matmul weights (DESIGN.md's formula)."""
         return 0.0

@@ -58,6 +58,13 @@ class Experts(Letter):
         core = spec.submodules.mlp.keywords["submodules"].experts
         return getattr(core, "func", core)
 
+    def summary(self, config: ModelConfig) -> str:
+        m = config.moe
+        shared = f", shared {m.shared_ffn_hidden_size}" if m.shared_ffn_hidden_size else ""
+        return (
+            f"MoE {m.num_experts} experts top-{m.top_k} (FFN {m.ffn_hidden_size}{shared}, {m.score_function})"
+        )
+
     def params(self, config: ModelConfig) -> LetterParams:
         h, m = config.hidden_size, config.moe
         experts = m.num_experts * 3 * m.ffn_hidden_size * h  # fc1 [2F, h] + fc2 [h, F] per expert

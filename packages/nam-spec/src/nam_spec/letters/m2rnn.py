@@ -54,6 +54,10 @@ class M2RNN(Letter):
     def spec_core(self, spec: Any) -> Any:
         return spec.submodules.mixer.module
 
+    def summary(self, config: ModelConfig) -> str:
+        r = config.m2rnn
+        return f"M2RNN {r.num_heads} x {r.head_dim_v} (k {r.head_dim_k})"
+
     def params(self, config: ModelConfig) -> LetterParams:
         h, r = config.hidden_size, config.m2rnn
         qk, hv = 2 * r.num_qk_heads * r.head_dim_k, r.num_heads * r.head_dim_v

@@ -53,6 +53,10 @@ class Mamba(Letter):
     def spec_core(self, spec: Any) -> Any:
         return spec.submodules.mixer.module
 
+    def summary(self, config: ModelConfig) -> str:
+        m = config.mamba
+        return f"Mamba state {m.d_state}, head {m.head_dim}, groups {m.ngroups}, expand {m.expand}"
+
     def params(self, config: ModelConfig) -> LetterParams:
         h, s = config.hidden_size, config.mamba
         di = s.expand * h

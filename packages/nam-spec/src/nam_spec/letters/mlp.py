@@ -60,6 +60,9 @@ class DenseMLP(Letter):
     def spec_core(self, spec: Any) -> Any:
         return spec.submodules.mlp.func.__self__  # MLP.as_mlp_submodule bound to the MLP class
 
+    def summary(self, config: ModelConfig) -> str:
+        return f"dense MLP FFN {config.ffn_hidden_size}"
+
     def params(self, config: ModelConfig) -> LetterParams:
         mm = 3 * config.ffn_hidden_size * config.hidden_size
         return LetterParams(mm + config.hidden_size, mm + config.hidden_size, mm)
