@@ -231,7 +231,7 @@ def _build(values: dict[str, Any], origins: dict[tuple[str, ...], str]) -> Confi
         table = dict(values.get(section, {}))
         if section == "model":
             name = table.pop(MODEL_PRESET_KEY, DEFAULT_PRESET)
-            if name not in nam_spec.PRESETS:
+            if not isinstance(name, str) or name not in nam_spec.PRESETS:
                 raise ConfigError(
                     f"model.preset = {name!r} (set by {origins.get(('model', MODEL_PRESET_KEY), 'the defaults')}): "
                     f"no such nam-spec model preset; accepted: {', '.join(nam_spec.PRESETS)}"
