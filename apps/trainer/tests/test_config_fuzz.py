@@ -68,7 +68,7 @@ def _raw(value: object) -> str:
     return value if isinstance(value, str) else _toml(value)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     file_entries=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=3),
     overrides=st.lists(st.tuples(st.sampled_from(KEYS), VALUES, st.booleans()), max_size=3),
