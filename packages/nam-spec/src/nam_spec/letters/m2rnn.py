@@ -9,50 +9,28 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from nam_spec.config import ModelConfig, ParallelConfig, Recompute
-from nam_spec.letters.base import Letter, LetterParams, activation_bytes
-from nam_spec.letters.mixer import mixer_spec
+from nam_spec.letters.base import LetterParams, activation_bytes
+from nam_spec.letters.mixer import MixerLetter
 
 if TYPE_CHECKING:
-    import torch
-
-    from nam_spec.backends import Backend
+    pass
 
 PATHS = ("auto", "triton", "reference")
 CHECKPOINT_STEPS = 32  # nam_mixers M2RNNKernelConfig.chunk: the scan stores its state this often
 
 
-class M2RNN(Letter):
+class M2RNN(MixerLetter):
     letter = "R"
     name = "M2RNN"
-    selective = ("core",)
-    megatron_recompute = False
+    section = "m2rnn"
 
-    def spec(self, backend: Backend, config: ModelConfig) -> Any:
+    def adapter(self) -> type:
         from nam_spec.adapters import M2RNNAdapter
 
-        r = config.m2rnn
-        return mixer_spec(
-            backend,
-            M2RNNAdapter,
-            {
-                "num_heads": r.num_heads,
-                "head_dim_v": r.head_dim_v,
-                "head_dim_k": r.head_dim_k,
-                "num_qk_heads": r.num_qk_heads,
-                "conv_width": r.conv_width,
-                "path": r.path,
-                "recompute_core": config.recompute_for("R") == "selective",
-            },
-        )
-
-    def core(self, layer: torch.nn.Module) -> torch.nn.Module:
-        return layer.mixer.core
-
-    def spec_core(self, spec: Any) -> Any:
-        return spec.submodules.mixer.module
+        return M2RNNAdapter
 
     def summary(self, config: ModelConfig) -> str:
         r = config.m2rnn

@@ -8,50 +8,27 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from nam_spec.config import ModelConfig, ParallelConfig, Recompute
-from nam_spec.letters.base import Letter, LetterParams, activation_bytes
-from nam_spec.letters.mixer import mixer_spec
+from nam_spec.letters.base import LetterParams, activation_bytes
+from nam_spec.letters.mixer import MixerLetter
 
 if TYPE_CHECKING:
-    import torch
-
-    from nam_spec.backends import Backend
+    pass
 
 PATHS = ("auto", "fused", "split", "reference")
 
 
-class Mamba(Letter):
+class Mamba(MixerLetter):
     letter = "M"
     name = "Mamba-2"
-    selective = ("core",)
-    megatron_recompute = False
+    section = "mamba"
 
-    def spec(self, backend: Backend, config: ModelConfig) -> Any:
+    def adapter(self) -> type:
         from nam_spec.adapters import MambaAdapter
 
-        m = config.mamba
-        return mixer_spec(
-            backend,
-            MambaAdapter,
-            {
-                "d_state": m.d_state,
-                "head_dim": m.head_dim,
-                "ngroups": m.ngroups,
-                "expand": m.expand,
-                "conv_width": m.conv_width,
-                "chunk_size": m.chunk_size,
-                "path": m.path,
-                "recompute_core": config.recompute_for("M") == "selective",
-            },
-        )
-
-    def core(self, layer: torch.nn.Module) -> torch.nn.Module:
-        return layer.mixer.core
-
-    def spec_core(self, spec: Any) -> Any:
-        return spec.submodules.mixer.module
+        return MambaAdapter
 
     def summary(self, config: ModelConfig) -> str:
         m = config.mamba

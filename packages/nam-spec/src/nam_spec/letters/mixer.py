@@ -1,29 +1,59 @@
-"""The spec shared by the letters whose layer is a nam-mixers core behind our MixerLayer (M, R)."""
+"""What the letters whose layer is a nam-mixers core behind our MixerLayer (M, R) share."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from nam_spec.config import ModelConfig
+from nam_spec.letters.base import Letter
 
 if TYPE_CHECKING:
+    import torch
+
     from nam_spec.backends import Backend
 
 
-def mixer_spec(backend: Backend, adapter: type, geometry: dict[str, object]) -> Any:
-    """norm -> ``adapter`` (a nam-mixers core between parallel projections) -> bda."""
-    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.transformer.spec_utils import ModuleSpec
+class MixerLetter(Letter):
+    """norm -> ``adapter()`` (a nam-mixers core between parallel projections) -> bda. The adapter's
+    geometry keywords are the fields of the config section ``section`` (the same names), and
+    "selective" recomputes the core, which the adapter checkpoints itself."""
 
-    from nam_spec.adapters import MixerLayer, MixerLayerSubmodules
+    section: ClassVar[str]  # the ModelConfig field holding this letter's geometry
+    selective = ("core",)
+    megatron_recompute = False
 
-    b = backend
-    return ModuleSpec(
-        module=MixerLayer,
-        submodules=MixerLayerSubmodules(
-            norm=b.norm,
-            mixer=ModuleSpec(
-                module=adapter,
-                params={"column_linear": b.column_linear, "row_linear": b.row_linear, **geometry},
+    def adapter(self) -> type:
+        raise NotImplementedError
+
+    def spec(self, backend: Backend, config: ModelConfig) -> Any:
+        from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+        from megatron.core.transformer.spec_utils import ModuleSpec
+
+        from nam_spec.adapters import MixerLayer, MixerLayerSubmodules
+
+        geometry = dataclasses.asdict(getattr(config, self.section))
+        recompute_core = config.recompute_for(self.letter) == "selective"
+        b = backend
+        return ModuleSpec(
+            module=MixerLayer,
+            submodules=MixerLayerSubmodules(
+                norm=b.norm,
+                mixer=ModuleSpec(
+                    module=self.adapter(),
+                    params={
+                        "column_linear": b.column_linear,
+                        "row_linear": b.row_linear,
+                        **geometry,
+                        "recompute_core": recompute_core,
+                    },
+                ),
+                bda=get_bias_dropout_add,
             ),
-            bda=get_bias_dropout_add,
-        ),
-    )
+        )
+
+    def core(self, layer: torch.nn.Module) -> torch.nn.Module:
+        return layer.mixer.core
+
+    def spec_core(self, spec: Any) -> Any:
+        return spec.submodules.mixer.module
