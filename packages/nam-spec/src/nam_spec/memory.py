@@ -48,7 +48,7 @@ from nam_layout import Layout
 from nam_spec.accounting import model_params
 from nam_spec.config import ModelConfig, ParallelConfig, Recompute, SpecConfigError
 from nam_spec.letters import letter as letter_block
-from nam_spec.letters.base import activation_bytes
+from nam_spec.letters.base import activation_bytes, norm_bytes
 from nam_spec.validation import validate
 
 GIB = 2**30
@@ -184,6 +184,5 @@ def output_bytes(config: ModelConfig, micro_batch: int) -> int:
     the saved softmax in place; backward casts its gradient back, the same two again)."""
     a = activation_bytes(config)
     t = config.seq_length * micro_batch
-    norm = a * t * config.hidden_size + 4 * t + a * t * config.hidden_size
     logits = a * t * config.vocab_size + (4 * t * config.vocab_size if a < 4 else 0)
-    return norm + logits
+    return norm_bytes(config, t) + logits
