@@ -152,5 +152,4 @@ def build_model(
     any other layout to build at this geometry."""
     if not isinstance(layout, Layout):
         raise TypeError(f"build_model takes a Layout (e.g. config.layout()), got {type(layout).__name__}")
-    validate(config, layout, parallel)
-    return NamModel(config, layout, parallel, **kwargs)
+    return NamModel(config, layout, parallel, **kwargs)  # which validates before allocating

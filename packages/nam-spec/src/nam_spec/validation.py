@@ -8,8 +8,6 @@ known, and the parallel sizes fit the depth and sequence. Callers with rules of 
 
 from __future__ import annotations
 
-import dataclasses
-
 from nam_layout import Layout
 from nam_spec.config import (
     BACKENDS,
@@ -36,12 +34,12 @@ def problems(config: ModelConfig, layout: Layout, parallel: ParallelConfig | Non
             f"layout letter(s) {unknown} have no nam-spec block; nam-spec builds {' '.join(SPEC_LETTERS)}"
         )
     sizes = [(f"model.{k}", getattr(config, k)) for k in ("hidden_size", "vocab_size", "seq_length")]
-    sizes += [(f"parallel.{f.name}", getattr(parallel, f.name)) for f in dataclasses.fields(ParallelConfig)]
-    for name, value in sizes:
-        if name in ("parallel.sequence_parallel", "parallel.expert_tensor"):
-            continue
-        if not _positive(value):
-            out.append(f"{name} must be a positive integer, got {value!r}")
+    sizes += [
+        (f"parallel.{k}", getattr(parallel, k)) for k in ("tensor", "pipeline", "virtual_pipeline", "expert")
+    ]
+    out += [
+        f"{name} must be a positive integer, got {value!r}" for name, value in sizes if not _positive(value)
+    ]
     if not (isinstance(parallel.expert_tensor, int) and parallel.expert_tensor >= 0):
         out.append(
             f"parallel.expert_tensor must be >= 0 (0: the tensor size), got {parallel.expert_tensor!r}"
