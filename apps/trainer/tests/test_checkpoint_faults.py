@@ -66,7 +66,9 @@ def flip_bits(shard: Path, offsets: int = 29, width: int = 8) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _bit_flip_rank(run_dir: Path) -> dict[str, Any]:
+def _step_1_saved_then_trained(run_dir: Path) -> tuple[ckpt_run.Setup, dict[str, torch.Tensor]]:
+    """One rank's tiny model: trained a step, saved as step 1 in ``run_dir``, trained a second step
+    (unsaved). Returns it and its weights at step 1."""
     dist.initialize(seed=3)
     ckpt_run.seed_all(3)
     setup = ckpt_run.build(distributed_optimizer=True)
@@ -74,6 +76,11 @@ def _bit_flip_rank(run_dir: Path) -> dict[str, Any]:
     _save(setup, run_dir, 1)
     good = ckpt_run.weights(setup)
     ckpt_run.train(setup, 1)
+    return setup, good
+
+
+def _bit_flip_rank(run_dir: Path) -> dict[str, Any]:
+    setup, good = _step_1_saved_then_trained(run_dir)
     damaged = _save(setup, run_dir, 2)
     flip_bits(damaged / "__0_0.distcp")
 
@@ -127,13 +134,7 @@ def _no_space(*_args: Any, **_kwargs: Any) -> Any:
 def _disk_full_rank(run_dir: Path) -> dict[str, Any]:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    dist.initialize(seed=3)
-    ckpt_run.seed_all(3)
-    setup = ckpt_run.build(distributed_optimizer=True)
-    ckpt_run.train(setup, 1)
-    _save(setup, run_dir, 1)
-    good = ckpt_run.weights(setup)
-    ckpt_run.train(setup, 1)
+    setup, good = _step_1_saved_then_trained(run_dir)
     real_usage, real_write, real_open = shutil.disk_usage, filesystem_async._write_item, open
     full = [False]  # a write failed: from then on the disk reports no free space, as a full one does
 
