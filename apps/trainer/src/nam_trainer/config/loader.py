@@ -113,15 +113,11 @@ def _merge_table(
     for name, value in table.items():
         key = (*path, name)
         field_type = _field_type(key, origin)
-        if _is_table(field_type) and isinstance(value, dict):
+        if dataclasses.is_dataclass(field_type) and isinstance(value, dict):
             _merge_table(into.setdefault(name, {}), origins, key, value, origin)
         else:
             into[name] = value
             origins[key] = origin
-
-
-def _is_table(field_type: Any) -> bool:
-    return dataclasses.is_dataclass(field_type)
 
 
 def _field_type(path: tuple[str, ...], origin: str) -> Any:
@@ -136,7 +132,7 @@ def _field_type(path: tuple[str, ...], origin: str) -> Any:
         raise ConfigError(f"{origin}: [{section}] needs a key: --{section}.KEY VALUE")
     for depth, name in enumerate(path[1:], 1):
         where = ".".join(path[:depth])
-        if not _is_table(cls):
+        if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"{origin}: {where} is a value, not a table: {'.'.join(path)} does not exist")
         hints = typing.get_type_hints(cls)
         names = [f.name for f in fields(cls)]
@@ -253,7 +249,7 @@ def _apply(
     changes = {}
     for name, value in table.items():
         key = (*path, name)
-        if _is_table(hints[name]) and isinstance(value, dict):
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
             changes[name] = _apply(getattr(base, name), value, key, origins)
             continue
         try:
