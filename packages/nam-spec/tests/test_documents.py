@@ -22,7 +22,14 @@ SEQ = 16
 # row 1 starts with the document row 0 ends with: a row start is a boundary all the same
 DOCS = torch.tensor([[3] * 5 + [4] * 7 + [5] * 4, [5] * 6 + [6] * 6 + [-1] * 4])
 # (row, start, end) of every segment, each pad token its own
-SEGMENTS = [(0, 0, 5), (0, 5, 12), (0, 12, 16), (1, 0, 6), (1, 6, 12), *((1, t, t + 1) for t in range(12, 16))]
+SEGMENTS = [
+    (0, 0, 5),
+    (0, 5, 12),
+    (0, 12, 16),
+    (1, 0, 6),
+    (1, 6, 12),
+    *((1, t, t + 1) for t in range(12, 16)),
+]
 
 
 def _config():
@@ -85,7 +92,9 @@ def _alone(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, tor
     return losses, grads
 
 
-def _assert_documents_alone(packed: tuple[torch.Tensor, torch.Tensor], alone: tuple[torch.Tensor, torch.Tensor]) -> None:
+def _assert_documents_alone(
+    packed: tuple[torch.Tensor, torch.Tensor], alone: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     torch.testing.assert_close(packed[0], alone[0], rtol=1e-5, atol=1e-5, msg="per-token losses")
     torch.testing.assert_close(packed[1], alone[1], rtol=1e-4, atol=1e-6, msg="input gradients")
 
@@ -111,7 +120,7 @@ def test_te_backend_refuses_boundaries_in_one_line(megatron_single_rank: None) -
     from nam_spec.model import NamModel
 
     fake = SimpleNamespace(backend=SimpleNamespace(name="te"))  # TE cannot be installed here
-    with pytest.raises(ValueError, match="need model.backend = 'local'; the 'te' backend's attention"):
+    with pytest.raises(ValueError, match=r"need model\.backend = 'local'; the 'te' backend's attention"):
         NamModel.forward(fake, None, None, packed_seq_params=document_boundaries(DOCS))
 
 

@@ -16,7 +16,9 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 
-def document_boundaries(document_ids: torch.Tensor, device: torch.device | str | None = None) -> PackedSeqParams:
+def document_boundaries(
+    document_ids: torch.Tensor, device: torch.device | str | None = None
+) -> PackedSeqParams:
     """Segments of the micro-batch ``document_ids`` [b, s] (integers, < 0 on pad), cu_seqlens on
     ``device`` (default: where the ids are). The number of segments depends on the data, so this
     reads it back: on CUDA ids that is one host sync; the trainer passes its CPU copy of the ids."""
@@ -39,7 +41,9 @@ def segment_ids(params: PackedSeqParams, b: int, s: int, device: torch.device) -
     the micro-batch's b rows of s tokens; what nam-mixers take as ``seq_idx``."""
     cu = params.cu_seqlens_q
     if cu is None or cu.dim() != 1 or cu.numel() < 2:
-        raise ValueError("packed_seq_params.cu_seqlens_q must be a 1-d tensor [segments + 1] (document_boundaries)")
+        raise ValueError(
+            "packed_seq_params.cu_seqlens_q must be a 1-d tensor [segments + 1] (document_boundaries)"
+        )
     if cu.device.type == "cpu" and int(cu[-1]) != b * s:  # free to check where no device sync is paid
         raise ValueError(
             f"packed_seq_params covers {int(cu[-1])} tokens but the micro-batch has {b} x {s} = {b * s}"

@@ -133,7 +133,11 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
             metrics.validation(0, evaluate(run, valid))
         for step in range(start + 1, t.steps + 1):
             micro = _micro_batches(
-                run, shard, masking, data.train, order.global_batch(state.consumed_samples, t.global_batch_size)
+                run,
+                shard,
+                masking,
+                data.train,
+                order.global_batch(state.consumed_samples, t.global_batch_size),
             )
             lr = learning_rate(run)
             began = time.perf_counter()
