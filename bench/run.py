@@ -28,6 +28,7 @@ from bench.report import Report
 
 # name -> module under bench/ ; each issue registers its own.
 REGISTRY: dict[str, str] = {
+    "attention_documents": "bench.attention_documents",
     "ceilings": "bench.ceilings",
     "embed": "bench.embed",
     "mamba": "bench.mamba",
@@ -35,6 +36,7 @@ REGISTRY: dict[str, str] = {
     "plasticity": "bench.plasticity",
     "spec": "bench.spec",
     "trainer": "bench.trainer",
+    "trainer_documents": "bench.trainer_documents",
 }
 
 

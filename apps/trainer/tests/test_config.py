@@ -170,6 +170,7 @@ def test_parallel_sizes_that_fit_resolve_data_parallel() -> None:
         (["--model.attention.num_kv_heads", "3"], 1, "multiple of model.attention.num_kv_heads 3"),
         (["--model.moe.top_k", "5"], 1, "model.moe.top_k 5 must lie in 1..model.moe.num_experts (4)"),
         (["--data.structure", "none"], 1, "model.embedding.structure = true needs structure channels"),
+        (["--model.backend", "te"], 1, "data.document_masking = true needs model.backend = 'local'"),
         (["--model.params_dtype", "float16"], 1, 'model.params_dtype = "float16": nam-train trains in'),
         (["--model.vocab_size", "100"], 1, "model.vocab_size = 100: the byte-level BPE"),
         (["--model.family", "NAM99"], 1, "model.family = 'NAM99'"),

@@ -158,26 +158,6 @@ def test_tied_output_layer_shares_the_word_embedding(megatron_single_rank: None)
     assert model.embedding.word_embeddings.weight.grad is not None
 
 
-def test_packed_rows_equal_documents_run_alone(megatron_single_rank: None) -> None:
-    """Two documents in one row (cu_seqlens): every letter restarts at the boundary (attention
-    mask, Mamba and M2RNN state and convs), so each document's per-token loss equals its own run."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    from nam_layout import Layout
-
-    torch.manual_seed(0)
-    model = build_model(Layout.tile("AEMR-", 5), tiny(seq_length=16))
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 64, (1, 16), generator=g)
-    cu = torch.tensor([0, 5, 16], dtype=torch.int32)
-    packed = PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=11, max_seqlen_kv=11)
-    with torch.no_grad():
-        both = model(ids, torch.arange(16)[None], labels=ids, packed_seq_params=packed)
-        for a, b in ((0, 5), (5, 16)):
-            alone = model(ids[:, a:b], torch.arange(b - a)[None], labels=ids[:, a:b])
-            torch.testing.assert_close(both[:, a:b], alone, rtol=1e-5, atol=1e-5)
-
-
 def test_megatron_schedule_runs_a_step(megatron_single_rank: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """megatron's forward/backward schedule reads the model type and gets the same loss as a call."""
     from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -36,6 +36,7 @@ __all__ = [
     "SpecConfigError",
     "build_model",
     "describe",
+    "document_boundaries",
     "layer_specs",
     "letter_params",
     "memory_estimate",
@@ -56,6 +57,10 @@ def __getattr__(name: str) -> object:  # megatron-facing names load on first use
         from nam_spec.description import describe
 
         return describe
+    if name == "document_boundaries":
+        from nam_spec.documents import document_boundaries
+
+        return document_boundaries
     if name == "layer_specs":
         from nam_spec.specs import layer_specs
 

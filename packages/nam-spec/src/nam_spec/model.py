@@ -24,7 +24,9 @@ from nam_spec.validation import validate
 
 class NamModel(LanguageModule):
     """A NAM language model chunk: forward(input_ids, position_ids, labels) -> per-token loss [b, s]
-    (or logits [b, s, vocab/tp] without labels; the hidden states on stages before the last)."""
+    (or logits [b, s, vocab/tp] without labels; the hidden states on stages before the last).
+    ``packed_seq_params`` (``nam_spec.documents.document_boundaries``): documents in the rows, which
+    every letter keeps apart (local backend)."""
 
     def __init__(
         self,
@@ -126,6 +128,12 @@ class NamModel(LanguageModule):
         packed_seq_params: PackedSeqParams | None = None,
         **embedding_inputs: Any,
     ) -> torch.Tensor:
+        if packed_seq_params is not None and self.backend.name != "local":
+            raise ValueError(
+                f"document boundaries (packed_seq_params) need model.backend = 'local'; the "
+                f"{self.backend.name!r} backend's attention takes them only in megatron's THD layout, "
+                "which nam-spec does not build"
+            )
         hidden = None
         if self.pre_process:
             hidden = self.embedding(input_ids=input_ids, position_ids=position_ids, **embedding_inputs)

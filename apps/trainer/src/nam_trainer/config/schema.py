@@ -68,6 +68,9 @@ class DataConfig:
     validation_fraction: float = 0.05  # of documents (files); 0 = no validation split
     split_seed: int = 0  # rows are model.seq_length tokens long
     structure: str = "cpp"  # structure channels from nam-embed's C++ extractor, or "none"
+    # keep the documents of a packed row apart: attention, Mamba and M2RNN states and convolutions
+    # restart at each document (and never cross a pad token); false lets them see across, as before
+    document_masking: bool = True
     cache_dir: str = "~/.cache/nam-train"
 
     def __post_init__(self) -> None:

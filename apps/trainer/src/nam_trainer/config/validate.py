@@ -84,6 +84,12 @@ def check(config: Config, world_size: int) -> Checked:
             'model.embedding.structure = true needs structure channels, but data.structure = "none" '
             '(set data.structure = "cpp" or model.embedding.structure = false)'
         )
+    if config.data.document_masking and m.backend != "local":
+        problems.append(
+            f"data.document_masking = true needs model.backend = 'local': the {m.backend!r} backend's "
+            "attention takes document boundaries only in megatron's THD layout, which nam-spec does "
+            "not build (set data.document_masking = false or model.backend = 'local')"
+        )
     if m.params_dtype == "float16":
         problems.append(
             'model.params_dtype = "float16": nam-train trains in "bfloat16" or "float32" (no loss scaling); '

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from nam_spec.documents import document_boundaries
 from nam_trainer.data import PackedSplit
 
 
@@ -61,8 +62,12 @@ class TrainOrder:
         return [self.row(i) for i in range(consumed, consumed + size)]
 
 
-def collate(split: PackedSplit, rows: list[int], device: torch.device, structure: bool) -> dict[str, Any]:
-    """One micro-batch: the model's keyword arguments, plus ``loss_mask`` and ``document_ids``."""
+def collate(
+    split: PackedSplit, rows: list[int], device: torch.device, structure: bool, document_masking: bool
+) -> dict[str, Any]:
+    """One micro-batch: the model's keyword arguments, plus ``loss_mask`` and ``document_ids``.
+    With ``document_masking`` the model gets the documents' boundaries as ``packed_seq_params``,
+    derived here from the CPU copy of the ids (their number is data-dependent: no device sync)."""
     items = [split[i] for i in rows]
     batch: dict[str, Any] = {
         "input_ids": torch.stack([it["tokens"] for it in items]),
@@ -75,6 +80,8 @@ def collate(split: PackedSplit, rows: list[int], device: torch.device, structure
         batch["structure"] = {
             name: torch.stack([it["structure"][name] for it in items]) for name in split.channels
         }
+    if document_masking:
+        batch["packed_seq_params"] = document_boundaries(batch["document_ids"], device)
     return _to(batch, device)
 
 

@@ -118,7 +118,8 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
         if data.validation is not None
         else []
     )
-    valid = [_micro_batches(run, shard, data.validation, s) for s in samples]
+    masking = cfg.data.document_masking
+    valid = [_micro_batches(run, shard, masking, data.validation, s) for s in samples]
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     metrics = StepMetrics(run, run_dir, t.steps, start, tokens_per_step, shard.microbatches)
     stop = StopRequest(world.device)
@@ -132,7 +133,11 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
             metrics.validation(0, evaluate(run, valid))
         for step in range(start + 1, t.steps + 1):
             micro = _micro_batches(
-                run, shard, data.train, order.global_batch(state.consumed_samples, t.global_batch_size)
+                run,
+                shard,
+                masking,
+                data.train,
+                order.global_batch(state.consumed_samples, t.global_batch_size),
             )
             lr = learning_rate(run)
             began = time.perf_counter()
@@ -192,10 +197,14 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
         metrics.close()
 
 
-def _micro_batches(run: Run, shard: Shard, split: Any, samples: list[int]) -> list[dict[str, Any]]:
+def _micro_batches(
+    run: Run, shard: Shard, document_masking: bool, split: Any, samples: list[int]
+) -> list[dict[str, Any]]:
     """This rank's micro-batches of the global batch ``samples`` of ``split``, on its device."""
     structure = run.model.embedding.structure
-    return [collate(split, rows, run.world.device, structure) for rows in shard.rows(samples)]
+    return [
+        collate(split, rows, run.world.device, structure, document_masking) for rows in shard.rows(samples)
+    ]
 
 
 def _sequence_group(sequence_parallel: bool) -> Any:

@@ -16,6 +16,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from nam_spec.documents import segment_ids
+
 
 @dataclass
 class MixerLayerSubmodules:
@@ -66,14 +68,8 @@ class MixerLayer(MegatronModule):
 def seq_idx_from_packed(
     params: PackedSeqParams | None, s: int, b: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Document index per token [b, s] from cu_seqlens (packed rows are micro-batch 1)."""
-    if params is None:
-        return None
-    if b != 1:
-        raise ValueError(f"packed sequences need micro-batch 1 (one packed row), got {b}")
-    cu = params.cu_seqlens_q.to(device=device, dtype=torch.long)
-    pos = torch.arange(s, device=device)
-    return torch.searchsorted(cu[1:], pos, right=True).to(torch.int32).unsqueeze(0)
+    """The mixers' seq_idx [b, s] (segment per token, see nam_spec.documents), None without boundaries."""
+    return None if params is None else segment_ids(params, b, s, device)
 
 
 def mark_tensor_parallel(*params: torch.nn.Parameter) -> None:

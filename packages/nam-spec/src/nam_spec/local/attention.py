@@ -3,7 +3,12 @@
 megatron-core's local DotProductAttention materialises the [b, heads, s, s] score matrix; SDPA
 dispatches to flash / memory-efficient kernels on CUDA and never does. Same interface as
 DotProductAttention: query [sq, b, np, hn], key/value [sk, b, ng, hn] (ng query groups, GQA),
-returns [sq, b, np * hn]. Packed rows (PackedSeqParams with cu_seqlens) become a block-causal mask.
+returns [sq, b, np * hn].
+
+Document boundaries (PackedSeqParams from ``nam_spec.documents``, segments of the b * s tokens) at
+any micro-batch size: on CUDA in bf16/fp16 through PyTorch's variable-length flash kernel
+(``torch.nn.attention.varlen``, GQA native, no mask materialised); elsewhere (the CPU reference,
+fp32) SDPA with a block-causal [b, 1, s, s] mask, which computes the same.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from torch.nn.attention.varlen import varlen_attn
+
+from nam_spec.documents import segment_ids
+
+_VARLEN_DTYPES = (torch.bfloat16, torch.float16)  # the flash kernel's
 
 
 class SDPAttention(MegatronModule):
@@ -54,11 +64,13 @@ class SDPAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("SDPAttention: attention_bias is not supported")
         sq, b, np_, hn = query.shape
+        if packed_seq_params is not None and query.is_cuda and query.dtype in _VARLEN_DTYPES:
+            return self._varlen(query, key, value, packed_seq_params)
         # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask, causal = None, self.causal
         if packed_seq_params is not None:
-            mask, causal = _document_mask(packed_seq_params, sq, b, query.device), False
+            mask, causal = self._document_mask(packed_seq_params, sq, b, query.device), False
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -71,12 +83,35 @@ class SDPAttention(MegatronModule):
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
+    def _varlen(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: PackedSeqParams
+    ) -> torch.Tensor:
+        """The flash kernel on the b * s tokens flattened row by row ([tokens, heads, hn])."""
+        if self.training and self.dropout > 0:
+            raise ValueError(
+                f"SDPAttention: attention dropout {self.dropout} with document boundaries; the "
+                "variable-length flash kernel has none: set it to 0 or turn document masking off"
+            )
+        sq, b, np_, hn = query.shape
+        q, k, v = (t.transpose(0, 1).reshape(b * sq, t.shape[2], hn) for t in (query, key, value))
+        cu = params.cu_seqlens_q.to(device=query.device, dtype=torch.int32)
+        out = varlen_attn(
+            q,
+            k,
+            v,
+            cu,
+            cu,
+            params.max_seqlen_q or sq,
+            params.max_seqlen_kv or sq,
+            scale=self.scale,
+            window_size=(-1, 0) if self.causal else (-1, -1),
+        )
+        return out.view(b, sq, np_ * hn).transpose(0, 1).contiguous()
 
-def _document_mask(params: PackedSeqParams, s: int, b: int, device: torch.device) -> torch.Tensor:
-    """Causal within each document of a packed row: [s, s] bool, True where attention is allowed."""
-    if b != 1:
-        raise ValueError(f"SDPAttention: packed sequences need micro-batch 1 (one packed row), got {b}")
-    cu = params.cu_seqlens_q.to(device=device, dtype=torch.long)
-    pos = torch.arange(s, device=device)
-    doc = torch.searchsorted(cu[1:], pos, right=True)
-    return (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    def _document_mask(self, params: PackedSeqParams, s: int, b: int, device: torch.device) -> torch.Tensor:
+        """[b, 1, s, s] bool, True where attention is allowed: same segment (and causal)."""
+        seg = segment_ids(params, b, s, device)
+        mask = seg[:, :, None] == seg[:, None, :]
+        if self.causal:
+            mask &= torch.ones(s, s, dtype=torch.bool, device=device).tril()
+        return mask.unsqueeze(1)
