@@ -41,4 +41,4 @@ def test_prefill_then_steps_equals_forward(which: int, boundary: int | None) -> 
     torch.testing.assert_close(y, full[:, :PREFILL])
     for t in range(PREFILL, n):
         y, state = core.step(*(x[:, t : t + 1] for x in inputs), state)
-        torch.testing.assert_close(y, full[:, t : t + 1], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(y, full[:, t : t + 1], rtol=1e-6, atol=1e-6)  # the epilogue is float32
