@@ -37,7 +37,9 @@ def test_prefill_then_steps_equals_forward(which: int, boundary: int | None) -> 
     if boundary is not None:
         seq_idx = (torch.arange(n) >= boundary).to(torch.int32).expand(2, n).contiguous()
     full = core(*inputs, seq_idx)
-    y, state = core.prefill(*(x[:, :PREFILL] for x in inputs), None if seq_idx is None else seq_idx[:, :PREFILL])
+    y, state = core.prefill(
+        *(x[:, :PREFILL] for x in inputs), None if seq_idx is None else seq_idx[:, :PREFILL]
+    )
     torch.testing.assert_close(y, full[:, :PREFILL])
     for t in range(PREFILL, n):
         y, state = core.step(*(x[:, t : t + 1] for x in inputs), state)

@@ -30,7 +30,9 @@ def _model(layout: Layout, config: object) -> torch.nn.Module:
     return model.eval()
 
 
-def _inputs(vocab: int, b: int, n: int, structure: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+def _inputs(
+    vocab: int, b: int, n: int, structure: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (b, n), generator=g)
     channels = {name: torch.randint(0, 4, (b, n), generator=g) for name in CHANNELS} if structure else None
@@ -62,13 +64,19 @@ def _decode(
             )
         ]
         for t in range(prompt, ids.shape[1]):
-            out.append(decoder.step(ids[:, t], None if structure is None else {k: v[:, t] for k, v in structure.items()}))
+            out.append(
+                decoder.step(
+                    ids[:, t], None if structure is None else {k: v[:, t] for k, v in structure.items()}
+                )
+            )
     return out
 
 
 def _check(out: list[torch.Tensor], full: torch.Tensor, prompt: int = PROMPT) -> None:
     for i, logits in enumerate(out):
-        torch.testing.assert_close(logits, full[:, prompt - 1 + i], rtol=1e-4, atol=1e-4, msg=f"token {prompt - 1 + i}")
+        torch.testing.assert_close(
+            logits, full[:, prompt - 1 + i], rtol=1e-4, atol=1e-4, msg=f"token {prompt - 1 + i}"
+        )
 
 
 @pytest.mark.parametrize("key", list(SPEC_LETTERS))

@@ -132,7 +132,9 @@ class M2RNNCore(nn.Module):
         )
         return v_in.reshape(b, s, -1), gate, x_f.squeeze(-1)
 
-    def _output(self, y: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _output(
+        self, y: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
         """(y + D v) * silu(g), RMS-normed per value head, in float32; [B, S, H*V] in ``dtype``."""
         b, s = y.shape[:2]
         o = (y.float() + self.D.float()[:, None] * v.float()) * F.silu(gate.float())

@@ -32,9 +32,13 @@ Structure = Mapping[str, torch.Tensor]
 class Decoder:
     def __init__(self, model: nn.Module) -> None:
         if not (model.pre_process and model.post_process) or model.tp_group.size() != 1:
-            raise ValueError("Decoder: incremental decoding needs the whole model in one process (TP = PP = 1)")
+            raise ValueError(
+                "Decoder: incremental decoding needs the whole model in one process (TP = PP = 1)"
+            )
         if model.backend.name != "local":
-            raise ValueError(f"Decoder: incremental decoding runs on the local backend, not {model.backend.name!r}")
+            raise ValueError(
+                f"Decoder: incremental decoding runs on the local backend, not {model.backend.name!r}"
+            )
         self.model = model
         self.context = DecodeContext()
         ngram = model.embedding.ngram
@@ -81,12 +85,16 @@ class Decoder:
         docs = torch.full((b, s), -1, dtype=torch.int32, device=device)
         positions = torch.zeros(b, s, dtype=torch.long, device=device)
         rope = torch.zeros(b, s, dtype=torch.long, device=device)
-        channels = {name: torch.zeros(b, s, dtype=torch.long, device=device) for name in (structure or [{}])[0]}
+        channels = {
+            name: torch.zeros(b, s, dtype=torch.long, device=device) for name in (structure or [{}])[0]
+        }
         for r, prompt in enumerate(prompts):
             n, pad = prompt.numel(), s - prompt.numel()
             row_docs = torch.zeros(n, dtype=torch.long) if documents is None else documents[r].long().cpu()
             if row_docs.shape != (n,) or bool((row_docs[1:] < row_docs[:-1]).any()) or int(row_docs[0]) < 0:
-                raise ValueError(f"Decoder.prefill: documents of row {r} must be {n} non-decreasing ints >= 0")
+                raise ValueError(
+                    f"Decoder.prefill: documents of row {r} must be {n} non-decreasing ints >= 0"
+                )
             tokens[r, pad:] = prompt
             docs[r, pad:] = row_docs.to(device, torch.int32)
             starts = torch.cat([torch.ones(1, dtype=torch.bool), row_docs[1:] != row_docs[:-1]])
