@@ -55,7 +55,7 @@ def causal_conv1d_silu(
 def conv_state(x: torch.Tensor, seq_idx: torch.Tensor | None, width: int) -> torch.Tensor:
     """What the next step's conv reads of the past: the last ``width - 1`` inputs [b, width - 1, d],
     zero where they lie before the row or in an earlier document than the last token's."""
-    b, seqlen, d = x.shape
+    seqlen = x.shape[1]
     keep = min(width - 1, seqlen)
     past = x[:, seqlen - keep :]
     if seq_idx is not None:
