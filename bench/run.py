@@ -30,6 +30,7 @@ from bench.report import Report
 REGISTRY: dict[str, str] = {
     "ceilings": "bench.ceilings",
     "embed": "bench.embed",
+    "generate": "bench.generate",
     "mamba": "bench.mamba",
     "m2rnn": "bench.m2rnn",
     "plasticity": "bench.plasticity",
