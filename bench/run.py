@@ -31,6 +31,7 @@ REGISTRY: dict[str, str] = {
     "attention_documents": "bench.attention_documents",
     "ceilings": "bench.ceilings",
     "embed": "bench.embed",
+    "generate": "bench.generate",
     "mamba": "bench.mamba",
     "m2rnn": "bench.m2rnn",
     "plasticity": "bench.plasticity",

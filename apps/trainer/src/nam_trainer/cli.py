@@ -5,6 +5,8 @@ commands:
   nam-train [same options] --dry-run   what would be built, without building or writing anything
   nam-train data [same options]        build or verify the tokenizer and packed-data cache
   nam-train report RUN_DIR             PNG plots of RUN_DIR/metrics.jsonl into RUN_DIR/report
+  nam-train eval --checkpoint DIR [--data.KEY VALUE ...]   loss, perplexity, bits per byte
+  nam-train generate --checkpoint DIR [--prompt TEXT]      sample text (see `nam-train generate -h`)
 
 Options are layered: preset < config files (in order) < --section.key VALUE overrides. Under
 torchrun (torchrun ... -m nam_trainer) every process runs the same command.
@@ -136,6 +138,16 @@ def _main(argv: Sequence[str] | None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["report"]:
         return _report(arguments[1:])
+    if arguments[:1] in (["eval"], ["generate"]):
+        from nam_trainer.use.commands import parser, run_eval, run_generate
+
+        options, overrides = _split_overrides(arguments[1:])
+        args = parser(arguments[0], _Parser).parse_args(options)
+        try:
+            return (run_eval if arguments[0] == "eval" else run_generate)(args, overrides)
+        except ConfigError as err:
+            print(f"nam-train {arguments[0]}: {err}", file=sys.stderr)
+            return EXIT_INVALID
     options, overrides = _split_overrides(arguments)
     args = _parser().parse_args(options)
     try:

@@ -6,6 +6,7 @@ from nam_trainer.config.loader import (
     load_config,
     parse_overrides,
     preset_text,
+    saved_config,
     to_toml,
 )
 from nam_trainer.config.schema import Config, ConfigError
@@ -22,5 +23,6 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "preset_text",
+    "saved_config",
     "to_toml",
 ]

@@ -58,6 +58,16 @@ def load_config(
     return _build(values, origins)
 
 
+def saved_config(saved: dict[str, Any], origin: str, overrides: Sequence[str] = ()) -> Config:
+    """The Config a run saved (``Config.to_dict()``, e.g. in a checkpoint), with ``--section.key
+    value`` overrides over it; ``origin`` names where it was saved for messages."""
+    values: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    _merge(values, origins, saved, origin)
+    _merge(values, origins, parse_overrides(overrides), "the command line")
+    return _build(values, origins)
+
+
 def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
     """``["--data.cache_dir", "x", "--model.moe.top_k=4"]`` -> {"data": {"cache_dir": "x"}, "model":
     {"moe": {"top_k": 4}}}."""

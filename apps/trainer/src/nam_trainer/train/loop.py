@@ -10,6 +10,7 @@ rank skips, evaluates, checkpoints and stops after the same step. Rank 0 prints 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -92,6 +93,7 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
             say(f"nam-train: {note}")
 
     run = build_run(checked, world)
+    saved_config = dataclasses.replace(cfg, model=run.model).to_dict()  # the precision it trained in
     state = TrainState()
     resumed = (
         resume(run_dir, run.chunks, run.optimizer, run.scheduler, check, say) if newest is not None else None
@@ -178,6 +180,7 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
                     state.saved(),
                     ck.keep_last,
                     trained_on,
+                    saved_config,
                 )
                 metrics.note(f"step {step}: checkpoint {path}")
                 if stopping:

@@ -17,13 +17,24 @@ does not depend on how heads are split across ranks.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nam_mixers.ops.conv import causal_conv1d_silu, causal_conv1d_torch
-from nam_mixers.ops.m2rnn import PATHS, M2RNNKernelConfig, m2rnn_scan
+from nam_mixers.ops.conv import causal_conv1d_silu, causal_conv1d_step, causal_conv1d_torch, conv_state
+from nam_mixers.ops.m2rnn import PATHS, M2RNNKernelConfig, m2rnn_scan, m2rnn_scan_reference
+
+
+@dataclass(frozen=True)
+class M2RNNState:
+    """What one token of incremental decoding needs of the past, float32: the q/k and v convs'
+    last inputs [B, width - 1, channels] and the scan state h [B, H, K, V]."""
+
+    qk_conv: torch.Tensor
+    v_conv: torch.Tensor
+    h: torch.Tensor  # float64 for float64 inputs
 
 
 class M2RNNCore(nn.Module):
@@ -104,9 +115,7 @@ class M2RNNCore(nn.Module):
         a = torch.exp(self.A_log.float())
         return torch.exp(-a * F.softplus(x_f.float() + self.dt_bias.float()))
 
-    def forward(
-        self, qk: torch.Tensor, vgf: torch.Tensor, seq_idx: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _check(self, qk: torch.Tensor, vgf: torch.Tensor) -> None:
         b, s, _ = vgf.shape
         h, g, dk, dv = self.num_heads, self.num_qk_heads, self.head_dim_k, self.head_dim_v
         if qk.shape != (b, s, 2 * g * dk) or vgf.shape[2] != h * (2 * dv + 1):
@@ -114,17 +123,72 @@ class M2RNNCore(nn.Module):
                 f"M2RNNCore: expected qk [B, S, {2 * g * dk}] and vgf [B, S, {h * (2 * dv + 1)}], "
                 f"got {tuple(qk.shape)} and {tuple(vgf.shape)}"
             )
-        qk = self._conv(qk, self.qk_conv_weight, self.qk_conv_bias, seq_idx)
-        q, k = qk.view(b, s, 2, g, dk).unbind(2)
-        vgf = vgf.view(b, s, h, 2 * dv + 1)
-        v_in, gate, x_f = vgf.split([dv, dv, 1], dim=-1)
-        v = self._conv(v_in.reshape(b, s, h * dv), self.v_conv_weight, self.v_conv_bias, seq_idx)
-        v = v.view(b, s, h, dv)
-        f = self.forget_gate(x_f.squeeze(-1))
-        y, _ = m2rnn_scan(q, k, v, f, self.W, seq_idx=seq_idx, path=self.path, config=self.kernel_config)
+
+    def _split_vgf(self, vgf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head-major [v, g, x_f] -> v [B, S, H*V] (before its conv), gate [B, S, H, V], x_f [B, S, H]."""
+        b, s, _ = vgf.shape
+        v_in, gate, x_f = vgf.view(b, s, self.num_heads, 2 * self.head_dim_v + 1).split(
+            [self.head_dim_v, self.head_dim_v, 1], dim=-1
+        )
+        return v_in.reshape(b, s, -1), gate, x_f.squeeze(-1)
+
+    def _output(
+        self, y: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """(y + D v) * silu(g), RMS-normed per value head, in float32; [B, S, H*V] in ``dtype``."""
+        b, s = y.shape[:2]
         o = (y.float() + self.D.float()[:, None] * v.float()) * F.silu(gate.float())
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        return (o.reshape(b, s, h * dv) * self.norm_weight.float()).to(vgf.dtype)
+        return (o.reshape(b, s, -1) * self.norm_weight.float()).to(dtype)
+
+    def _scan(
+        self, qk: torch.Tensor, vgf: torch.Tensor, seq_idx: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output and the scan's final state."""
+        self._check(qk, vgf)
+        b, s, _ = vgf.shape
+        qk = self._conv(qk, self.qk_conv_weight, self.qk_conv_bias, seq_idx)
+        q, k = qk.view(b, s, 2, self.num_qk_heads, self.head_dim_k).unbind(2)
+        v_in, gate, x_f = self._split_vgf(vgf)
+        v = self._conv(v_in, self.v_conv_weight, self.v_conv_bias, seq_idx).view(b, s, self.num_heads, -1)
+        y, h = m2rnn_scan(
+            q, k, v, self.forget_gate(x_f), self.W, seq_idx=seq_idx, path=self.path, config=self.kernel_config
+        )
+        return self._output(y, v, gate, vgf.dtype), h
+
+    def forward(
+        self, qk: torch.Tensor, vgf: torch.Tensor, seq_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._scan(qk, vgf, seq_idx)[0]
+
+    def prefill(
+        self, qk: torch.Tensor, vgf: torch.Tensor, seq_idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, M2RNNState]:
+        """The forward, and the state after its last token (of that token's document): the scan's
+        final state and the convs' last inputs."""
+        y, h = self._scan(qk, vgf, seq_idx)
+        width = self.qk_conv_weight.shape[1]
+        v_in = self._split_vgf(vgf)[0]
+        ct = torch.promote_types(vgf.dtype, torch.float32)
+        qk_conv, v_conv = (conv_state(x.to(ct), seq_idx, width) for x in (qk, v_in))
+        return y, M2RNNState(qk_conv, v_conv, h)
+
+    def step(self, qk: torch.Tensor, vgf: torch.Tensor, state: M2RNNState) -> tuple[torch.Tensor, M2RNNState]:
+        """One token per row (qk, vgf [B, 1, ...]) through the reference recurrence: the convs from
+        their saved inputs, one step of the scan from the saved state."""
+        self._check(qk, vgf)
+        b, ct = vgf.shape[0], torch.promote_types(vgf.dtype, torch.float32)
+        q_k, qk_conv = causal_conv1d_step(
+            qk[:, 0].to(ct), state.qk_conv, self.qk_conv_weight.to(ct), self.qk_conv_bias.to(ct)
+        )
+        q, k = F.silu(q_k).view(b, 1, 2, self.num_qk_heads, self.head_dim_k).unbind(2)
+        v_in, gate, x_f = self._split_vgf(vgf)
+        v, v_conv = causal_conv1d_step(
+            v_in[:, 0].to(ct), state.v_conv, self.v_conv_weight.to(ct), self.v_conv_bias.to(ct)
+        )
+        v = F.silu(v).view(b, 1, self.num_heads, self.head_dim_v)
+        y, h = m2rnn_scan_reference(q, k, v, self.forget_gate(x_f), self.W.to(ct), h0=state.h)
+        return self._output(y, v, gate, vgf.dtype), M2RNNState(qk_conv, v_conv, h)
 
 
 class M2RNN(nn.Module):

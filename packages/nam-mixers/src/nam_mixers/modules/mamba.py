@@ -16,11 +16,24 @@ then holds the local heads only.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from nam_mixers.ops.ssd import CORES, SSDShape, SSDWeights, check_available, resolve_path
+from nam_mixers.ops.conv import causal_conv1d_step, causal_conv1d_torch, conv_state
+from nam_mixers.ops.ssd import CORES, SSDShape, SSDWeights, check_available, gated_rmsnorm_torch, resolve_path
+from nam_mixers.ops.ssd.step import ssd_final_state, ssd_step
+
+
+@dataclass(frozen=True)
+class MambaState:
+    """What one token of incremental decoding needs of the past: the conv's last inputs
+    [b, width - 1, conv_dim] and the SSM state [b, nheads, headdim, d_state], both float32."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
 
 
 class MambaCore(nn.Module):
@@ -123,6 +136,46 @@ class MambaCore(nn.Module):
             seq_idx = _check_seq_idx(seq_idx, zxbcdt, ordered_check=path == "reference")
         w = SSDWeights(self.conv_weight, self.conv_bias, self.dt_bias, self.A_log, self.D, self.norm_weight)
         return CORES[path](zxbcdt, w, s, seq_idx)
+
+    def prefill(
+        self, zxbcdt: torch.Tensor, seq_idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MambaState]:
+        """The forward on the chosen path, and the state after its last token (of that token's
+        document) from one parallel pass in float32 (ops/ssd/step.py)."""
+        y = self(zxbcdt, seq_idx)
+        s, ct = self.shape, torch.promote_types(zxbcdt.dtype, torch.float32)
+        _, xbc, dt = torch.split(zxbcdt.to(ct), [s.d_inner, s.conv_dim, s.nheads], dim=-1)
+        conv = conv_state(xbc, seq_idx, self.conv_weight.shape[1])
+        xbc = F.silu(causal_conv1d_torch(xbc, self.conv_weight.to(ct), self.conv_bias.to(ct), seq_idx))
+        x, B, _ = torch.split(xbc, [s.d_inner, s.ngroups * s.d_state, s.ngroups * s.d_state], dim=-1)
+        ssm = ssd_final_state(
+            x.unflatten(-1, (s.nheads, s.headdim)),
+            F.softplus(dt + self.dt_bias.to(ct)),
+            -torch.exp(self.A_log.to(ct)),
+            B.unflatten(-1, (s.ngroups, s.d_state)),
+            seq_idx,
+        )
+        return y, MambaState(conv, ssm)
+
+    def step(self, zxbcdt: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
+        """One token per row, zxbcdt [b, 1, d_in_proj] -> ([b, 1, d_inner], the next state): the
+        reference recurrence in float32 on every device."""
+        s, dtype = self.shape, zxbcdt.dtype
+        ct = torch.promote_types(dtype, torch.float32)
+        z, xbc, dt = torch.split(zxbcdt[:, 0].to(ct), [s.d_inner, s.conv_dim, s.nheads], dim=-1)
+        xbc, conv = causal_conv1d_step(xbc, state.conv, self.conv_weight.to(ct), self.conv_bias.to(ct))
+        x, B, C = torch.split(F.silu(xbc), [s.d_inner, s.ngroups * s.d_state, s.ngroups * s.d_state], dim=-1)
+        y, ssm = ssd_step(
+            state.ssm,
+            x.unflatten(-1, (s.nheads, s.headdim)),
+            F.softplus(dt + self.dt_bias.to(ct)),
+            -torch.exp(self.A_log.to(ct)),
+            B.unflatten(-1, (s.ngroups, s.d_state)),
+            C.unflatten(-1, (s.ngroups, s.d_state)),
+            self.D.to(ct),
+        )
+        y = gated_rmsnorm_torch(y.flatten(-2), z, self.norm_weight.to(ct), s.ngroups, s.norm_eps)
+        return y.to(dtype)[:, None], MambaState(conv, ssm)
 
     def extra_repr(self) -> str:
         s = self.shape

@@ -50,3 +50,24 @@ def causal_conv1d_silu(
     return causal_conv1d_fn(x.transpose(1, 2), weight, bias, seq_idx=seq_idx, activation="silu").transpose(
         1, 2
     )
+
+
+def conv_state(x: torch.Tensor, seq_idx: torch.Tensor | None, width: int) -> torch.Tensor:
+    """What the next step's conv reads of the past: the last ``width - 1`` inputs [b, width - 1, d],
+    zero where they lie before the row or in an earlier document than the last token's."""
+    seqlen = x.shape[1]
+    keep = min(width - 1, seqlen)
+    past = x[:, seqlen - keep :]
+    if seq_idx is not None:
+        same = seq_idx[:, seqlen - keep :] == seq_idx[:, -1:]
+        past = past * same[..., None].to(past.dtype)
+    return F.pad(past, (0, 0, width - 1 - keep, 0))
+
+
+def causal_conv1d_step(
+    x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of causal_conv1d_torch: x [b, d] with the last width - 1 inputs ``state``
+    [b, width - 1, d] -> (output [b, d] before the activation, the next state)."""
+    window = torch.cat([state, x[:, None]], dim=1)  # [b, width, d]: oldest first, as weight's columns
+    return (window * weight.t()).sum(1) + bias, window[:, 1:]

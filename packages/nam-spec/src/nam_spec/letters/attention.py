@@ -54,6 +54,11 @@ class Attention(Letter):
     def core(self, layer: torch.nn.Module) -> torch.nn.Module:
         return layer.self_attention.core_attention
 
+    def decode_core(self, core: torch.nn.Module, context: Any) -> torch.nn.Module:
+        from nam_spec.decode.cores import KVCacheAttention
+
+        return KVCacheAttention(core, context)  # the KV cache
+
     def spec_core(self, spec: Any) -> Any:
         return spec.submodules.self_attention.submodules.core_attention
 

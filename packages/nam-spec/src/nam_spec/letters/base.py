@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from nam_spec.backends import Backend
+    from nam_spec.decode.cores import DecodeContext
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -62,6 +63,11 @@ class Letter:
     def core(self, layer: torch.nn.Module) -> torch.nn.Module:
         """The module of a built layer that computes what the letter stands for."""
         raise NotImplementedError
+
+    def decode_core(self, core: torch.nn.Module, context: DecodeContext) -> torch.nn.Module | None:
+        """For incremental decoding (nam_spec.decode): a stand-in for ``core(layer)`` that keeps
+        what the next token needs of the past, or None where the layer needs nothing of it."""
+        return None
 
     def spec_core(self, spec: ModuleSpec) -> Any:
         """The class (or builder) a spec names for that computation; TE's may be placeholders."""

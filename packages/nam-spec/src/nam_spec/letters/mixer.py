@@ -55,5 +55,10 @@ class MixerLetter(Letter):
     def core(self, layer: torch.nn.Module) -> torch.nn.Module:
         return layer.mixer.core
 
+    def decode_core(self, core: torch.nn.Module, context: Any) -> torch.nn.Module:
+        from nam_spec.decode.cores import RecurrentCore
+
+        return RecurrentCore(core, context)  # the convs' last inputs and the scan state
+
     def spec_core(self, spec: Any) -> Any:
         return spec.submodules.mixer.module

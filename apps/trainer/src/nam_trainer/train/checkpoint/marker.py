@@ -79,6 +79,7 @@ def marker_text(
     geometry: dict[str, str],
     trained_on: dict[str, Any] | None,
     files: dict[str, dict[str, Any]],
+    config: dict[str, Any] | None = None,
 ) -> str:
     meta = {
         "format": FORMAT,
@@ -88,6 +89,7 @@ def marker_text(
         "optimizer_sharding": optimizer_sharding,
         "model_fingerprint": _fingerprint(geometry),
         "trained_on": trained_on,
+        "config": config,
         "versions": {"torch": torch.__version__, "megatron_core": _megatron_version()},
         "files": files,
         "geometry": geometry,

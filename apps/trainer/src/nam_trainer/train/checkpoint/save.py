@@ -37,13 +37,15 @@ def save_checkpoint(
     saved_state: dict[str, Any],
     keep_last: int,
     trained_on: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> Path:
     """Write RUN_DIR/checkpoints/step_<step> (every rank calls this with the same arguments); returns
-    its path. Written under a temporary name and renamed once every rank has finished; then `latest`
-    names it and only the newest `keep_last` complete checkpoints remain. `trained_on` (the trainer's
-    tokenizer and data, nam_trainer.data.trained_on) is recorded for the resume's check. Raises
-    DiskFull when the filesystem has less free space than the checkpoint's tensors need, or a write
-    fails with ENOSPC."""
+        its path. Written under a temporary name and renamed once every rank has finished; then `latest`
+        names it and only the newest `keep_last` complete checkpoints remain. `trained_on` (the trainer's
+        tokenizer and data, nam_trainer.data.trained_on) is recorded for the resume's check, `config` (the
+    run's configuration, Config.to_dict) for nam_trainer.use.load to rebuild the model. Raises
+        DiskFull when the filesystem has less free space than the checkpoint's tensors need, or a write
+        fails with ENOSPC."""
     from megatron.core import dist_checkpointing
 
     if keep_last < 1:
@@ -87,7 +89,7 @@ def save_checkpoint(
         if rank == 0:
             layout = marker.parallel_layout(chunks, optimizer)
             sharding = metadata["distrib_optim_sharding_type"]
-            text = marker.marker_text(step, layout, sharding, geometry, trained_on, written)
+            text = marker.marker_text(step, layout, sharding, geometry, trained_on, written, config)
             files.publish(root, tmp, final, text, keep_last)
     except BaseException as exc:
         full = _out_of_space(exc, root, tmp, need)
