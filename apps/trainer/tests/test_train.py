@@ -161,6 +161,41 @@ def test_plasticity_plan_and_stp_run_from_config(
     assert any(k.startswith("plasticity/redo/dormant_fraction/") for k in train[1])
 
 
+def test_resume_with_redo_and_dash_matches_the_uninterrupted_run(
+    cache: Path, header_slice: list[Path], tmp_path: Path
+) -> None:
+    """DASH (with its gradient average) and ReDo act at step 4, after a resume from step 2: their
+    running averages come from the checkpoint, so the losses, ReDo's dormant fractions and the
+    validation after their edits equal the uninterrupted run's, bit for bit."""
+    extra = (
+        *("--training.steps", "4", "--training.eval_interval", "4", "--checkpoint.interval", "2"),
+        *(
+            "--plasticity.dash_at",
+            "[4]",
+            "--plasticity.dash_alpha",
+            "0.3",
+            "--plasticity.redo_at",
+            "[4]",
+            "--plasticity.redo_tau",
+            "0.5",
+        ),
+    )
+    whole = tmp_path / "whole"
+    assert main(train_args(cache, header_slice, whole, *extra)) == 0
+    marker = json.loads((whole / "checkpoints" / "step_0000002" / "nam_checkpoint.json").read_text())
+    assert marker["plasticity_state"] == ["dash", "redo"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")
+    assert main(train_args(cache, header_slice, resumed, *extra)) == 0
+    assert losses(resumed) == losses(whole)
+    assert losses(resumed, "valid") == losses(whole, "valid")
+    plasticity = {k: v for k, v in records(whole, "train")[3].items() if k.startswith("plasticity/redo/")}
+    assert plasticity and plasticity == {
+        k: v for k, v in records(resumed, "train")[3].items() if k.startswith("plasticity/redo/")
+    }
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

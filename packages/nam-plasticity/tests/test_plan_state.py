@@ -59,8 +59,11 @@ def test_dash_and_redo_state_round_trip_through_a_checkpoint(megatron_tp1: None,
     assert plan.stateful() == ("dash", "redo")
     model = chunk.sharded_state_dict()
     saved = plan.sharded_state_dict([chunk], opt, model)
-    assert sorted(saved) == ["dash.mlp.linear_fc1.weight", "dash.mlp.linear_fc2.weight", "redo.mlp.linear_fc2.weight"]
-    assert saved["redo.mlp.linear_fc2.weight"].global_shape == (1, 48)  # one value per neuron
+    assert sorted(saved) == [
+        f"plasticity.{k}"
+        for k in ("dash.mlp.linear_fc1.weight", "dash.mlp.linear_fc2.weight", "redo.mlp.linear_fc2.weight")
+    ]
+    assert saved["plasticity.redo.mlp.linear_fc2.weight"].global_shape == (1, 48)  # one value per neuron
     (tmp_path / "ckpt").mkdir()
     dist_checkpointing.save(saved, str(tmp_path / "ckpt"))
     snapshot = copy.deepcopy((chunk.state_dict(), opt.state_dict()))
@@ -74,7 +77,9 @@ def test_dash_and_redo_state_round_trip_through_a_checkpoint(megatron_tp1: None,
         resumed.attach([chunk])
         if load:
             template = resumed.sharded_state_dict([chunk], opt, model)
-            resumed.load_state_dict(dist_checkpointing.load(template, str(tmp_path / "ckpt")), [chunk], opt, model)
+            resumed.load_state_dict(
+                dist_checkpointing.load(template, str(tmp_path / "ckpt")), [chunk], opt, model
+            )
         return _train(chunk, opt, resumed, range(3, 6)), [p.detach().clone() for p in chunk.parameters()]
 
     metrics, params = again(load=True)

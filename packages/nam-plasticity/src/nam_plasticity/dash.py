@@ -74,7 +74,9 @@ class Dash:
     """DASH with an optional gradient EMA kept over the slice of each parameter a rank owns."""
 
     config: DashConfig = field(default_factory=DashConfig)
-    ema: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # by id(param): the owned slice, flat
+    ema: dict[int, torch.Tensor] = field(
+        default_factory=dict, repr=False
+    )  # by id(param): the owned slice, flat
 
     def observe(self, blocks: Sequence[Block], optimizer: Any) -> None:
         """Fold the current gradients into the EMA; the plan calls it every step when alpha is set."""
@@ -84,9 +86,7 @@ class Dash:
             g = _owned_grad(resolve(param, optimizer))
             ema = self.ema.get(id(param))
             a = self.config.alpha
-            self.ema[id(param)] = (
-                g.mul_(a) if ema is None else ema.mul_(1 - a).add_(g, alpha=a)
-            )  # from g = 0
+            self.ema[id(param)] = g.mul_(a) if ema is None else ema.mul_(1 - a).add_(g, alpha=a)  # from g = 0
 
     def apply(self, step: int, blocks: Sequence[Block], optimizer: Any) -> list[Record]:
         records: list[Record] = []

@@ -139,7 +139,7 @@ class Plan:
         """Restore the running state from what dist_checkpointing loaded for ``sharded_state_dict``'s
         template; the levers absent from ``loaded`` keep theirs."""
         entries = parameter_entries(model_sharded)
-        if self._dash is not None and any(k.startswith("dash.") for k in loaded):
+        if self._dash is not None and any(k.startswith("plasticity.dash.") for k in loaded):
             load_dash(self._dash, model_chunks, optimizer, loaded, entries)
-        if self._redo is not None and any(k.startswith("redo.") for k in loaded):
+        if self._redo is not None and any(k.startswith("plasticity.redo.") for k in loaded):
             load_redo(self._redo, loaded, entries)

@@ -6,11 +6,11 @@ the model's sharded state dict (its global shape, offsets, replica ids, and any 
 splits it) with another key and the statistic as data. dist_checkpointing then reshards it
 exactly as it reshards the parameter.
 
-- DASH's gradient EMA (``dash.<parameter key>``): shaped like the parameter. Under the
+- DASH's gradient EMA (``plasticity.dash.<parameter key>``): shaped like the parameter. Under the
   distributed optimizer each data-parallel rank keeps the slice of the flattened parameter it
   owns; the slices are summed into the whole (zero-padded, exact) before saving, and each rank
   takes its own slice of the loaded whole.
-- ReDo's activation EMA (``redo.<fc2 key>``): one value per neuron, the twin of fc2 with its
+- ReDo's activation EMA (``plasticity.redo.<fc2 key>``): one value per neuron, the twin of fc2 with its
   output axis (dim -2) of size one, so neurons (fc2's input columns) and experts are split as fc2
   is. Stored is the average over the layer's data-parallel replicas, the statistic ReDo scores
   with; every replica resumes from it. NaN marks an expert (or layer) without statistics yet.
@@ -60,7 +60,9 @@ def _twin(entry: Any, key: str, data: torch.Tensor) -> Any:
 
     if isinstance(entry, ShardedTensor):
         return dataclasses.replace(entry, key=key, data=data, dtype=data.dtype)
-    return dataclasses.replace(entry, key=key, data=data)  # a factory: it splits data as it split the parameter
+    return dataclasses.replace(
+        entry, key=key, data=data
+    )  # a factory: it splits data as it split the parameter
 
 
 def _neuron_twin(fc2: Any, key: str, ema: torch.Tensor) -> Any:
@@ -68,7 +70,9 @@ def _neuron_twin(fc2: Any, key: str, ema: torch.Tensor) -> Any:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     if not isinstance(fc2, ShardedTensor) or fc2.global_offset[-2] != 0:
-        raise ValueError(f"nam_plasticity: ReDo: {fc2.key} is not a ShardedTensor whole along its output axis")
+        raise ValueError(
+            f"nam_plasticity: ReDo: {fc2.key} is not a ShardedTensor whole along its output axis"
+        )
 
     def one(shape: tuple[int, ...]) -> tuple[int, ...]:
         return (*shape[:-2], 1, shape[-1])
@@ -89,7 +93,9 @@ def _neuron_twin(fc2: Any, key: str, ema: torch.Tensor) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 
-def dash_state(dash: Dash, model_chunks: Sequence[nn.Module], optimizer: Any, entries: dict) -> dict[str, Any]:
+def dash_state(
+    dash: Dash, model_chunks: Sequence[nn.Module], optimizer: Any, entries: dict
+) -> dict[str, Any]:
     """The gradient EMA of every block's parameter as its twin (a collective under the distributed
     optimizer); zeros where no gradient was folded in yet, which is the EMA's start."""
     out: dict[str, Any] = {}
@@ -102,14 +108,16 @@ def dash_state(dash: Dash, model_chunks: Sequence[nn.Module], optimizer: Any, en
             master.owned(whole).copy_(ema.view_as(master.owned(whole)))
         if master.sharded:
             dist.all_reduce(whole, group=master.group)
-        key = f"dash.{entry.key}"
+        key = f"plasticity.dash.{entry.key}"
         out[key] = _twin(entry, key, whole)
     return out
 
 
-def load_dash(dash: Dash, model_chunks: Sequence[nn.Module], optimizer: Any, loaded: dict[str, Any], entries: dict) -> None:
+def load_dash(
+    dash: Dash, model_chunks: Sequence[nn.Module], optimizer: Any, loaded: dict[str, Any], entries: dict
+) -> None:
     for param in {id(b.param): b.param for b in find_blocks(model_chunks)}.values():
-        whole = loaded[f"dash.{_entry(entries, param, 'DASH').key}"]
+        whole = loaded[f"plasticity.dash.{_entry(entries, param, 'DASH').key}"]
         dash.ema[id(param)] = resolve(param, optimizer).owned(whole.float()).reshape(-1).clone()
 
 
@@ -136,14 +144,14 @@ def redo_state(redo: Redo, entries: dict) -> dict[str, Any]:
             ema = Redo.replica_ema(layer)
             rows.append(torch.full((layer.neurons,), float("nan")) if ema is None else ema.float().cpu())
         entry = _entry(entries, layers[0].fc2, "ReDo")
-        key = f"redo.{entry.key}"
+        key = f"plasticity.redo.{entry.key}"
         out[key] = _neuron_twin(entry, key, torch.stack(rows).to(layers[0].fc2.device))
     return out
 
 
 def load_redo(redo: Redo, loaded: dict[str, Any], entries: dict) -> None:
     for layers in _modules(redo):
-        ema = loaded[f"redo.{_entry(entries, layers[0].fc2, 'ReDo').key}"].float()
+        ema = loaded[f"plasticity.redo.{_entry(entries, layers[0].fc2, 'ReDo').key}"].float()
         ema = ema.reshape(len(layers), layers[0].neurons).to(layers[0].fc2.device)
         seen = ~ema.isnan().any(-1)
         if layers[0].expert is None:

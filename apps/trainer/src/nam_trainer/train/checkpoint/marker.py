@@ -79,6 +79,7 @@ def marker_text(
     geometry: dict[str, str],
     trained_on: dict[str, Any] | None,
     files: dict[str, dict[str, Any]],
+    plasticity: tuple[str, ...] = (),
 ) -> str:
     meta = {
         "format": FORMAT,
@@ -88,6 +89,7 @@ def marker_text(
         "optimizer_sharding": optimizer_sharding,
         "model_fingerprint": _fingerprint(geometry),
         "trained_on": trained_on,
+        "plasticity_state": list(plasticity),  # the levers whose running state is saved
         "versions": {"torch": torch.__version__, "megatron_core": _megatron_version()},
         "files": files,
         "geometry": geometry,
