@@ -102,23 +102,62 @@ def test_sigterm_stops_with_a_checkpoint_and_the_run_resumes_exactly(
     assert losses(run_dir) == losses(uninterrupted)
 
 
-def test_two_process_data_parallel_matches_one_process(
-    cache: Path, header_slice: list[Path], tmp_path: Path
-) -> None:
-    """The same global batch of 4 rows: one process runs 2 micro-batches of 2, each of two gloo
-    ranks one (distributed optimizer sharded over them)."""
-    from nam_runtime.testing import run_ranks
+SHORT = ("--training.steps", "3", "--training.eval_interval", "3")
 
-    extra = ("--training.steps", "3", "--training.eval_interval", "3")
-    one = tmp_path / "one"
-    assert main(train_args(cache, header_slice, one, *extra)) == 0
-    two = tmp_path / "two"
-    assert run_ranks(train_rank, 2, train_args(cache, header_slice, two, *extra), timeout_s=240) == [0, 0]
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory, cache: Path, header_slice: list[Path]) -> Path:
+    """Three steps on one process: the curve the parallel layouts below must follow."""
+    run_dir = tmp_path_factory.mktemp("one")
+    assert main(train_args(cache, header_slice, run_dir, *SHORT)) == 0
+    return run_dir
+
+
+def _follows(one: Path, other: Path, rel: float) -> None:
+    """Same steps, train and validation losses within ``rel``."""
     for split in ("train", "valid"):
-        a, b = losses(one, split), losses(two, split)
+        a, b = losses(one, split), losses(other, split)
         assert sorted(a) == sorted(b)
         for step in a:
-            assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-4), (split, step)
+            assert b[step] == pytest.approx(a[step], rel=rel), (split, a, b)
+
+
+@pytest.mark.parametrize(
+    ("layout", "rel"),
+    [
+        # data-parallel 2, the distributed optimizer sharded over both: fp32 sums in another order
+        pytest.param((), 1e-4, id="dp2"),
+        # Each pipeline rank initialises its layers from the same seed, so the initial weights
+        # differ from one process's (step-1 loss: 0.3% at PP=2 x VPP=2, measured)
+        pytest.param(("--parallel.pipeline", "2"), 1e-2, id="pp2"),
+        pytest.param(
+            ("--parallel.pipeline", "2", "--parallel.virtual_pipeline", "2"),
+            1e-2,
+            id="pp2-vpp2",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="measured 1.1% off at step 2 and a validation drop of 0.11 against 0.20 in 3 steps; "
+                "whether only the initial weights or also the interleaved schedule cause it is not known yet",
+            ),
+        ),
+    ],
+)
+def test_two_processes_follow_the_one_process_curve(
+    one_process: Path,
+    cache: Path,
+    header_slice: list[Path],
+    tmp_path: Path,
+    layout: tuple[str, ...],
+    rel: float,
+) -> None:
+    """The same global batch of 4 rows: one process runs 2 micro-batches of 2; DP=2 ranks one each;
+    PP=2 x VPP=2 runs both through megatron's interleaved schedule over nam-layout's 4 chunks."""
+    from nam_runtime.testing import run_ranks
+
+    two = tmp_path / "two"
+    argv = train_args(cache, header_slice, two, *SHORT, *layout)
+    assert run_ranks(train_rank, 2, argv, timeout_s=240) == [0, 0]
+    _follows(one_process, two, rel)
     assert (two / "checkpoints" / "step_0000003").is_dir()
 
 
@@ -161,6 +200,41 @@ def test_plasticity_plan_and_stp_run_from_config(
     assert any(k.startswith("plasticity/redo/dormant_fraction/") for k in train[1])
 
 
+def test_resume_with_redo_and_dash_matches_the_uninterrupted_run(
+    cache: Path, header_slice: list[Path], tmp_path: Path
+) -> None:
+    """DASH (with its gradient average) and ReDo act at step 4, after a resume from step 2: their
+    running averages come from the checkpoint, so the losses, ReDo's dormant fractions and the
+    validation after their edits equal the uninterrupted run's, bit for bit."""
+    extra = (
+        *("--training.steps", "4", "--training.eval_interval", "4", "--checkpoint.interval", "2"),
+        *(
+            "--plasticity.dash_at",
+            "[4]",
+            "--plasticity.dash_alpha",
+            "0.3",
+            "--plasticity.redo_at",
+            "[4]",
+            "--plasticity.redo_tau",
+            "0.5",
+        ),
+    )
+    whole = tmp_path / "whole"
+    assert main(train_args(cache, header_slice, whole, *extra)) == 0
+    marker = json.loads((whole / "checkpoints" / "step_0000002" / "nam_checkpoint.json").read_text())
+    assert marker["plasticity_state"] == ["dash", "redo"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")
+    assert main(train_args(cache, header_slice, resumed, *extra)) == 0
+    assert losses(resumed) == losses(whole)
+    assert losses(resumed, "valid") == losses(whole, "valid")
+    plasticity = {k: v for k, v in records(whole, "train")[3].items() if k.startswith("plasticity/redo/")}
+    assert plasticity and plasticity == {
+        k: v for k, v in records(resumed, "train")[3].items() if k.startswith("plasticity/redo/")
+    }
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -172,8 +246,12 @@ def test_plasticity_plan_and_stp_run_from_config(
         (["--world-size", "2", "--parallel.tensor", "3"], "is not divisible by parallel.tensor 3"),
         (["--training.global_batch_size", "3"], "training.global_batch_size = 3 is not divisible by"),
         (
-            ["--world-size", "2", "--parallel.pipeline", "2", "--parallel.virtual_pipeline", "2"],
-            "parallel.virtual_pipeline = 2: the interleaved pipeline schedule is not supported",
+            [
+                *("--world-size", "2", "--parallel.pipeline", "2", "--parallel.virtual_pipeline", "2"),
+                "--training.global_batch_size",
+                "6",
+            ],
+            "the interleaved schedule runs micro-batches in groups of parallel.pipeline = 2",
         ),
     ],
 )

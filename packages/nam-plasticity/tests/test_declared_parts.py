@@ -294,4 +294,4 @@ def test_dash_gradient_average_is_the_papers_from_zero() -> None:
     want = torch.zeros(3, 4)
     for g in grads:
         want = 0.7 * want + 0.3 * g
-    assert torch.allclose(dash._ema[id(lin.weight)].view(3, 4), want)
+    assert torch.allclose(dash.ema[id(lin.weight)].view(3, 4), want)

@@ -74,7 +74,9 @@ class Dash:
     """DASH with an optional gradient EMA kept over the slice of each parameter a rank owns."""
 
     config: DashConfig = field(default_factory=DashConfig)
-    _ema: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    ema: dict[int, torch.Tensor] = field(
+        default_factory=dict, repr=False
+    )  # by id(param): the owned slice, flat
 
     def observe(self, blocks: Sequence[Block], optimizer: Any) -> None:
         """Fold the current gradients into the EMA; the plan calls it every step when alpha is set."""
@@ -82,11 +84,9 @@ class Dash:
             return
         for param in {id(b.param): b.param for b in blocks}.values():
             g = _owned_grad(resolve(param, optimizer))
-            ema = self._ema.get(id(param))
+            ema = self.ema.get(id(param))
             a = self.config.alpha
-            self._ema[id(param)] = (
-                g.mul_(a) if ema is None else ema.mul_(1 - a).add_(g, alpha=a)
-            )  # from g = 0
+            self.ema[id(param)] = g.mul_(a) if ema is None else ema.mul_(1 - a).add_(g, alpha=a)  # from g = 0
 
     def apply(self, step: int, blocks: Sequence[Block], optimizer: Any) -> list[Record]:
         records: list[Record] = []
@@ -96,7 +96,7 @@ class Dash:
         for param_blocks in by_param.values():
             param = param_blocks[0].param
             master = resolve(param, optimizer)
-            g = self._ema.get(id(param)) if self.config.alpha is not None else None
+            g = self.ema.get(id(param)) if self.config.alpha is not None else None
             g = _owned_grad(master) if g is None else g
             w_full = master.read() if not master.sharded else None
             w = (w_full if w_full is not None else _owned_weight(master)).reshape(-1)

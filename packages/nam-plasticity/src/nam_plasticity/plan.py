@@ -5,11 +5,14 @@ plan.attach(model_chunks)                      # before the first forward (ReDo 
 ...
 optimizer.step()
 records = plan.step(step, model_chunks, optimizer, metrics)
+
+A checkpoint holds the plan's running state (``sharded_state_dict``, ``load_state_dict``: DASH's
+gradient EMA, ReDo's activation EMAs) beside the model, sharded as the parameters it belongs to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +23,7 @@ from nam_plasticity.dash import Dash, DashConfig
 from nam_plasticity.fire import FireConfig, apply_fire
 from nam_plasticity.records import Record
 from nam_plasticity.redo import Redo, RedoConfig
+from nam_plasticity.sharded import dash_state, load_dash, load_redo, parameter_entries, redo_state
 from nam_plasticity.stp import STP
 
 
@@ -59,6 +63,10 @@ class Plan:
     _dash: Dash | None = field(default=None, repr=False)
     _redo: Redo | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.dash is not None:
+            self._dash = Dash(self.dash_config)
+
     def attach(self, model_chunks: Sequence[nn.Module]) -> None:
         """Install what must watch the forward pass (ReDo's activation hooks)."""
         if self.redo is not None:
@@ -93,3 +101,45 @@ class Plan:
             self.stp.pop_metrics(metrics)
             self.stp.set_step(step + 1)  # the next forward belongs to the next step
         return records
+
+    def stateful(self) -> tuple[str, ...]:
+        """The levers that keep running state between steps: "dash" (with a gradient average),
+        "redo" (once attached)."""
+        dash = self._dash is not None and self.dash_config.alpha is not None
+        return tuple(name for name, on in (("dash", dash), ("redo", self._redo is not None)) if on)
+
+    def sharded_state_dict(
+        self,
+        model_chunks: Sequence[nn.Module],
+        optimizer: Any,
+        model_sharded: dict[str, Any],
+        levers: Collection[str] | None = None,
+    ) -> dict[str, Any]:
+        """The running state of ``levers`` (default: all of ``stateful()``) as megatron sharded
+        tensors, each the twin of its parameter's entry in ``model_sharded`` (the chunks' sharded
+        state dicts; nam_plasticity.sharded says how). A collective over the data-parallel groups.
+        Saving stores it; loading passes it to dist_checkpointing as the template, then the result
+        to ``load_state_dict``."""
+        wanted = self.stateful() if levers is None else tuple(levers)
+        entries = parameter_entries(model_sharded)
+        out: dict[str, Any] = {}
+        if "dash" in wanted and self._dash is not None:
+            out |= dash_state(self._dash, model_chunks, optimizer, entries)
+        if "redo" in wanted and self._redo is not None:
+            out |= redo_state(self._redo, entries)
+        return out
+
+    def load_state_dict(
+        self,
+        loaded: dict[str, Any],
+        model_chunks: Sequence[nn.Module],
+        optimizer: Any,
+        model_sharded: dict[str, Any],
+    ) -> None:
+        """Restore the running state from what dist_checkpointing loaded for ``sharded_state_dict``'s
+        template; the levers absent from ``loaded`` keep theirs."""
+        entries = parameter_entries(model_sharded)
+        if self._dash is not None and any(k.startswith("plasticity.dash.") for k in loaded):
+            load_dash(self._dash, model_chunks, optimizer, loaded, entries)
+        if self._redo is not None and any(k.startswith("plasticity.redo.") for k in loaded):
+            load_redo(self._redo, loaded, entries)

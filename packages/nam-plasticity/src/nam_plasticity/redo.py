@@ -96,7 +96,7 @@ class MLPLayer:
 
 
 @dataclass
-class _GroupedStats:
+class GroupedStats:
     """The activation EMA of all local experts of one grouped module, updated without a host sync."""
 
     ema: torch.Tensor  # [E_local, F_local]
@@ -171,11 +171,13 @@ class Redo:
     group: dist.ProcessGroup | None = None  # data-parallel group without megatron's parallel state
     layers: list[MLPLayer] = field(default_factory=list)
     _handles: list[Any] = field(default_factory=list, repr=False)
+    _grouped: dict[str, GroupedStats] = field(default_factory=dict, repr=False)  # by fc2's name
 
     def attach(self, model_chunks: Sequence[nn.Module]) -> None:
         """Hook every declared MLP's activations; the hooks update the EMA during training forwards."""
         self.detach()
         self.layers = []
+        self._grouped = {}
         for d, layers in _find_layers(model_chunks, self.config):
             for layer in layers:
                 layer.replicas = _replica_group(layer.expert is not None, self.group)
@@ -207,21 +209,19 @@ class Redo:
         """Per-expert means of |activation| over the expert's tokens, folded into its EMA on the
         device; an expert without tokens keeps its EMA, its first tokens initialise it."""
         beta = self.config.beta
-        stats: _GroupedStats | None = None
 
         def hook(act: torch.Tensor, counts: torch.Tensor) -> None:
-            nonlocal stats
             if not module.training or not torch.is_grad_enabled():
                 return
             x = act.detach().abs().float()
             counts = counts.to(x.device)
+            stats = self._grouped.get(experts[0].tensors[1])
             if stats is None:
-                stats = _GroupedStats(
+                stats = GroupedStats(
                     torch.zeros(len(experts), x.shape[-1], device=x.device),
                     torch.zeros(len(experts), dtype=torch.bool, device=x.device),
                 )
-                for i, layer in enumerate(experts):
-                    layer.ema, layer.seen = stats.ema[i], stats.seen[i]
+                self.set_grouped(experts, stats)
             ids = torch.repeat_interleave(
                 torch.arange(len(experts), device=x.device), counts, output_size=x.shape[0]
             )
@@ -234,8 +234,15 @@ class Redo:
 
         return hook
 
+    def set_grouped(self, experts: list[MLPLayer], stats: GroupedStats) -> None:
+        """Make ``stats`` the statistics of the local experts of one grouped module (each expert's
+        ``ema`` and ``seen`` are views of its row)."""
+        self._grouped[experts[0].tensors[1]] = stats
+        for i, layer in enumerate(experts):
+            layer.ema, layer.seen = stats.ema[i], stats.seen[i]
+
     @staticmethod
-    def _replica_ema(layer: MLPLayer) -> torch.Tensor | None:
+    def replica_ema(layer: MLPLayer) -> torch.Tensor | None:
         """The layer's EMA averaged over its data-parallel replicas that have statistics (None
         when none has). Every replica must call this: it is a collective over ``layer.replicas``."""
         has = layer.ema is not None and (layer.seen is None or bool(layer.seen))
@@ -258,7 +265,7 @@ class Redo:
     def _scored(self, layer: MLPLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(replica-averaged EMA, its normalised scores) of the local neurons; None before the
         layer's first forward on any replica."""
-        ema = self._replica_ema(layer)
+        ema = self.replica_ema(layer)
         if ema is None:
             return None
         return ema, ema / self._mean(layer, ema).clamp_min(torch.finfo(torch.float32).tiny)

@@ -74,6 +74,13 @@ def check(config: Config, world_size: int) -> Checked:
         problems.append(f"parallel.expert = {p.expert} but family {m.family} has no E layers")
     if p.virtual_pipeline > 1 and p.pipeline == 1:
         problems.append(f"parallel.virtual_pipeline = {p.virtual_pipeline} needs parallel.pipeline > 1")
+    elif p.virtual_pipeline > 1 and t.global_batch_size % (t.micro_batch_size * data * p.pipeline):
+        problems.append(
+            f"parallel.virtual_pipeline = {p.virtual_pipeline}: the interleaved schedule runs micro-batches in "
+            f"groups of parallel.pipeline = {p.pipeline}, but a step has training.global_batch_size / "
+            f"(micro_batch_size x data-parallel size) = {t.global_batch_size} / ({t.micro_batch_size} x {data}) "
+            f"of them; make it a multiple of {p.pipeline}"
+        )
     if t.global_batch_size % (t.micro_batch_size * data):
         problems.append(
             f"training.global_batch_size = {t.global_batch_size} is not divisible by "

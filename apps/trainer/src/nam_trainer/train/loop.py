@@ -94,9 +94,14 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
 
     run = build_run(checked, world)
     saved_config = dataclasses.replace(cfg, model=run.model).to_dict()  # the precision it trained in
+    plan = build_plan(cfg.plasticity, run.layout, t.seed, _sequence_group(cfg.parallel.sequence_parallel))
+    if plan is not None:
+        attach(plan, run.chunks)  # before the resume: it restores what the hooks accumulate
     state = TrainState()
     resumed = (
-        resume(run_dir, run.chunks, run.optimizer, run.scheduler, check, say) if newest is not None else None
+        resume(run_dir, run.chunks, run.optimizer, run.scheduler, check, say, plan)
+        if newest is not None
+        else None
     )
     if resumed is not None:
         state = TrainState.restored(*resumed)
@@ -108,10 +113,8 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
             "raise --training.steps to continue it, or pass another --checkpoint.dir to start afresh"
         )
         return EXIT_OK
-
-    plan = build_plan(cfg.plasticity, run.layout, t.seed, _sequence_group(cfg.parallel.sequence_parallel))
-    if plan is not None:
-        attach(plan, run.chunks, start + 1)
+    if plan is not None and plan.stp is not None:
+        plan.stp.set_step(start + 1)  # the next forward belongs to the next step
     feed = before_forward(plan)
     shard = Shard(t.global_batch_size, t.micro_batch_size, run.dp_rank, run.dp_size)
     order = TrainOrder(len(data.train), t.seed)
@@ -181,6 +184,7 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
                     ck.keep_last,
                     trained_on,
                     saved_config,
+                    plan,
                 )
                 metrics.note(f"step {step}: checkpoint {path}")
                 if stopping:

@@ -53,13 +53,12 @@ def build_plan(cfg: PlasticityConfig, layout: Layout, seed: int, sequence_group:
     return plan
 
 
-def attach(plan: Plan, chunks: list[Any], step: int) -> list[Any]:
-    """Install the plan's hooks on the model chunks (ReDo's activation hooks, STP on each stack);
-    ``step`` is the next step to run. Returns the STP hook handles."""
+def attach(plan: Plan, chunks: list[Any]) -> list[Any]:
+    """Install the plan's hooks on the model chunks (ReDo's activation hooks, STP on each stack).
+    Returns the STP hook handles."""
     plan.attach(chunks)
     handles = []
     if plan.stp is not None:
-        plan.stp.set_step(step)
         for chunk in chunks:
             handles.append(plan.stp.register(chunk.module.decoder))
     return handles

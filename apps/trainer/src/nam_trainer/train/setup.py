@@ -54,14 +54,11 @@ def init_world(checked: Checked) -> World:
     """torch.distributed and megatron's parallel state from [parallel] (gloo on CPU, NCCL on GPU)."""
     # what a step loads of megatron, before dist.initialize enables nam_runtime's CPU patches
     import_before_enable("nam_spec.model", "nam_spec.moe_metrics", "nam_trainer.train.checkpoint")
+    from megatron.core import parallel_state
+
     p = checked.config.parallel
-    if p.virtual_pipeline > 1:
-        raise ConfigError(
-            f"parallel.virtual_pipeline = {p.virtual_pipeline}: the interleaved pipeline schedule is not "
-            "supported by this trainer yet (nam-spec builds one chunk per stage); set it to 1"
-        )
     try:
-        return dist.initialize(
+        world = dist.initialize(
             tensor_parallel=p.tensor,
             pipeline_parallel=p.pipeline,
             expert_parallel=p.expert,
@@ -70,6 +67,9 @@ def init_world(checked: Checked) -> World:
         )
     except ValueError as err:
         raise ConfigError(f"[parallel]: {err}") from err
+    if p.virtual_pipeline > 1:  # get_forward_backward_func picks the interleaved schedule by it
+        parallel_state.set_virtual_pipeline_model_parallel_world_size(p.virtual_pipeline)
+    return world
 
 
 def build_run(
@@ -95,22 +95,32 @@ def build_run(
     reset_moe_state()  # left by any model built earlier in this process (tests, benchmarks, notebooks)
     model_cfg = cfg.model.replace(params_dtype=cfg.model.dtype_name)
     bf16 = model_cfg.params_dtype == "bfloat16"
-    if build is None:
-        model = build_model(checked.layout, model_cfg, p, plan=checked.stages)
+    if build is None:  # one chunk per virtual stage of nam-layout's plan (one without interleaving)
+        models = [
+            build_model(checked.layout, model_cfg, p, plan=checked.stages, vp_stage=v)
+            for v in range(p.virtual_pipeline)
+        ]
+    elif p.virtual_pipeline == 1:
+        models = [build(model_cfg, checked.layout)]
     else:
-        model = build(model_cfg, checked.layout)
-    model.to(world.device)
-    tc = model.config
-    ddp = DistributedDataParallel(
-        tc,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=p.distributed_optimizer
-        ),
-        model,
+        raise ConfigError(
+            f"parallel.virtual_pipeline = {p.virtual_pipeline}: a custom model build makes one chunk; set it to 1"
+        )
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=p.distributed_optimizer
     )
-    tc.no_sync_func = ddp.no_sync
+    chunks = []
+    for i, model in enumerate(models):
+        model.to(world.device)
+        if p.virtual_pipeline > 1:
+            # read by the interleaved schedule and its p2p; nam-layout's plan, not megatron's even
+            # split of num_layers, decides each chunk's layers, so it is set after validation
+            model.config.virtual_pipeline_model_parallel_size = p.virtual_pipeline
+        # as megatron's training: only the first chunk's grads overlap by buckets
+        chunks.append(DistributedDataParallel(model.config, ddp_config, model, disable_bucketing=i > 0))
+    tc = models[0].config  # the one the schedules read
+    tc.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
     tc.finalize_model_grads_func = finalize_model_grads  # data-parallel reduce, expert-bias update
-    chunks = [ddp]
     no_decay = ParamKey(
         with_name_predicate=ParamWithNamePredicate(
             name="nam_spec_no_weight_decay", fn=lambda param, name: no_weight_decay(name, param)

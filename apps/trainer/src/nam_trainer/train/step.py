@@ -79,7 +79,7 @@ def _run_schedule(
     scale = len(micro) * run.dp_size / max(float(tokens), 1.0)
     stats = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, scale, before_forward),
-        data_iterator=iter(micro),
+        data_iterator=[iter(micro) for _ in run.chunks],  # one per model chunk (virtual stage)
         model=run.chunks,
         num_microbatches=len(micro),
         seq_length=micro[0]["input_ids"].shape[1],

@@ -11,7 +11,8 @@ the last good one and a resumed run continues bit for bit.
 One checkpoint holds, per model chunk, megatron's sharded state dict (`model`, or `model0`,
 `model1`, ... for virtual pipeline chunks); the optimizer's sharded state dict over them (the
 distributed optimizer in its `dp_reshardable` format: each rank writes its own buffer shards, no
-gather); the learning-rate schedule; the caller's `state`; and the RNG state of every rank
+gather); the learning-rate schedule; the plasticity plan's running state (`plasticity`, sharded as
+the parameters it belongs to; the marker lists its levers); the caller's `state`; and the RNG state of every rank
 (python, numpy, torch CPU, CUDA, megatron's tensor-parallel tracker) as one sharded object per
 rank. `nam_checkpoint.json` records step, parallel layout, the model geometry and its
 fingerprint, what the weights were trained on (tokenizer, data), the size and sha256 of every file,

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.module import MegatronModule
 
+    from nam_plasticity import Plan
+
 _log = logging.getLogger(__name__)
 
 # What reading a damaged checkpoint raises: megatron's CheckpointingException and torch's errors are
@@ -39,11 +41,15 @@ def load_checkpoint(
     model: list[MegatronModule],
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
+    plan: Plan | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, schedule and this rank's RNG from the checkpoint at `path` (every
-    rank calls this); returns the `state` given to save_checkpoint. Raises DamagedCheckpoint, before
-    any tensor is read, when a file differs from the size and sha256 recorded at save."""
+    """Restore model, optimizer, schedule, this rank's RNG and `plan`'s running state from the
+    checkpoint at `path` (every rank calls this); returns the `state` given to save_checkpoint.
+    A lever of the plan whose state the checkpoint lacks starts afresh, saved state of a lever the
+    plan no longer has is ignored (a warning says which). Raises DamagedCheckpoint, before any
+    tensor is read, when a file differs from the size and sha256 recorded at save."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     path = Path(path)
@@ -61,13 +67,29 @@ def load_checkpoint(
         raise _damaged(path, exc) from exc
     sharded = state.model_sharded(chunks, sharded_metadata)
     marker.check_geometry(path, meta, marker.geometry(sharded))
+    model_part = dict(sharded)
     prime_adam_state(optimizer)
     sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded, sharded_metadata, is_loading=True)
+    saved_levers = set(meta.get("plasticity_state", []))
+    levers = [lever for lever in (plan.stateful() if plan is not None else ()) if lever in saved_levers]
+    if levers:
+        sharded["plasticity"] = plan.sharded_state_dict(chunks, optimizer, model_part, levers)
     sharded["rng_state"] = state.rng_object(None)
+    ignored = tuple(f"plasticity.{lever}." for lever in saved_levers - set(levers))
     try:
-        loaded = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RAISE_ALL)
+        loaded, missing, unexpected = dist_checkpointing.load(
+            sharded, str(path), strict=StrictHandling.RETURN_ALL
+        )
+        unexpected = [key for key in unexpected if not key.startswith(ignored)] if ignored else unexpected
+        if missing or unexpected:
+            raise CheckpointingException(
+                f"keys missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
     except _READ_ERRORS as exc:
         raise _damaged(path, exc) from exc
+    _plasticity_notice(path, plan, saved_levers)
+    if levers:
+        plan.load_state_dict(loaded["plasticity"], chunks, optimizer, model_part)
     state.load_model(chunks, loaded)
     load_optimizer_state(optimizer, loaded["optimizer"])
     restore_adam_steps(optimizer)
@@ -80,6 +102,18 @@ def load_checkpoint(
         )
     state.restore_rng(loaded["rng_state"])
     return loaded["state"]
+
+
+def _plasticity_notice(path: Path, plan: Plan | None, saved: set[str]) -> None:
+    now = set(plan.stateful() if plan is not None else ())
+    if now == saved or torch_dist.get_rank() != 0:
+        return
+    parts = []
+    if now - saved:
+        parts.append(f"{', '.join(sorted(now - saved))} start(s) without saved running state")
+    if saved - now:
+        parts.append(f"the saved state of {', '.join(sorted(saved - now))} is not used (off now)")
+    _log.warning("%s: plasticity: %s", path, "; ".join(parts))
 
 
 def _damaged(path: Path, exc: BaseException) -> DamagedCheckpoint:
@@ -99,6 +133,7 @@ def resume(
     scheduler: OptimizerParamScheduler,
     check: Callable[[Path], None],
     log: Callable[[str], None],
+    plan: Plan | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """Load the newest good checkpoint of `run_dir` (every rank calls this): find_latest's, else,
     when that one is damaged, the previous complete ones in turn. A damaged one is set aside as
@@ -109,7 +144,7 @@ def resume(
     for path in files.resume_candidates(run_dir):
         check(path)
         try:
-            saved = load_checkpoint(path, model, optimizer, scheduler)
+            saved = load_checkpoint(path, model, optimizer, scheduler, plan)
         except DamagedCheckpoint as exc:
             damaged.append(path.name)
             torch_dist.barrier()  # every rank has read it before it moves

@@ -80,6 +80,7 @@ def marker_text(
     trained_on: dict[str, Any] | None,
     files: dict[str, dict[str, Any]],
     config: dict[str, Any] | None = None,
+    plasticity: tuple[str, ...] = (),
 ) -> str:
     meta = {
         "format": FORMAT,
@@ -90,6 +91,7 @@ def marker_text(
         "model_fingerprint": _fingerprint(geometry),
         "trained_on": trained_on,
         "config": config,
+        "plasticity_state": list(plasticity),  # the levers whose running state is saved
         "versions": {"torch": torch.__version__, "megatron_core": _megatron_version()},
         "files": files,
         "geometry": geometry,

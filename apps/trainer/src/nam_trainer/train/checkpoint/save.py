@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.module import MegatronModule
 
+    from nam_plasticity import Plan
+
 GIB = 2**30
 
 
@@ -38,14 +40,16 @@ def save_checkpoint(
     keep_last: int,
     trained_on: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
+    plan: Plan | None = None,
 ) -> Path:
     """Write RUN_DIR/checkpoints/step_<step> (every rank calls this with the same arguments); returns
-        its path. Written under a temporary name and renamed once every rank has finished; then `latest`
-        names it and only the newest `keep_last` complete checkpoints remain. `trained_on` (the trainer's
-        tokenizer and data, nam_trainer.data.trained_on) is recorded for the resume's check, `config` (the
-    run's configuration, Config.to_dict) for nam_trainer.use.load to rebuild the model. Raises
-        DiskFull when the filesystem has less free space than the checkpoint's tensors need, or a write
-        fails with ENOSPC."""
+    its path. Written under a temporary name and renamed once every rank has finished; then `latest`
+    names it and only the newest `keep_last` complete checkpoints remain. `trained_on` (the trainer's
+    tokenizer and data, nam_trainer.data.trained_on) is recorded for the resume's check, `config` (the
+    run's configuration, Config.to_dict) for nam_trainer.use.load to rebuild the model; `plan`'s
+    running state (nam-plasticity: DASH's and ReDo's averages) is saved beside the model. Raises
+    DiskFull when the filesystem has less free space than the checkpoint's tensors need, or a write
+    fails with ENOSPC."""
     from megatron.core import dist_checkpointing
 
     if keep_last < 1:
@@ -68,6 +72,9 @@ def save_checkpoint(
     metadata = state.SHARDED_METADATA
     sharded = state.model_sharded(chunks, metadata)
     geometry = marker.geometry(sharded)
+    levers = plan.stateful() if plan is not None else ()
+    if levers:
+        sharded["plasticity"] = plan.sharded_state_dict(chunks, optimizer, sharded)
     sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded, metadata, is_loading=False)
     zero_optimizer_padding(sharded["optimizer"])  # else uninitialised memory: no two saves alike
     sharded["scheduler"] = schedule_state(scheduler)
@@ -89,7 +96,7 @@ def save_checkpoint(
         if rank == 0:
             layout = marker.parallel_layout(chunks, optimizer)
             sharding = metadata["distrib_optim_sharding_type"]
-            text = marker.marker_text(step, layout, sharding, geometry, trained_on, written, config)
+            text = marker.marker_text(step, layout, sharding, geometry, trained_on, written, config, levers)
             files.publish(root, tmp, final, text, keep_last)
     except BaseException as exc:
         full = _out_of_space(exc, root, tmp, need)
