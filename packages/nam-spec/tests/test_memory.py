@@ -13,7 +13,7 @@ from helpers import tiny
 
 from nam_layout import Layout
 from nam_spec.accounting import model_params
-from nam_spec.config import ModelConfig, ParallelConfig, SpecConfigError
+from nam_spec.config import ModelConfig, SpecConfigError
 from nam_spec.memory import GIB, layer_activation_bytes, memory_estimate
 from nam_spec.model import build_model
 from nam_spec.presets import preset
@@ -111,11 +111,6 @@ def test_full_nam56r_fits_nowhere_near_one_gpu_without_sharding() -> None:
 def test_bad_arguments_say_what_is_accepted(kwargs: dict, message: str) -> None:
     with pytest.raises(SpecConfigError, match=message):
         memory_estimate(SMALL, NAM56R, **kwargs)
-
-
-def test_model_parallel_sizes_are_refused_by_name() -> None:
-    with pytest.raises(SpecConfigError, match=r"covers parallel\.tensor = pipeline = expert = 1"):
-        memory_estimate(SMALL, NAM56R, ParallelConfig(pipeline=4), micro_batch_size=1)
 
 
 # ------------------------------------------------------------------------------------------------
