@@ -96,7 +96,9 @@ class RankParams:
         return self.dense + self.expert
 
 
-def rank_params(config: ModelConfig, plan: StagePlan, parallel: ParallelConfig, pipeline_rank: int) -> RankParams:
+def rank_params(
+    config: ModelConfig, plan: StagePlan, parallel: ParallelConfig, pipeline_rank: int
+) -> RankParams:
     """What megatron puts on one rank of pipeline rank ``pipeline_rank`` (every one of its tensor,
     expert and data-parallel ranks holds as much): the layers of its chunks in ``plan``, sharded as
     each letter declares; the vocabulary-parallel word embedding and the extras (n-gram tables

@@ -280,7 +280,9 @@ def memory_plan(
             sizes[-1] += output_kept
         held = _held_at_peak(pp, vp, rank, num_microbatches, sizes)
         present = [key for key in layer_bytes if any(key in c for c in chunks)]
-        activations = {key: sum(h * c.get(key, 0) for h, c in zip(held, chunks, strict=True)) for key in present}
+        activations = {
+            key: sum(h * c.get(key, 0) for h, c in zip(held, chunks, strict=True)) for key in present
+        }
         output = output_peak + (held[-1] - 1) * output_kept if holds_output else 0
         # backward re-runs one recomputed layer at a time
         transient = max((layer_bytes[key][1] - layer_bytes[key][0] for key in present), default=0)

@@ -115,7 +115,9 @@ class Letter:
         local = sequence_shard(tokens, parallel)
         if policy == "full":
             return activation_bytes(config) * local * config.hidden_size
-        return norm_bytes(config, local) + self.inner_activations(config, tokens, micro_batch, policy, parallel)
+        return norm_bytes(config, local) + self.inner_activations(
+            config, tokens, micro_batch, policy, parallel
+        )
 
     def inner_activations(
         self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute, parallel: ParallelConfig

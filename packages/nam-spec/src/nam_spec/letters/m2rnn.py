@@ -44,7 +44,9 @@ class M2RNN(MixerLetter):
         # the shared q/k head (projection and conv) and the pre-norm are replicated; the rest follows
         # the rank's value heads
         replicated = qk * h + qk * (r.conv_width + 1) + h
-        return LetterParams(mm + core + h, mm + core + h, mm, tensor_split=mm + core + h - replicated, expert=0)
+        return LetterParams(
+            mm + core + h, mm + core + h, mm, tensor_split=mm + core + h - replicated, expert=0
+        )
 
     def inner_activations(
         self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute, parallel: ParallelConfig
