@@ -72,8 +72,6 @@ def check(config: Config, world_size: int) -> Checked:
             )
     elif p.expert > 1:
         problems.append(f"parallel.expert = {p.expert} but family {m.family} has no E layers")
-    if p.virtual_pipeline > 1 and p.pipeline == 1:
-        problems.append(f"parallel.virtual_pipeline = {p.virtual_pipeline} needs parallel.pipeline > 1")
     if t.global_batch_size % (t.micro_batch_size * data):
         problems.append(
             f"training.global_batch_size = {t.global_batch_size} is not divisible by "
