@@ -184,10 +184,12 @@ class MemoryPlan:
     def table(self) -> str:
         """One line per pipeline rank: its peak, the phase of the peak and the micro-batches in
         flight per virtual stage then."""
+        where = [self.where(e.pipeline_rank) for e in self.stages]
+        width = max(map(len, where))
         return "\n".join(
-            f"  {self.where(e.pipeline_rank):<34} {e.total_gib:>8.2f} GiB   ({e.phase}; micro-batches "
-            f"in flight {'+'.join(map(str, e.in_flight))})"
-            for e in self.stages
+            f"  {w:<{width}} {e.total_gib:>8.2f} GiB   ({e.phase}; micro-batches in flight "
+            f"{'+'.join(map(str, e.in_flight))})"
+            for w, e in zip(where, self.stages, strict=True)
         )
 
 
