@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import tiny
+from helpers import saved_bytes, tiny
 
 from nam_layout import Layout
 from nam_spec.accounting import model_params
@@ -129,23 +129,6 @@ def fresh_moe_tracker() -> Iterator[None]:
     destroy_moe_metrics_tracker()
 
 
-def _saved_bytes(layer: torch.nn.Module, x: torch.Tensor, **kwargs: object) -> int:
-    """Bytes of the distinct storages autograd keeps for backward, parameters excluded (each one
-    held until the count is done, so that no address is reused by another)."""
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    storages: dict[int, torch.UntypedStorage] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x, **kwargs)
-    return sum(s.nbytes() for s in storages.values())
-
-
 @pytest.mark.parametrize("policy", ["none", "selective"])
 @pytest.mark.parametrize("letter", list("AE-"))
 def test_saved_activations_of_a_built_layer(
@@ -158,7 +141,7 @@ def test_saved_activations_of_a_built_layer(
     model.train()
     b = 2
     x = torch.randn(config.seq_length, b, config.hidden_size, requires_grad=True)
-    saved = _saved_bytes(
+    saved = saved_bytes(
         model.decoder.layers[0],
         x,
         attention_mask=None,

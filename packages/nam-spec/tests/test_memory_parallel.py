@@ -1,14 +1,15 @@
 """memory_plan at parallel layouts: its weights, gradient buffer and optimizer state against the
 real sharded tensors of a tiny model built over two gloo ranks (TP=2 with sequence parallelism,
-PP=2 with a tied embedding, PP=2 x 2 virtual stages, EP=2), how its activation terms scale with TP, SP
-and the pipeline schedule, and the one-line errors of combinations that cannot run."""
+PP=2 with a tied embedding, PP=2 x 2 virtual stages, EP=2), its activations against what layers
+built at TP=2 keep for backward, how its activation terms scale with TP, SP and the pipeline
+schedule, and the one-line errors of combinations that cannot run."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
-from helpers import tiny
+from helpers import saved_bytes, tiny
 
 from nam_layout import Layout, plan_stages
 from nam_runtime import dist
@@ -164,6 +165,50 @@ def test_tp2_experts_split_tokens_by_sequence_and_ffn_by_expert_tp() -> None:
 
 def test_output_splits_the_vocabulary_and_the_final_norm_by_sequence() -> None:
     assert 2 * output_bytes(SMALL, 1, SP2) == output_bytes(SMALL, 1)
+
+
+def _saved_at_tp2(expert_tensor: int) -> list[tuple[str, str, int, int]]:
+    """(letter, policy, saved, estimated) for one layer of each letter megatron runs on CPU as on
+    CUDA (A, E, '-'), built at TP=2 with sequence parallelism and run on this rank's sequence half."""
+    import torch
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+    from nam_spec.model import build_model
+
+    dist.initialize(tensor_parallel=2, expert_tensor_parallel=expert_tensor, seed=1)
+    parallel = ParallelConfig(tensor=2, sequence_parallel=True, expert_tensor=expert_tensor)
+    b, out = 2, []
+    for letter in ("A", "E", "-") if expert_tensor == 2 else ("E",):
+        for policy in ("none", "selective"):
+            config = tiny(seq_length=64, hidden_size=64, recompute={letter: policy})
+            model = build_model(Layout.tile(letter, 1), config, parallel)
+            model.train()
+            x = torch.randn(config.seq_length // 2, b, config.hidden_size, requires_grad=True)
+            rope = model.rotary_pos_emb(config.seq_length)
+            saved = saved_bytes(model.decoder.layers[0], x, attention_mask=None, rotary_pos_emb=rope)
+            cpu_norm = 4 * config.seq_length // 2 * b * config.hidden_size  # CPU's rms_norm keeps x * rsqrt
+            out.append(
+                (
+                    letter,
+                    policy,
+                    saved,
+                    layer_activation_bytes(config, letter, b, policy, parallel) + cpu_norm,
+                )
+            )
+            destroy_moe_metrics_tracker()
+    return out
+
+
+@pytest.mark.parametrize("expert_tensor", [2, 1])
+def test_saved_activations_of_layers_built_at_tp2(expert_tensor: int) -> None:
+    """What autograd keeps on each rank equals the estimate to a few scalars, but for E at expert-TP
+    2: tiny()'s allgather dispatcher also keeps the routing probabilities (fp32) and map (bool) of
+    both ranks' tokens, which the formula (of the default alltoall dispatcher) leaves out."""
+    for results in run_ranks(_saved_at_tp2, 2, expert_tensor):
+        for letter, policy, saved, estimated in results:
+            tokens = 64 * 2  # both ranks' sequence halves x micro-batch 2
+            gathered = 5 * tokens * tiny().moe.num_experts if (letter, expert_tensor) == ("E", 2) else 0
+            assert 0 <= saved - estimated <= 128 + gathered, (letter, policy, saved, estimated)
 
 
 def test_1f1b_rank_i_holds_pipeline_minus_i_micro_batches() -> None:
