@@ -69,8 +69,9 @@ parameters), ``torch.cuda.max_memory_allocated`` against this estimate:
 (micro-batches 2 and 4: the peak less what earlier runs of that process still held). Tests pin
 each within 5%. The parallel layouts are not measured on GPUs: their weights, gradient buffer
 and optimizer state are checked against the real sharded tensors of tiny models at TP=2 (sequence
-parallel), PP=2, PP=2 x 2 virtual stages and EP=2 over gloo (tests/test_memory_parallel.py), their
-activation terms by how they scale.
+parallel), PP=2 (tied), PP=2 x 2 virtual stages and EP=2 over gloo (tests/test_memory_parallel.py),
+their activation terms by how they scale and, for A, E and '-', against what layers built at TP=2
+with sequence parallelism keep for backward on CPU.
 """
 
 from __future__ import annotations
