@@ -52,7 +52,7 @@ def report(
     t = cfg.training
     out(
         f"training  {t.steps} steps, global batch {t.global_batch_size} = micro {t.micro_batch_size} x data "
-        f"{sizes.data} x {t.global_batch_size // (t.micro_batch_size * sizes.data)} microbatches, "
+        f"{sizes.data} x {checked.microbatches} microbatches, "
         f"{t.global_batch_size * m.seq_length:,} tokens per step, {m.dtype_name} parameters"
     )
     fits = model_report(checked, memory, gpu_memory_gib, out)
@@ -82,7 +82,7 @@ def estimate_memory(checked: Checked) -> MemoryPlan:
             checked.layout,
             cfg.parallel,
             micro_batch_size=t.micro_batch_size,
-            num_microbatches=t.global_batch_size // (t.micro_batch_size * checked.sizes.data),
+            num_microbatches=checked.microbatches,
             data_parallel=checked.sizes.data,
             distributed_optimizer=cfg.parallel.distributed_optimizer,
             plan=checked.stages,
@@ -127,14 +127,13 @@ def model_report(
         f"flops     {flops:.4g} model FLOPs per token forward+backward, {step:.4g} per step (6 x active "
         f"matmul weights + causal attention; scans not counted)"
     )
-    microbatches = t.global_batch_size // (t.micro_batch_size * sizes.data)
     peak = memory.peak
     where = memory.where(peak.pipeline_rank)
     out(
         f"memory    {peak.total_gib:.1f} GiB peak per GPU (micro-batch {t.micro_batch_size} x seq "
         f"{config.seq_length}, {config.dtype_name}, data parallel {sizes.data}, distributed optimizer "
         f"{'on' if cfg.parallel.distributed_optimizer else 'off'}, recompute {config.recompute}, "
-        f"{microbatches} micro-batches a step; nam_spec.memory) on the most loaded rank: {where}"
+        f"{checked.microbatches} micro-batches a step; nam_spec.memory) on the most loaded rank: {where}"
     )
     if len(memory.stages) > 1:
         for line in memory.table().splitlines():

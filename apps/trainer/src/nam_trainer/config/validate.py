@@ -32,6 +32,12 @@ class Checked:
     sizes: ParallelSizes
     stages: StagePlan
 
+    @property
+    def microbatches(self) -> int:
+        """Micro-batches a step runs on each data-parallel rank."""
+        t = self.config.training
+        return t.global_batch_size // (t.micro_batch_size * self.sizes.data)
+
 
 def check(config: Config, world_size: int) -> Checked:
     """Raise ConfigError listing every problem (nam-spec's model checks and the trainer's own rules),
