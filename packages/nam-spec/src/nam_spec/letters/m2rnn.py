@@ -41,12 +41,11 @@ class M2RNN(MixerLetter):
         qk, hv = 2 * r.num_qk_heads * r.head_dim_k, r.num_heads * r.head_dim_v
         mm = qk * h + h * r.num_heads * (2 * r.head_dim_v + 1) + hv * h
         core = (qk + hv) * (r.conv_width + 1) + 3 * r.num_heads + r.num_heads * r.head_dim_v**2 + hv
+        total = mm + core + h
         # the shared q/k head (projection and conv) and the pre-norm are replicated; the rest follows
         # the rank's value heads
         replicated = qk * h + qk * (r.conv_width + 1) + h
-        return LetterParams(
-            mm + core + h, mm + core + h, mm, tensor_split=mm + core + h - replicated, expert=0
-        )
+        return LetterParams(total, total, mm, tensor_split=total - replicated, expert=0)
 
     def inner_activations(
         self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute, parallel: ParallelConfig
