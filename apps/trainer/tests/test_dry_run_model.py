@@ -98,7 +98,57 @@ def test_full_nam56r_is_described_without_allocating_it(
     assert one_gpu > peak + 40
 
 
-def test_pipeline_parallel_memory_is_not_guessed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = _dry_run(tmp_path, capsys, "--preset", "nam56r", "--world-size", "4", "--parallel.pipeline", "4")
-    assert re.search(r"^memory    not estimated: .*parallel.pipeline 4", out, re.M)
+def test_every_pipeline_rank_is_estimated_and_the_most_loaded_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--preset", "nam56r", "--world-size", "8", "--parallel.pipeline", "4"]
+    out = _dry_run(tmp_path, capsys, *argv)
     assert _params(out)[1] == 5_574_492_448
+    stages = re.findall(r"^ {12}pipeline rank (\d) \(global ranks (\d)-(\d)\)\s+([\d.]+) GiB", out, re.M)
+    assert [(int(r), int(a), int(b)) for r, a, b, _ in stages] == [(r, 2 * r, 2 * r + 1) for r in range(4)]
+    peaks = [float(gib) for *_, gib in stages]
+    most = peaks.index(max(peaks))
+    assert f"on the most loaded rank: pipeline rank {most} (global ranks {2 * most}-{2 * most + 1})" in out
+    assert _peak_gib(out) == pytest.approx(max(peaks), abs=0.06)
+    assert "128 micro-batches a step" in out  # global batch 256 over micro-batch 1 x data 2
+
+    assert main(["--dry-run", "--data.cache_dir", str(tmp_path), *argv, "--gpu-memory-gib", "141"]) == 0
+    assert re.search(r"^ {10}fits a 141 GiB GPU \([\d.]+ GiB to spare\)$", capsys.readouterr().out, re.M)
+    assert main(["--dry-run", "--data.cache_dir", str(tmp_path), *argv, "--gpu-memory-gib", "10"]) == 5
+    assert f"does not fit a 10 GiB GPU: pipeline rank {most} (global ranks" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            [
+                "--world-size",
+                "2",
+                "--parallel.pipeline",
+                "2",
+                "--parallel.virtual_pipeline",
+                "2",
+                "--training.global_batch_size",
+                "12",
+            ],
+            "memory_estimate: 3 micro-batches per step is not a multiple of parallel.pipeline 2",
+        ),
+        (["--gpu-memory-gib", "0"], "argument --gpu-memory-gib: '0' is not a positive number of GiB"),
+    ],
+)
+def test_combinations_the_estimate_refuses_exit_2_before_any_output(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(["--dry-run", "--data.cache_dir", str(tmp_path), *argv])
+    except SystemExit as exit_:  # argparse's usage errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and message in err and len(err.splitlines()) == 1, err
+
+
+def test_gpu_memory_gib_needs_the_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--gpu-memory-gib", "80", "--data.cache_dir", str(tmp_path)])
+    assert exit_.value.code == 2 and "--gpu-memory-gib needs --dry-run" in capsys.readouterr().err

@@ -1,6 +1,9 @@
-"""Tiny geometries shared by the tests: every letter, widths that keep each test well under a second."""
+"""Tiny geometries shared by the tests (every letter, widths that keep each test well under a
+second), and what a layer saves for backward."""
 
 from __future__ import annotations
+
+import torch
 
 from nam_spec.config import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
 
@@ -20,3 +23,20 @@ def tiny(**changes: object) -> ModelConfig:
         backend="local",
     )
     return config.replace(**changes) if changes else config
+
+
+def saved_bytes(layer: torch.nn.Module, x: torch.Tensor, **kwargs: object) -> int:
+    """Bytes of the distinct storages autograd keeps for backward, parameters excluded (each one
+    held until the count is done, so that no address is reused by another)."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    storages: dict[int, torch.UntypedStorage] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, **kwargs)
+    return sum(s.nbytes() for s in storages.values())

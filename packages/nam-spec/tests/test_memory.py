@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import tiny
+from helpers import saved_bytes, tiny
 
 from nam_layout import Layout
 from nam_spec.accounting import model_params
-from nam_spec.config import ModelConfig, ParallelConfig, SpecConfigError
+from nam_spec.config import ModelConfig, SpecConfigError
 from nam_spec.memory import GIB, layer_activation_bytes, memory_estimate
 from nam_spec.model import build_model
 from nam_spec.presets import preset
@@ -113,11 +113,6 @@ def test_bad_arguments_say_what_is_accepted(kwargs: dict, message: str) -> None:
         memory_estimate(SMALL, NAM56R, **kwargs)
 
 
-def test_model_parallel_sizes_are_refused_by_name() -> None:
-    with pytest.raises(SpecConfigError, match=r"covers parallel\.tensor = pipeline = expert = 1"):
-        memory_estimate(SMALL, NAM56R, ParallelConfig(pipeline=4), micro_batch_size=1)
-
-
 # ------------------------------------------------------------------------------------------------
 # Against real tensors on CPU
 # ------------------------------------------------------------------------------------------------
@@ -134,23 +129,6 @@ def fresh_moe_tracker() -> Iterator[None]:
     destroy_moe_metrics_tracker()
 
 
-def _saved_bytes(layer: torch.nn.Module, x: torch.Tensor, **kwargs: object) -> int:
-    """Bytes of the distinct storages autograd keeps for backward, parameters excluded (each one
-    held until the count is done, so that no address is reused by another)."""
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    storages: dict[int, torch.UntypedStorage] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x, **kwargs)
-    return sum(s.nbytes() for s in storages.values())
-
-
 @pytest.mark.parametrize("policy", ["none", "selective"])
 @pytest.mark.parametrize("letter", list("AE-"))
 def test_saved_activations_of_a_built_layer(
@@ -163,7 +141,7 @@ def test_saved_activations_of_a_built_layer(
     model.train()
     b = 2
     x = torch.randn(config.seq_length, b, config.hidden_size, requires_grad=True)
-    saved = _saved_bytes(
+    saved = saved_bytes(
         model.decoder.layers[0],
         x,
         attention_mask=None,

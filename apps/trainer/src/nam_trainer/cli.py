@@ -2,7 +2,10 @@
 
 commands:
   nam-train [--preset NAME] [--config FILE ...] [--section.key VALUE ...]   train (or resume)
-  nam-train [same options] --dry-run   what would be built, without building or writing anything
+  nam-train [same options] --dry-run [--gpu-memory-gib G]
+                                       what would be built, without building or writing anything,
+                                       with every pipeline rank's memory estimate (and whether the
+                                       most loaded rank fits a G GiB GPU)
   nam-train data [same options]        build or verify the tokenizer and packed-data cache
   nam-train report RUN_DIR             PNG plots of RUN_DIR/metrics.jsonl into RUN_DIR/report
   nam-train eval --checkpoint DIR [--data.KEY VALUE ...]   loss, perplexity, bits per byte
@@ -28,6 +31,7 @@ exit codes:
        one), a bad command line
   3    stopped by training.max_consecutive_skips non-finite losses in a row
   4    no disk space for a checkpoint (the last good one is intact; free space and rerun to resume)
+  5    --dry-run --gpu-memory-gib G: the most loaded rank's memory estimate does not fit G GiB
   130  interrupted (Ctrl-C) before training began: data preparation, process set-up, model build
   141  stdout closed early (nam-train --dry-run | head)
 """
@@ -35,6 +39,7 @@ exit codes:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -51,6 +56,7 @@ from nam_trainer.paths import usable_dir
 
 EXIT_INVALID = 2
 EXIT_NO_SPACE = 4
+EXIT_NO_FIT = 5
 INTERRUPTED = (
     "interrupted before training began; nothing half-built is kept (the data cache holds only "
     "complete entries, the run directory only complete checkpoints)"
@@ -86,12 +92,28 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the layout, parallel plan and data plan, then stop"
     )
     p.add_argument(
+        "--gpu-memory-gib",
+        type=_positive_gib,
+        metavar="G",
+        help="with --dry-run: say whether the most loaded rank fits a GPU of G GiB (exit 5 if not)",
+    )
+    p.add_argument(
         "--world-size",
         type=int,
         default=os.environ.get("WORLD_SIZE", "1"),  # a string default goes through type= too
         help="number of processes to plan for (default: $WORLD_SIZE from torchrun, else 1)",
     )
     return p
+
+
+def _positive_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of GiB")
+    return value
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -149,7 +171,10 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"nam-train {arguments[0]}: {err}", file=sys.stderr)
             return EXIT_INVALID
     options, overrides = _split_overrides(arguments)
-    args = _parser().parse_args(options)
+    parser = _parser()
+    args = parser.parse_args(options)
+    if args.gpu_memory_gib is not None and not args.dry_run:
+        parser.error("--gpu-memory-gib needs --dry-run (it checks the memory estimate, not a live run)")
     try:
         config = load_config(args.preset, args.config, overrides)
         checked = check(config, args.world_size)
@@ -166,8 +191,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return 0
         if args.dry_run:
             layers = [f"preset {args.preset}", *(f"config {c}" for c in args.config)]
-            report(checked, " < ".join(layers + (["command-line overrides"] if overrides else [])))
-            return 0
+            sources = " < ".join(layers + (["command-line overrides"] if overrides else []))
+            return 0 if report(checked, sources, args.gpu_memory_gib) else EXIT_NO_FIT
         usable_dir(config.data.cache_dir, "data.cache_dir")
         usable_dir(config.checkpoint.dir, "checkpoint.dir")
         from nam_trainer.train.checkpoint import CheckpointError, DiskFull

@@ -16,7 +16,7 @@ from nam_spec.config import (
     SpecConfigError,
 )
 from nam_spec.letters import LETTERS
-from nam_spec.memory import MemoryEstimate, memory_estimate
+from nam_spec.memory import MemoryEstimate, MemoryPlan, memory_estimate, memory_plan
 from nam_spec.presets import PRESETS, preset
 from nam_spec.validation import problems, validate
 
@@ -30,6 +30,7 @@ __all__ = [
     "M2RNNConfig",
     "MambaConfig",
     "MemoryEstimate",
+    "MemoryPlan",
     "MoEConfig",
     "ModelConfig",
     "ParallelConfig",
@@ -40,6 +41,7 @@ __all__ = [
     "layer_specs",
     "letter_params",
     "memory_estimate",
+    "memory_plan",
     "model_flops_per_token",
     "model_params",
     "preset",

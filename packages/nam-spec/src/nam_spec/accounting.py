@@ -1,7 +1,8 @@
 """Parameter counts from the geometry alone (no tensors), and model FLOPs (DESIGN.md).
 
-Counts are of the whole model (all tensor-parallel shards together). ``active`` counts the routed
-experts at top_k / num_experts, as a token sees them. Each letter's formula lives in its module
+Counts are of the whole model (all tensor-parallel shards together), except :func:`rank_params`:
+what one rank holds at a parallel layout. ``active`` counts the routed experts at top_k /
+num_experts, as a token sees them. Each letter's formula lives in its module
 (:mod:`nam_spec.letters`); this module adds the embedding, its extras and the output layer.
 """
 
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nam_layout import Layout
-from nam_spec.config import ModelConfig
+from nam_layout import Layout, StagePlan
+from nam_spec.config import ModelConfig, ParallelConfig
 from nam_spec.letters import LetterParams, letter
 
 
@@ -18,12 +19,18 @@ def letter_params(config: ModelConfig, key: str) -> LetterParams:
     return letter(key).params(config)
 
 
+def ngram_table_params(config: ModelConfig) -> int:
+    """The n-gram hash tables alone: the one part of the extras split (by rows) over TP ranks."""
+    ngram = config.embedding.ngram_config()
+    return 0 if ngram is None else ngram.rows * ngram.dim
+
+
 def embedding_extra_params(config: ModelConfig) -> int:
     """The n-gram hash tables with their projection, and the structure channels' table, per-channel
     scales and up-projection (nam-embed's modules, counted from their configs)."""
-    h, total = config.hidden_size, 0
+    h, total = config.hidden_size, ngram_table_params(config)
     if (ngram := config.embedding.ngram_config()) is not None:
-        total += ngram.rows * ngram.dim + ngram.num_tables * ngram.dim * h
+        total += ngram.num_tables * ngram.dim * h
     if (structure := config.embedding.structure_config()) is not None:
         vocab = sum(structure.schema[name].vocab for name in structure.channels)
         total += vocab * structure.bottleneck + len(structure.channels) + structure.bottleneck * h
@@ -74,6 +81,44 @@ def model_params(config: ModelConfig, layout: Layout) -> ModelParams:
         output=emb if config.untie_output else 0,
         final_norm=config.hidden_size,
     )
+
+
+@dataclass(frozen=True)
+class RankParams:
+    """The parameters one rank holds: ``dense`` (their optimizer state is split over the
+    data-parallel group) and the routed ``expert`` ones (over the expert-data-parallel group)."""
+
+    dense: int
+    expert: int
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+
+def rank_params(
+    config: ModelConfig, plan: StagePlan, parallel: ParallelConfig, pipeline_rank: int
+) -> RankParams:
+    """What megatron puts on one rank of pipeline rank ``pipeline_rank`` (every one of its tensor,
+    expert and data-parallel ranks holds as much): the layers of its chunks in ``plan``, sharded as
+    each letter declares; the vocabulary-parallel word embedding and the extras (n-gram tables
+    split by rows, the rest replicated) with the first chunk; the final norm and the vocabulary-
+    parallel output layer with the last, which holds its own copy of a tied embedding unless it is
+    the first chunk too."""
+    tp, last = parallel.tensor, len(plan.chunks) - 1
+    vocab_shard = config.vocab_size * config.hidden_size // tp
+    dense = expert = 0
+    for virtual in range(plan.virtual):
+        chunk = plan.chunk_index(pipeline_rank, virtual)
+        for key in plan.chunk_kinds(pipeline_rank, virtual):
+            layer_dense, layer_expert = letter_params(config, key).local(parallel)
+            dense, expert = dense + layer_dense, expert + layer_expert
+        if chunk == 0:
+            tables = ngram_table_params(config)
+            dense += vocab_shard + embedding_extra_params(config) - tables + tables // tp
+        if chunk == last:
+            dense += config.hidden_size + (vocab_shard if config.untie_output or last > 0 else 0)
+    return RankParams(dense, expert)
 
 
 def model_flops_per_token(config: ModelConfig, layout: Layout) -> float:

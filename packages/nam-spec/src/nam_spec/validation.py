@@ -63,6 +63,24 @@ def problems(config: ModelConfig, layout: Layout, parallel: ParallelConfig | Non
             )
     if parallel.pipeline > layout.depth:
         out.append(f"parallel.pipeline {parallel.pipeline} exceeds the depth {layout.depth}")
+    if parallel.virtual_pipeline > 1 and parallel.pipeline == 1:
+        out.append(f"parallel.virtual_pipeline {parallel.virtual_pipeline} needs parallel.pipeline > 1")
+    tp = parallel.tensor
+    if config.vocab_size % tp:
+        out.append(
+            f"model.vocab_size {config.vocab_size} is not divisible by parallel.tensor {tp} "
+            "(the embedding and output layer split the vocabulary across tensor ranks)"
+        )
+    try:
+        ngram = config.embedding.ngram_config()
+    except ValueError as err:
+        out.append(f"model.embedding.ngram_*: {err}")
+    else:
+        if ngram is not None and ngram.rows % tp:
+            out.append(
+                f"the n-gram embedding's {ngram.rows} table rows are not divisible by parallel.tensor {tp} "
+                "(they split by rows across tensor ranks; a power of two up to 128 always divides them)"
+            )
     if parallel.sequence_parallel and parallel.tensor > 1 and config.seq_length % parallel.tensor:
         out.append(
             f"model.seq_length {config.seq_length} is not divisible by parallel.tensor {parallel.tensor} "

@@ -32,6 +32,12 @@ class Checked:
     sizes: ParallelSizes
     stages: StagePlan
 
+    @property
+    def microbatches(self) -> int:
+        """Micro-batches a step runs on each data-parallel rank."""
+        t = self.config.training
+        return t.global_batch_size // (t.micro_batch_size * self.sizes.data)
+
 
 def check(config: Config, world_size: int) -> Checked:
     """Raise ConfigError listing every problem (nam-spec's model checks and the trainer's own rules),
@@ -72,9 +78,7 @@ def check(config: Config, world_size: int) -> Checked:
             )
     elif p.expert > 1:
         problems.append(f"parallel.expert = {p.expert} but family {m.family} has no E layers")
-    if p.virtual_pipeline > 1 and p.pipeline == 1:
-        problems.append(f"parallel.virtual_pipeline = {p.virtual_pipeline} needs parallel.pipeline > 1")
-    elif p.virtual_pipeline > 1 and t.global_batch_size % (t.micro_batch_size * data * p.pipeline):
+    if p.virtual_pipeline > 1 and t.global_batch_size % (t.micro_batch_size * data * p.pipeline):
         problems.append(
             f"parallel.virtual_pipeline = {p.virtual_pipeline}: the interleaved schedule runs micro-batches in "
             f"groups of parallel.pipeline = {p.pipeline}, but a step has training.global_batch_size / "

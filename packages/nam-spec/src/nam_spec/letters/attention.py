@@ -69,15 +69,18 @@ class Attention(Letter):
     def params(self, config: ModelConfig) -> LetterParams:
         h, a, d = config.hidden_size, config.attention, config.head_dim
         mm = h * (a.num_heads * d + 2 * a.num_kv_heads * d) + a.num_heads * d * h
-        return LetterParams(mm + h, mm + h, mm)
+        return LetterParams(mm + h, mm + h, mm, tensor_split=mm, expert=0)  # the pre-norm replicated
 
     def extra_flops_per_token(self, config: ModelConfig) -> float:
         # causal attention: half of the dense 12 x seq x (heads x head dim)
         return 6.0 * config.seq_length * config.attention.num_heads * config.head_dim
 
-    def inner_activations(self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute) -> int:
-        a, hn = activation_bytes(config), config.head_dim
-        np_, ng = config.attention.num_heads, config.attention.num_kv_heads
+    def inner_activations(
+        self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute, parallel: ParallelConfig
+    ) -> int:
+        # every tensor but the RoPE tables holds the rank's heads over the whole sequence
+        a, hn, tp = activation_bytes(config), config.head_dim, parallel.tensor
+        np_, ng = config.attention.num_heads // tp, config.attention.num_kv_heads // tp
         qkv = a * tokens * (np_ + 2 * ng) * hn  # linear_qkv's output stays whole: value is a view of it
         rotated = a * tokens * (np_ + ng) * hn  # query and key after RoPE (new tensors, saved by SDPA)
         rope = 4 * a * config.seq_length * hn  # cos and sin tables for query and key

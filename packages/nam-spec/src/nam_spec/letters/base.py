@@ -27,16 +27,37 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 @dataclass(frozen=True)
 class LetterParams:
-    """One layer's parameters (whole model: all tensor-parallel shards together)."""
+    """One layer's parameters (whole model: all tensor-parallel shards together), and how megatron
+    places them: ``tensor_split`` of them are split evenly over the tensor-parallel ranks (column-
+    and row-parallel weights, the per-head parameters of the local heads), ``expert`` are the routed
+    experts, split over expert-parallel x expert-tensor-parallel ranks; the rest (norms, router,
+    shared q/k head) is replicated on every rank."""
 
     total: int
     active: int  # as a token sees them: routed experts at top_k / num_experts
     matmul_active: int  # active weights of matrix multiplies (what the FLOP formula counts)
+    tensor_split: int
+    expert: int
+
+    def local(self, parallel: ParallelConfig) -> tuple[int, int]:
+        """(dense, expert) parameters of this layer on one rank; the letter's checks make the
+        splits exact."""
+        replicated = self.total - self.tensor_split - self.expert
+        return (
+            replicated + self.tensor_split // parallel.tensor,
+            self.expert // (parallel.expert * parallel.expert_tensor_size),
+        )
 
 
 def activation_bytes(config: ModelConfig) -> int:
     """Bytes per activation element: the parameter dtype (megatron trains in it)."""
     return BYTES[config.dtype_name]
+
+
+def sequence_shard(tokens: int, parallel: ParallelConfig) -> int:
+    """The tokens of ``tokens`` one tensor-parallel rank holds in [s, b, h] tensors between the
+    parallel linears: a 1/tp shard of the sequence under sequence parallelism, else all."""
+    return tokens // parallel.tensor if parallel.sequence_parallel else tokens
 
 
 def norm_bytes(config: ModelConfig, tokens: int) -> int:
@@ -84,17 +105,32 @@ class Letter:
         """Forward+backward FLOPs per token beyond 6 x matmul weights (DESIGN.md's formula)."""
         return 0.0
 
-    def activations(self, config: ModelConfig, micro_batch: int, policy: Recompute) -> int:
-        """Bytes one layer keeps for backward at ``seq_length`` x ``micro_batch`` under ``policy``,
-        on the local backend's CUDA paths. The layer input is always kept (by its norm, or by the
-        checkpoint under "full")."""
+    def activations(
+        self,
+        config: ModelConfig,
+        micro_batch: int,
+        policy: Recompute,
+        parallel: ParallelConfig | None = None,
+    ) -> int:
+        """Bytes one layer keeps for backward on one rank at ``seq_length`` x ``micro_batch`` under
+        ``policy``, on the local backend's CUDA paths. The layer input is always kept (by its norm,
+        or by the checkpoint under "full"); under sequence parallelism it is the rank's sequence
+        shard."""
+        parallel = parallel or ParallelConfig()
         tokens = config.seq_length * micro_batch
+        local = sequence_shard(tokens, parallel)
         if policy == "full":
-            return activation_bytes(config) * tokens * config.hidden_size
-        return norm_bytes(config, tokens) + self.inner_activations(config, tokens, micro_batch, policy)
+            return activation_bytes(config) * local * config.hidden_size
+        return norm_bytes(config, local) + self.inner_activations(
+            config, tokens, micro_batch, policy, parallel
+        )
 
-    def inner_activations(self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute) -> int:
-        """What the layer saves beyond its pre-norm (``policy`` is "none" or "selective")."""
+    def inner_activations(
+        self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute, parallel: ParallelConfig
+    ) -> int:
+        """What the layer saves beyond its pre-norm (``policy`` is "none" or "selective") on one
+        tensor-parallel rank: ``tokens`` is the whole sequence x micro-batch, of which the rank
+        holds what :func:`sequence_shard` says between the parallel linears."""
         raise NotImplementedError
 
     def problems(self, config: ModelConfig, parallel: ParallelConfig) -> list[str]:

@@ -12,7 +12,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from nam_spec.config import ModelConfig, ParallelConfig, Recompute
-from nam_spec.letters.base import Letter, LetterParams, activation_bytes
+from nam_spec.letters.base import Letter, LetterParams, activation_bytes, sequence_shard
 from nam_spec.letters.mlp import swiglu_bytes
 
 if TYPE_CHECKING:
@@ -71,20 +71,29 @@ class Experts(Letter):
         shared = 3 * m.shared_ffn_hidden_size * h
         router = m.num_experts * h
         mm = experts * m.top_k // m.num_experts + shared + router
-        return LetterParams(experts + shared + router + h, mm + h, mm)
+        # the shared expert is column/row-parallel over TP; router and pre-norm are replicated
+        return LetterParams(experts + shared + router + h, mm + h, mm, tensor_split=shared, expert=experts)
 
-    def inner_activations(self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute) -> int:
+    def inner_activations(
+        self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute, parallel: ParallelConfig
+    ) -> int:
+        # Balanced routing: the router sees the rank's sequence shard (t); its top-k copies go to the
+        # experts' ranks over EP (as many arrive as leave) and are gathered over the expert-TP group,
+        # whose ranks each compute FFN / expert-TP of every copy (tx of them)
         a, m, h = activation_bytes(config), config.moe, config.hidden_size
-        t, tk, f, e = tokens, tokens * m.top_k, m.ffn_hidden_size, m.num_experts
+        etp = parallel.expert_tensor_size
+        t, e = sequence_shard(tokens, parallel), m.num_experts
+        tk, tx, f = t * m.top_k, t * m.top_k * etp, m.ffn_hidden_size // etp
         # router (fp32): two sigmoid outputs (routing, aux loss), the probs' transposed copy, the bool
         # routing map; top-k indices twice (int64), the gathered top-k scores and their sums
         router = 3 * 4 * t * e + t * e + 2 * 8 * tk + 4 * tk + 2 * 4 * t
-        permutation = 8 * tk + 4 * tk  # sorted indices (int64), permuted probs (fp32)
-        permuted = a * tk * h  # the experts' sorted input (saved by fc1's grouped_mm)
-        fc1 = a * tk * 2 * f  # gate and up, kept by the SwiGLU
-        swiglu = 2 * a * tk * f  # silu(gate), silu(gate) * up; the moe_act checkpoint drops both
-        fc2_in = a * tk * f  # SwiGLU x prob, fc2's input
-        shared = swiglu_bytes(config, t, m.shared_ffn_hidden_size)  # megatron MLP, as the '-' letter's
+        permutation = 8 * tk + 4 * tx  # sorted indices (int64), permuted probs (fp32)
+        permuted = a * tx * h  # the experts' sorted input (saved by fc1's grouped_mm)
+        fc1 = a * tx * 2 * f  # gate and up, kept by the SwiGLU
+        swiglu = 2 * a * tx * f  # silu(gate), silu(gate) * up; the moe_act checkpoint drops both
+        fc2_in = a * tx * f  # SwiGLU x prob, fc2's input
+        # megatron's MLP over the whole sequence (its fc1 gathers it), as the '-' letter's
+        shared = swiglu_bytes(config, tokens, m.shared_ffn_hidden_size // parallel.tensor)
         experts = permuted + fc1 + (0 if policy == "selective" else swiglu) + fc2_in
         return router + permutation + experts + shared
 

@@ -41,25 +41,34 @@ class M2RNN(MixerLetter):
         qk, hv = 2 * r.num_qk_heads * r.head_dim_k, r.num_heads * r.head_dim_v
         mm = qk * h + h * r.num_heads * (2 * r.head_dim_v + 1) + hv * h
         core = (qk + hv) * (r.conv_width + 1) + 3 * r.num_heads + r.num_heads * r.head_dim_v**2 + hv
-        return LetterParams(mm + core + h, mm + core + h, mm)
+        total = mm + core + h
+        # the shared q/k head (projection and conv) and the pre-norm are replicated; the rest follows
+        # the rank's value heads
+        replicated = qk * h + qk * (r.conv_width + 1) + h
+        return LetterParams(total, total, mm, tensor_split=total - replicated, expert=0)
 
-    def inner_activations(self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute) -> int:
+    def inner_activations(
+        self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute, parallel: ParallelConfig
+    ) -> int:
+        # the shared q/k head is whole on every rank (gathered over the sequence); the rest holds the
+        # rank's value heads
         a, r, t = activation_bytes(config), config.m2rnn, tokens
-        hv, qk = r.num_heads * r.head_dim_v, 2 * r.num_qk_heads * r.head_dim_k
+        heads = r.num_heads // parallel.tensor
+        hv, qk = heads * r.head_dim_v, 2 * r.num_qk_heads * r.head_dim_k
         qk_proj = a * t * qk  # q/k projection output (the conv's input; the checkpoint's too)
         out = a * t * hv  # out_proj's input
-        vgf = a * t * r.num_heads * (2 * r.head_dim_v + 1)  # in_proj output: v, g, x_f per head
+        vgf = a * t * heads * (2 * r.head_dim_v + 1)  # in_proj output: v, g, x_f per head
         if policy == "selective":  # the core checkpoint keeps its two inputs only
             return qk_proj + vgf + out
         q_k = a * t * qk  # conv output split into q and k, made contiguous for the scan
         v = 2 * a * t * hv  # v before the conv (a copy out of in_proj's output) and after
-        gate = 3 * 4 * t * r.num_heads  # fp32 forget gate: softplus input and output, f
+        gate = 3 * 4 * t * heads  # fp32 forget gate: softplus input and output, f
         steps = micro_batch * math.ceil(config.seq_length / CHECKPOINT_STEPS)
-        states = 4 * steps * r.num_heads * r.head_dim_k * r.head_dim_v  # the scan's fp32 state checkpoints
+        states = 4 * steps * heads * r.head_dim_k * r.head_dim_v  # the scan's fp32 state checkpoints
         # the fp32 epilogue: (y + D v) * silu(g), then the per-head RMSNorm, keeps six [t, hv] tensors
         # (g and v upcast, the sum, silu(g), the product, the normed product) and the rsqrt per head;
         # in fp32 the upcasts are no-ops: g stays a view that keeps in_proj's output, v is the saved v
-        epilogue = (6 * 4 * t * hv if a < 4 else 4 * 4 * t * hv + vgf) + 4 * t * r.num_heads
+        epilogue = (6 * 4 * t * hv if a < 4 else 4 * 4 * t * hv + vgf) + 4 * t * heads
         return qk_proj + q_k + v + gate + states + epilogue + out
 
     def problems(self, config: ModelConfig, parallel: ParallelConfig) -> list[str]:

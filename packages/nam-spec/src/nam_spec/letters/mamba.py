@@ -41,18 +41,20 @@ class Mamba(MixerLetter):
         mm = h * (2 * di + 2 * gn + nh) + di * h
         conv = (di + 2 * gn) * (s.conv_width + 1)
         core = conv + 3 * nh + di  # conv weight+bias, dt_bias, A_log, D, gated-norm weight
-        return LetterParams(mm + core + h, mm + core + h, mm)
+        # projections and core follow the rank's channels, groups and heads; the pre-norm is replicated
+        return LetterParams(mm + core + h, mm + core + h, mm, tensor_split=mm + core, expert=0)
 
-    def inner_activations(self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute) -> int:
-        a, mc = activation_bytes(config), config.mamba
+    def inner_activations(
+        self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute, parallel: ParallelConfig
+    ) -> int:
+        # every tensor holds the rank's channels, groups and heads over the whole sequence
+        a, mc, tp = activation_bytes(config), config.mamba, parallel.tensor
         di = mc.expand * config.hidden_size
-        d_in_proj = 2 * di + 2 * mc.ngroups * mc.d_state + di // mc.head_dim
+        d_in_proj = (2 * di + 2 * mc.ngroups * mc.d_state + di // mc.head_dim) // tp
         zxbcdt = a * tokens * d_in_proj  # in_proj output, saved whole by mamba_split_conv1d_scan_combined
-        core = (
-            a * tokens * di + 4 * tokens * mc.ngroups
-        )  # its pre-norm y and fp32 group rstd; conv recomputed
-        out = a * tokens * di  # out_proj's input
-        return zxbcdt + (0 if policy == "selective" else core) + out
+        core = a * tokens * di // tp + 4 * tokens * mc.ngroups // tp  # its pre-norm y, fp32 group rstd
+        out = a * tokens * di // tp  # out_proj's input
+        return zxbcdt + (0 if policy == "selective" else core) + out  # the conv is recomputed
 
     def problems(self, config: ModelConfig, parallel: ParallelConfig) -> list[str]:
         m, tp = config.mamba, parallel.tensor

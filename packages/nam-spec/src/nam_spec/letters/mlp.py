@@ -65,11 +65,14 @@ class DenseMLP(Letter):
 
     def params(self, config: ModelConfig) -> LetterParams:
         mm = 3 * config.ffn_hidden_size * config.hidden_size
-        return LetterParams(mm + config.hidden_size, mm + config.hidden_size, mm)
+        return LetterParams(mm + config.hidden_size, mm + config.hidden_size, mm, tensor_split=mm, expert=0)
 
-    def inner_activations(self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute) -> int:
-        # the "mlp" checkpoint keeps none of the MLP's tensors
-        return 0 if policy == "selective" else swiglu_bytes(config, tokens, config.ffn_hidden_size)
+    def inner_activations(
+        self, config: ModelConfig, tokens: int, micro_batch: int, policy: Recompute, parallel: ParallelConfig
+    ) -> int:
+        # the "mlp" checkpoint keeps none of the MLP's tensors; fc1 is column-parallel: FFN / tp a rank
+        ffn = config.ffn_hidden_size // parallel.tensor
+        return 0 if policy == "selective" else swiglu_bytes(config, tokens, ffn)
 
     def problems(self, config: ModelConfig, parallel: ParallelConfig) -> list[str]:
         f, tp = config.ffn_hidden_size, parallel.tensor
