@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,17 @@ from nam_trainer.train.batches import validation_samples
 from nam_trainer.use import load
 from nam_trainer.use.evaluate import Score, score_rows
 from nam_trainer.use.token_bytes import token_bytes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_world() -> Iterator[None]:
+    """load() sets up a one-process world and keeps it (a notebook's session); later modules set up
+    their own."""
+    yield
+    from nam_runtime import dist
+
+    if dist.is_initialized():
+        dist.teardown()
 
 
 @pytest.fixture(scope="module")

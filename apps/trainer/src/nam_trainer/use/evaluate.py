@@ -61,12 +61,13 @@ def score_rows(loaded: Loaded, split: PackedSplit, rows: list[int], num_document
 
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     device, micro = loaded.device, loaded.config.training.micro_batch_size
+    masking = loaded.config.data.document_masking  # score the rows as the model was trained on them
     nbytes = torch.from_numpy(token_bytes(loaded.tokenizer)).to(device)
     sums = torch.zeros(num_documents, 3, dtype=torch.float64, device=device)
     mine = rows[rank::dp]
     with torch.no_grad():
         for i in range(0, len(mine), micro):
-            batch = collate(split, mine[i : i + micro], device, bool(split.channels))
+            batch = collate(split, mine[i : i + micro], device, bool(split.channels), masking)
             mask, docs = batch.pop("loss_mask"), batch.pop("document_ids")
             nats = loaded.model(**batch).double() * mask
             scored = mask > 0
