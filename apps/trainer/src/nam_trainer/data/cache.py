@@ -24,7 +24,7 @@ from typing import Any
 from nam_trainer.data.claim import BuildClaim, wait_for_build
 
 MANIFEST = "manifest.json"
-FORMAT = 1  # bump when the layout of any entry changes: older entries then read as stale
+FORMAT = 2  # bump when the layout of any entry changes: older entries then read as stale
 
 
 def cache_key(key_inputs: dict[str, Any]) -> str:
