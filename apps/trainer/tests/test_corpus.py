@@ -8,7 +8,8 @@ import pytest
 
 from nam_trainer.config.schema import SourceConfig
 from nam_trainer.data import CorpusError, ToolchainError, cxx_header_dirs, fingerprint, scan_corpus
-from nam_trainer.data.corpus import Document, read_texts
+from nam_trainer.data.corpus import Corpus, Document, read_texts
+from nam_trainer.data.split import split_documents
 
 
 def _doc(name: str, text: str) -> Document:
@@ -16,9 +17,8 @@ def _doc(name: str, text: str) -> Document:
     return Document(name, 0, len(data), hashlib.sha256(data).digest())
 
 
-def load_corpus(paths: list[str], text_key: str = "text"):
+def load_corpus(paths: list[str], text_key: str = "text") -> Corpus:
     return scan_corpus([SourceConfig(path=p, text_key=text_key) for p in paths])
-from nam_trainer.data.split import split_documents
 
 
 def test_default_corpus_is_the_compilers_cxx_headers(header_dirs: list[Path]) -> None:
@@ -161,5 +161,7 @@ def test_record_files_filters_and_bad_inputs(tmp_path: Path) -> None:
     (tmp_path / "d.h").write_bytes(b"\x7fELF\0")  # a binary file among text ones: skipped and counted
     assert scan_corpus(sources).sources[0].skipped == {"binary files": 1}
     assert corpus.sources[1].skipped == {"empty records": 1}
-    with pytest.raises(CorpusError, match=r"data.sources\[0\] = .*: none of its 5 files is left by include = \['.rs'\]"):
+    with pytest.raises(
+        CorpusError, match=r"data.sources\[0\] = .*: none of its 5 files is left by include = \['.rs'\]"
+    ):
         scan_corpus([SourceConfig(path=str(tmp_path), include=[".rs"])])

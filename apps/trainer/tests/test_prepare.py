@@ -18,9 +18,8 @@ import pytest
 from conftest import slice_config
 
 from nam_embed.cpp import extract_cpp_structure
-from nam_trainer.data import PreparedData, load_or_build, prepare_data
+from nam_trainer.data import PreparedData, load_or_build, prepare_data, units
 from nam_trainer.data import prepare as prepare_module
-from nam_trainer.data import units
 
 
 def _names(data: PreparedData, split: str) -> list[str]:
@@ -59,9 +58,7 @@ def test_packed_rows_decode_back_to_the_documents(prepared: PreparedData, header
             assert ids[-1] == tok.eos_id
             assert tok.tokenizer.decode(ids[:-1]) == texts[names[doc_id]]
     assert set(_names(prepared, "train")).isdisjoint(_names(prepared, "validation"))
-    assert len(_names(prepared, "train")) + len(_names(prepared, "validation")) == len(
-        texts
-    )
+    assert len(_names(prepared, "train")) + len(_names(prepared, "validation")) == len(texts)
 
 
 def test_structure_channels_line_up_with_tokens(prepared: PreparedData, header_slice: list[Path]) -> None:
@@ -70,7 +67,9 @@ def test_structure_channels_line_up_with_tokens(prepared: PreparedData, header_s
     enc = prepared.tokenizer.tokenizer.encode(text, add_special_tokens=False)
     expected = extract_cpp_structure(text, enc.offsets)
     seq = prepared.sources[0].train.seq_length
-    rows = [prepared.sources[0].train[r] for r in range((len(enc.ids) + seq - 1) // seq)]  # document 0 starts the stream
+    rows = [
+        prepared.sources[0].train[r] for r in range((len(enc.ids) + seq - 1) // seq)
+    ]  # document 0 starts the stream
     tokens = np.concatenate([r["tokens"].numpy() for r in rows])[: len(enc.ids)]
     assert tokens.tolist() == enc.ids
     assert prepared.channels == ("category", "dependency", "depth", "sibling", "node_type")
@@ -266,7 +265,10 @@ def test_concurrent_builders_build_once(tmp_path: Path) -> None:
 
 def _rows(data: PreparedData) -> list[list[int]]:
     return [
-        [*data.sources[0].train[i]["tokens"].tolist(), *data.sources[0].train[i]["structure"]["depth"].tolist()]
+        [
+            *data.sources[0].train[i]["tokens"].tolist(),
+            *data.sources[0].train[i]["structure"]["depth"].tolist(),
+        ]
         for i in range(len(data.sources[0].train))
     ]
 
@@ -281,8 +283,8 @@ def test_two_workers_give_the_rows_of_one(
 
 
 def header_documents(files: list[Path]) -> list:
-    from nam_trainer.data.corpus import scan_corpus
     from nam_trainer.config.schema import SourceConfig
+    from nam_trainer.data.corpus import scan_corpus
 
     return list(scan_corpus([SourceConfig(path=str(files[0].parent))]).documents)
 

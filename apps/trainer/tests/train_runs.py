@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
 from conftest import as_sources
 
 STEPS = 10

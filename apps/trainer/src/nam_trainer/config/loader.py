@@ -236,9 +236,7 @@ def _table_item(value: Any, cls: Any, where: str) -> Any:
     names = [f.name for f in fields(cls)]
     for key in value:
         if key not in names:
-            raise ConfigError(
-                f"{where}: unknown key {key!r}{_suggest(key, names)}; keys: {', '.join(names)}"
-            )
+            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, names)}; keys: {', '.join(names)}")
     return cls(**{k: _check_type(v, hints[k], f"{where}.{k}") for k, v in value.items()})
 
 

@@ -65,7 +65,9 @@ class SourceConfig:
     # .jsonl.zst or .parquet hold one document per record
     path: str = ""
     weight: float = 1.0  # share of the training samples, relative to the other sources' weights
-    include: list[str] = field(default_factory=list)  # file name endings to keep, e.g. [".h", ".cpp"]; [] = all
+    include: list[str] = field(
+        default_factory=list
+    )  # file name endings to keep, e.g. [".h", ".cpp"]; [] = all
     exclude: list[str] = field(default_factory=list)  # file name endings to leave out
     text_key: str = "text"  # the JSONL field or Parquet column holding the text
 
@@ -78,7 +80,9 @@ class DataConfig:
     # [] = the C++ standard library headers of the machine's C++ compiler
     sources: list[SourceConfig] = field(default_factory=list)
     compiler: str = ""  # "" = the first of c++, g++, clang++ on PATH (only for the default corpus)
-    validation_fraction: float = 0.05  # of each source's documents (files or records); 0 = no validation split
+    validation_fraction: float = (
+        0.05  # of each source's documents (files or records); 0 = no validation split
+    )
     split_seed: int = 0  # rows are model.seq_length tokens long
     structure: str = "cpp"  # structure channels from nam-embed's C++ extractor, or "none"
     cache_dir: str = "~/.cache/nam-train"
@@ -95,7 +99,9 @@ class DataConfig:
             if not (source.weight > 0 and math.isfinite(source.weight)):
                 raise ConfigError(f"{where}.weight = {source.weight!r}: must be a finite number > 0")
             if not source.text_key:
-                raise ConfigError(f"{where}.text_key = '': need the JSONL field or Parquet column holding the text")
+                raise ConfigError(
+                    f"{where}.text_key = '': need the JSONL field or Parquet column holding the text"
+                )
             for name in ("include", "exclude"):
                 if "" in getattr(source, name):
                     raise ConfigError(f"{where}.{name} has '': give file name endings such as '.h'")

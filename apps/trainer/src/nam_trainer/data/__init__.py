@@ -4,7 +4,14 @@ from nam_trainer.data.cache import cache_key, load_or_build, problem
 from nam_trainer.data.corpus import Corpus, CorpusError, Document, Source, fingerprint, scan_corpus
 from nam_trainer.data.dataset import PackedSplit
 from nam_trainer.data.packing import PackedRows, RowPacker, RowWriter, pack, write_rows
-from nam_trainer.data.prepare import CorpusPlan, PreparedData, SourceData, cache_status, plan_corpus, prepare_data
+from nam_trainer.data.prepare import (
+    CorpusPlan,
+    PreparedData,
+    SourceData,
+    cache_status,
+    plan_corpus,
+    prepare_data,
+)
 from nam_trainer.data.split import split_documents
 from nam_trainer.data.tokenizer import (
     LoadedTokenizer,
@@ -37,11 +44,11 @@ __all__ = [
     "load_or_build",
     "load_tokenizer",
     "pack",
-    "scan_corpus",
     "plan_corpus",
     "prepare_data",
     "prepare_tokenizer",
     "problem",
+    "scan_corpus",
     "split_documents",
     "train_bpe",
     "write_rows",

@@ -20,7 +20,7 @@ from nam_trainer.config.schema import SourceConfig
 from nam_trainer.data.sources import CorpusError, file_text, holds_records, records, source_files, walk
 from nam_trainer.data.toolchain import cxx_header_dirs
 
-__all__ = ["Corpus", "CorpusError", "Document", "Source", "fingerprint", "scan_corpus", "read_texts"]
+__all__ = ["Corpus", "CorpusError", "Document", "Source", "fingerprint", "read_texts", "scan_corpus"]
 
 WHOLE_FILE = 0  # the record number of a document that is a whole file
 
@@ -112,7 +112,9 @@ def scan_corpus(sources: Sequence[SourceConfig], *, compiler: str = "", imap: Ma
         if not docs:
             where = f"data.sources[{i}] = {config.path!r}" if sources else origin
             counted = f"{len(mine)} files" + (f", skipped: {_describe(skipped)}" if skipped else "")
-            raise CorpusError(f"{where}: no usable text ({counted}); need at least one non-empty text file or record")
+            raise CorpusError(
+                f"{where}: no usable text ({counted}); need at least one non-empty text file or record"
+            )
         out.append(Source(config, origin, tuple(docs), dict(sorted(skipped.items()))))
     return Corpus(tuple(out))
 
@@ -168,6 +170,8 @@ def read_texts(documents: Sequence[Document], text_key: str) -> Iterator[tuple[D
             texts = found
         for doc, text in zip(group, texts, strict=True):
             if text is None or hashlib.sha256(text.encode("utf-8")).digest() != doc.digest:
-                raise CorpusError(f"{doc.name}: changed or unreadable since the corpus was scanned; run again")
+                raise CorpusError(
+                    f"{doc.name}: changed or unreadable since the corpus was scanned; run again"
+                )
             yield doc, text
         i = j

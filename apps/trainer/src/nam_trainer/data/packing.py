@@ -18,7 +18,6 @@ sequence per row, all rows in a single megatron document.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +127,9 @@ class RowPacker:
             positions = np.concatenate([positions, np.zeros(pad, dtype=np.int32)])
             mask = np.concatenate([mask, np.zeros(pad, dtype=np.uint8)])
             if structure is not None:
-                structure = np.concatenate([structure, np.zeros((self.channels, pad), STRUCTURE_DTYPE)], axis=1)
+                structure = np.concatenate(
+                    [structure, np.zeros((self.channels, pad), STRUCTURE_DTYPE)], axis=1
+                )
         keep = slice(rows * L, n)  # the last position of the last row starts the next one
         self._pending = [
             (tokens[keep], doc_ids[keep], positions[keep], None if structure is None else structure[:, keep])
@@ -163,7 +164,10 @@ def pack(
     parts.append(packer.finish())
     done = [p for p in parts if p is not None]
     return PackedRows(
-        *(np.concatenate([getattr(p, f) for p in done]) for f in ("tokens", "document_ids", "position_ids", "loss_mask")),
+        *(
+            np.concatenate([getattr(p, f) for p in done])
+            for f in ("tokens", "document_ids", "position_ids", "loss_mask")
+        ),
         None if structure is None else np.concatenate([p.structure for p in done]),  # type: ignore[misc]
     )
 

@@ -32,7 +32,7 @@ from nam_trainer.data.tokenizer import (
     prepare_tokenizer,
     tokenizer_key_inputs,
 )
-from nam_trainer.data.units import UnitJob, Unit, build_unit, completed, plan_units, unit_documents
+from nam_trainer.data.units import Unit, UnitJob, build_unit, completed, plan_units, unit_documents
 from nam_trainer.data.workers import Workers
 
 SPLITS = ("train", "validation")
@@ -76,7 +76,9 @@ class PreparedData:
     tokenizer: LoadedTokenizer
     entry: Path  # the packed cache entry
     sources: tuple[SourceData, ...]
-    info: dict[str, Any]  # the manifest's facts: documents, tokens and rows per source and split, corpus origin
+    info: dict[
+        str, Any
+    ]  # the manifest's facts: documents, tokens and rows per source and split, corpus origin
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -125,7 +127,8 @@ def packed_key_inputs(
         "kind": "packed rows",
         "format": FORMAT,
         "sources": [
-            {"train": fingerprint(train), "validation": fingerprint(validation)} for train, validation in plan.splits
+            {"train": fingerprint(train), "validation": fingerprint(validation)}
+            for train, validation in plan.splits
         ],
         "tokenizer": tokenizer.sha256,
         "eos_id": tokenizer.eos_id,
@@ -147,10 +150,14 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> PreparedDat
             + (f" (skipped {corpus.skipped})" if corpus.skipped else "")
         )
         root = cache_root(data)
-        tokenizer = prepare_tokenizer(cfg.tokenizer, cfg.model.vocab_size, plan.train, plan.train_texts(), root, log)
+        tokenizer = prepare_tokenizer(
+            cfg.tokenizer, cfg.model.vocab_size, plan.train, plan.train_texts(), root, log
+        )
         key_inputs = packed_key_inputs(data, cfg.model.seq_length, plan, tokenizer)
         work_dir = root / "packed" / f".work-{cache_key(key_inputs)}"
-        builder = _RowsBuild(plan, tokenizer, cfg.model.seq_length, data.structure == "cpp", work_dir, workers, log)
+        builder = _RowsBuild(
+            plan, tokenizer, cfg.model.seq_length, data.structure == "cpp", work_dir, workers, log
+        )
         entry = load_or_build(root, "packed", key_inputs, builder.build, log)
     shutil.rmtree(work_dir, ignore_errors=True)  # the units of a finished build
     info = read_manifest(entry)["info"]
@@ -160,7 +167,9 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> PreparedDat
             facts["origin"],
             source.config.weight,
             *(
-                PackedSplit(entry / f"{split}-{i}", cfg.model.seq_length, channels) if split in facts else None
+                PackedSplit(entry / f"{split}-{i}", cfg.model.seq_length, channels)
+                if split in facts
+                else None
                 for split in SPLITS
             ),
         )
@@ -190,7 +199,9 @@ class _RowsBuild:
         if facts:
             self.log(f"data: reusing {len(facts)} of {len(units)} units finished before in {self.work_dir}")
         progress = _Progress(len(todo), sum(u.nbytes for u in todo), self.log)
-        for unit, unit_facts in zip(todo, self.workers.imap(build_unit, [(u, job) for u in todo]), strict=True):
+        for unit, unit_facts in zip(
+            todo, self.workers.imap(build_unit, [(u, job) for u in todo]), strict=True
+        ):
             facts[unit.index] = unit_facts
             progress.update(len({d.path for d in unit.documents}), unit.nbytes, unit_facts)
         progress.done()
@@ -202,7 +213,9 @@ class _RowsBuild:
 
     def _units(self) -> list[Unit]:
         units: list[Unit] = []
-        for i, (source, (_, validation)) in enumerate(zip(self.plan.corpus.sources, self.plan.splits, strict=True)):
+        for i, (source, (_, validation)) in enumerate(
+            zip(self.plan.corpus.sources, self.plan.splits, strict=True)
+        ):
             names = frozenset(d.name for d in validation)
             units += plan_units(i, source.config.text_key, source.documents, names, len(units))
         return units
@@ -228,7 +241,9 @@ class _RowsBuild:
                 (out / f"{split}-{i}.documents").write_text("".join(d.name + "\n" for d in docs))
                 tokens = sum(facts[u.index][split]["tokens"] for u in units if u.source == i)
                 summary[split] = {"documents": len(docs), "tokens": tokens, "rows": writer.rows}
-                self.log(f"data: source {i} {split}: {len(docs)} documents, {tokens:,} tokens, {writer.rows} rows")
+                self.log(
+                    f"data: source {i} {split}: {len(docs)} documents, {tokens:,} tokens, {writer.rows} rows"
+                )
             sources.append(summary)
         return {
             "corpus": self.plan.corpus.origin,

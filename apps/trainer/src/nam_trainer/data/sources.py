@@ -104,9 +104,7 @@ def records(path: Path, text_key: str) -> Iterator[tuple[int, str]]:
                 raise CorpusError(f"{where}: not a JSON object ({err.msg})") from err
             if not isinstance(record, dict) or text_key not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise CorpusError(
-                    f"{where}: no {text_key!r} field (found {keys}); set the source's text_key"
-                )
+                raise CorpusError(f"{where}: no {text_key!r} field (found {keys}); set the source's text_key")
             text = record[text_key]
             if not isinstance(text, str):
                 raise CorpusError(f"{where}: field {text_key!r} is {type(text).__name__}, need a string")

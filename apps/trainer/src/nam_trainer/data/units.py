@@ -25,7 +25,9 @@ import numpy as np
 from nam_trainer.data.corpus import Document, read_texts
 from nam_trainer.data.structure import CHANNELS, cpp_structure, unknown_structure
 
-UNIT_BYTES = 2 << 20  # small enough to spread a 100 MB corpus over 16 workers, large enough to amortise a unit's files
+UNIT_BYTES = (
+    2 << 20
+)  # small enough to spread a 100 MB corpus over 16 workers, large enough to amortise a unit's files
 DONE = "done.json"
 SPLITS = ("train", "validation")
 
@@ -118,7 +120,9 @@ def build_unit(task: tuple[Unit, UnitJob]) -> dict[str, Any]:
 
         def add(split: str, f: str, array: np.ndarray) -> None:
             if (split, f) not in builders:
-                builders[split, f] = IndexedDatasetBuilder(get_bin_path(str(tmp / f"{split}.{f}")), dtype=dtypes[f])
+                builders[split, f] = IndexedDatasetBuilder(
+                    get_bin_path(str(tmp / f"{split}.{f}")), dtype=dtypes[f]
+                )
             builders[split, f].add_item(_tensor(array))
 
         facts: dict[str, Any] = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
@@ -162,7 +166,9 @@ def _tensor(array: np.ndarray) -> Any:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def unit_documents(work_dir: Path, unit: Unit, split: str, structure: bool) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+def unit_documents(
+    work_dir: Path, unit: Unit, split: str, structure: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """(token ids, [channels, tokens] structure or None) of each ``split`` document of a complete unit."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 

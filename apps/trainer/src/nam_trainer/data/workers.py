@@ -11,10 +11,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.pool import Pool
 from types import TracebackType
 from typing import Any
-
-from multiprocessing.pool import Pool
 
 
 class Workers:
@@ -25,7 +24,9 @@ class Workers:
     def __enter__(self) -> Workers:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._pool is not None:
             if kind is None:
                 self._pool.close()

@@ -73,7 +73,9 @@ class TrainOrder:
         epoch = k // self.rows[s]
         if (s, epoch) not in self._perms:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + s * 7_919)
-            self._perms = {(s2, e): p for (s2, e), p in self._perms.items() if s2 != s}  # one epoch per source
+            self._perms = {
+                (s2, e): p for (s2, e), p in self._perms.items() if s2 != s
+            }  # one epoch per source
             self._perms[s, epoch] = torch.randperm(self.rows[s], generator=gen)
         return s, int(self._perms[s, epoch][k % self.rows[s]])
 
