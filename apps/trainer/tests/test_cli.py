@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tomllib
-import shutil
 from pathlib import Path
 
 import pytest
