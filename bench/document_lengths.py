@@ -28,7 +28,7 @@ def measure() -> dict:
     from nam_trainer.data import prepare_data
 
     cfg = load_config(PRESET)
-    split = prepare_data(cfg, log=lambda m: print(m, file=sys.stderr)).train
+    split = prepare_data(cfg, log=lambda m: print(m, file=sys.stderr)).sources[0].train
     ids = np.concatenate([split[i]["document_ids"].numpy() for i in range(len(split))])  # inputs: no overlap
     lengths = np.bincount(ids[ids >= 0])
     return {

@@ -3,6 +3,7 @@ prepared dataset built from it (tokenizer trained, rows packed) that read-only t
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,26 @@ def header_dirs() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def header_slice(header_dirs: list[Path]) -> list[Path]:
-    """A few real headers of 4-16 KB, chosen by sorted path: the same on every run of a machine."""
+def header_slice(header_dirs: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A few real headers of 4-16 KB, chosen by sorted path (the same on every run of a machine),
+    copied into one directory: one source."""
     files = sorted(
         p for p in header_dirs[0].rglob("*") if p.is_file() and 4_000 <= p.stat().st_size <= 16_000
     )
     assert len(files) >= SLICE_FILES, f"too few headers in {header_dirs[0]}"
-    return files[:SLICE_FILES]
+    folder = tmp_path_factory.mktemp("headers")
+    copies = [folder / f"{i}_{p.name}" for i, p in enumerate(files[:SLICE_FILES])]
+    for src, dst in zip(files, copies, strict=False):
+        shutil.copy(src, dst)
+    return copies
+
+
+def as_sources(files: list[Path]) -> list[Path]:
+    """Files that fill one directory as that directory (one source); others one source each."""
+    folders = {p.parent for p in files}
+    if len(folders) == 1 and sorted(next(iter(folders)).iterdir()) == sorted(files):
+        return list(folders)
+    return files
 
 
 def slice_config(cache_dir: Path, sources: list[Path], *extra: str) -> Config:
@@ -37,13 +51,15 @@ def slice_config(cache_dir: Path, sources: list[Path], *extra: str) -> Config:
             "--data.cache_dir",
             str(cache_dir),
             "--data.sources",
-            "[" + ", ".join(f'"{p}"' for p in sources) + "]",
+            "[" + ", ".join(f'"{p}"' for p in as_sources(sources)) + "]",
             "--model.vocab_size",
             "400",
             "--model.seq_length",
             "64",
             "--data.validation_fraction",
             "0.25",
+            "--data.workers",  # in this process: no pool to start (a test asks for 2 where it matters)
+            "1",
             *extra,
         ],
     )

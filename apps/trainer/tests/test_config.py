@@ -36,7 +36,7 @@ def test_layers_apply_in_order_preset_file_command_line(tmp_path: Path) -> None:
     assert cfg.training.steps == 9  # the command line wins over the file
     assert cfg.training.lr == 1e-3  # the file wins over the preset
     assert cfg.model.hidden_size == 128  # the preset wins over the defaults
-    assert cfg.data.sources == ["a", "b"] and cfg.data.cache_dir == "/x y"
+    assert [s.path for s in cfg.data.sources] == ["a", "b"] and cfg.data.cache_dir == "/x y"
 
 
 @pytest.mark.parametrize("preset", PRESETS)

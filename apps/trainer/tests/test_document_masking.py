@@ -27,13 +27,13 @@ def one_rank() -> Iterator[None]:
     dist.teardown()
 
 
-def _rows(prepared: PreparedData) -> list[int]:
-    """A row with a document boundary inside and the split's last row (the pad tail)."""
-    split = prepared.train
+def _rows(prepared: PreparedData) -> list[tuple[int, int]]:
+    """A row with a document boundary inside and the split's last row (the pad tail), of source 0."""
+    split = prepared.sources[0].train
     inside = next(i for i in range(len(split)) if split[i]["document_ids"].unique().numel() > 1)
     last = len(split) - 1
     assert (split[last]["document_ids"] < 0).any() and inside != last
-    return [inside, last]
+    return [(0, inside), (0, last)]
 
 
 def _segments(document_ids: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -66,7 +66,7 @@ def test_step_passes_document_boundaries_and_masking_off_is_the_old_forward(
     model = build_model(Layout.tile("AEMR-", 5), config)
     rows, cpu = _rows(prepared), torch.device("cpu")
 
-    masked = collate(prepared.train, rows, cpu, structure=True, document_masking=True)
+    masked = collate([prepared.sources[0].train], rows, cpu, structure=True, document_masking=True)
     assert "packed_seq_params" in masked
     losses = _step_losses(model, masked)
     segments = _segments(masked["document_ids"])
@@ -81,7 +81,7 @@ def test_step_passes_document_boundaries_and_masking_off_is_the_old_forward(
             )
             torch.testing.assert_close(losses[row : row + 1, a:b], alone, rtol=1e-5, atol=1e-5)
 
-    plain = collate(prepared.train, rows, cpu, structure=True, document_masking=False)
+    plain = collate([prepared.sources[0].train], rows, cpu, structure=True, document_masking=False)
     assert "packed_seq_params" not in plain
     old = _step_losses(model, plain)
     with torch.no_grad():

@@ -18,12 +18,17 @@ import pytest
 from conftest import slice_config
 
 from nam_embed.cpp import extract_cpp_structure
-from nam_trainer.data import PreparedData, load_or_build, prepare_data
+from nam_trainer.data import PreparedData, load_or_build, prepare_data, units
+from nam_trainer.data import prepare as prepare_module
+
+
+def _names(data: PreparedData, split: str) -> list[str]:
+    return (data.entry / f"{split}-0.documents").read_text().splitlines()
 
 
 def _documents_from_rows(data: PreparedData, split: str) -> dict[int, list[int]]:
     """Token ids per document id, read back through the packed rows (each label once)."""
-    ds = data.train if split == "train" else data.validation
+    ds = data.sources[0].train if split == "train" else data.sources[0].validation
     assert ds is not None
     out: dict[int, list[int]] = {}
     first = ds[0]
@@ -46,25 +51,25 @@ def test_packed_rows_decode_back_to_the_documents(prepared: PreparedData, header
     texts = {str(p): p.read_text() for p in header_slice}
     tok = prepared.tokenizer
     for split in ("train", "validation"):
-        names = prepared.info[split]["documents"]
+        names = _names(prepared, split)
         docs = _documents_from_rows(prepared, split)
         assert sorted(docs) == list(range(len(names)))
         for doc_id, ids in docs.items():
             assert ids[-1] == tok.eos_id
             assert tok.tokenizer.decode(ids[:-1]) == texts[names[doc_id]]
-    assert set(prepared.info["train"]["documents"]).isdisjoint(prepared.info["validation"]["documents"])
-    assert len(prepared.info["train"]["documents"]) + len(prepared.info["validation"]["documents"]) == len(
-        texts
-    )
+    assert set(_names(prepared, "train")).isdisjoint(_names(prepared, "validation"))
+    assert len(_names(prepared, "train")) + len(_names(prepared, "validation")) == len(texts)
 
 
 def test_structure_channels_line_up_with_tokens(prepared: PreparedData, header_slice: list[Path]) -> None:
-    name = prepared.info["train"]["documents"][0]
+    name = _names(prepared, "train")[0]
     text = Path(name).read_text()
     enc = prepared.tokenizer.tokenizer.encode(text, add_special_tokens=False)
     expected = extract_cpp_structure(text, enc.offsets)
-    seq = prepared.train.seq_length
-    rows = [prepared.train[r] for r in range((len(enc.ids) + seq - 1) // seq)]  # document 0 starts the stream
+    seq = prepared.sources[0].train.seq_length
+    rows = [
+        prepared.sources[0].train[r] for r in range((len(enc.ids) + seq - 1) // seq)
+    ]  # document 0 starts the stream
     tokens = np.concatenate([r["tokens"].numpy() for r in rows])[: len(enc.ids)]
     assert tokens.tolist() == enc.ids
     assert prepared.channels == ("category", "dependency", "depth", "sibling", "node_type")
@@ -101,15 +106,15 @@ def test_cache_is_reused(prepared: PreparedData, header_slice: list[Path], tmp_p
     ("damage", "reason"),
     [
         (
-            "flip a byte of train.tokens.bin",
-            "train.tokens.bin does not match its sha256 in the manifest (corrupt)",
+            "flip a byte of train-0.tokens.bin",
+            "train-0.tokens.bin does not match its sha256 in the manifest (corrupt)",
         ),
-        ("truncate validation.structure.idx", "validation.structure.idx has"),
-        ("delete train.loss_mask.bin", "train.loss_mask.bin is missing"),
+        ("truncate validation-0.structure.idx", "validation-0.structure.idx has"),
+        ("delete train-0.loss_mask.bin", "train-0.loss_mask.bin is missing"),
         ("delete manifest.json", "it has no manifest"),
         ("garble manifest.json", "its manifest is unreadable"),
         ("change the manifest's key inputs", "it was built from different inputs (stale)"),
-        ("change the manifest's format", "this version writes 1 (stale)"),
+        ("change the manifest's format", "this version writes 2 (stale)"),
     ],
 )
 def test_corrupt_or_stale_cache_is_rebuilt_not_used(
@@ -118,12 +123,12 @@ def test_corrupt_or_stale_cache_is_rebuilt_not_used(
     root = _copy_cache(prepared, tmp_path)
     entry = root / "packed" / prepared.entry.name
     if damage.startswith("flip"):
-        path = entry / "train.tokens.bin"
+        path = entry / "train-0.tokens.bin"
         raw = bytearray(path.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
         path.write_bytes(bytes(raw))
     elif damage.startswith("truncate"):
-        path = entry / "validation.structure.idx"
+        path = entry / "validation-0.structure.idx"
         path.write_bytes(path.read_bytes()[:-8])
     elif damage.startswith("delete"):
         (entry / damage.split()[1]).unlink()
@@ -140,7 +145,7 @@ def test_corrupt_or_stale_cache_is_rebuilt_not_used(
     assert logs[0].split()[1] == "using"  # the tokenizer entry is intact
     assert logs[1].startswith(f"cache: rebuilding {entry}: ") and reason in logs[1]
     assert _bytes(data) == _bytes(prepared)  # rebuilt byte for byte
-    left = sorted(p.name for p in (root / "packed").iterdir() if not p.name.endswith(".lock"))
+    left = sorted(p.name for p in (root / "packed").iterdir() if not p.name.endswith(".claim"))
     assert left == [entry.name]  # nothing left aside
 
 
@@ -154,17 +159,17 @@ def test_changed_corpus_or_settings_build_new_entries(
     for src, dst in zip(header_slice, copies, strict=True):
         shutil.copy(src, dst)
     first, _ = _run(root, copies)
-    validation_doc = Path(first.info["validation"]["documents"][0])
+    validation_doc = Path(_names(first, "validation")[0])
     validation_doc.write_text(validation_doc.read_text() + "\n// edited\n")
     edited, logs = _run(root, copies)  # the BPE sees only the training split: reused; the rows are not
     assert edited.entry != first.entry and [line.split()[1] for line in logs] == ["using", "building"]
-    train_doc = Path(first.info["train"]["documents"][0])
+    train_doc = Path(_names(first, "train")[0])
     train_doc.write_text(train_doc.read_text() + "\n// edited\n")
     edited, logs = _run(root, copies)
     assert [line.split()[1] for line in logs] == ["building", "building"]
     longer, logs = _run(root, copies, "--model.seq_length", "32")
     assert longer.entry != edited.entry and [line.split()[1] for line in logs] == ["using", "building"]
-    assert longer.train[0]["tokens"].shape == (32,)
+    assert longer.sources[0].train[0]["tokens"].shape == (32,)
 
 
 def test_without_structure_no_channels_are_written(
@@ -172,9 +177,9 @@ def test_without_structure_no_channels_are_written(
 ) -> None:
     root = _copy_cache(prepared, tmp_path)
     data, _ = _run(root, header_slice, "--data.structure", "none", "--model.embedding.structure", "false")
-    assert data.channels == () and "structure" not in data.train[0]
+    assert data.channels == () and "structure" not in data.sources[0].train[0]
     assert not any("structure" in p.name for p in data.entry.iterdir())
-    assert data.train[0]["tokens"].tolist() == prepared.train[0]["tokens"].tolist()
+    assert data.sources[0].train[0]["tokens"].tolist() == prepared.sources[0].train[0]["tokens"].tolist()
 
 
 def test_jsonl_corpus_and_no_validation(tmp_path: Path, header_slice: list[Path]) -> None:
@@ -185,7 +190,7 @@ def test_jsonl_corpus_and_no_validation(tmp_path: Path, header_slice: list[Path]
         tmp_path / "cache", [f], "--data.validation_fraction", "0", "--model.vocab_size", "300"
     )
     data = prepare_data(cfg, logs.append)
-    assert data.validation is None and data.info["train"]["documents"] == [f"{f}:{i}" for i in (1, 2, 3)]
+    assert data.sources[0].validation is None and _names(data, "train") == [f"{f}:{i}" for i in (1, 2, 3)]
 
 
 def test_a_failed_build_leaves_no_entry(tmp_path: Path) -> None:
@@ -195,7 +200,7 @@ def test_a_failed_build_leaves_no_entry(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="disk full"):
         load_or_build(tmp_path, "packed", {"k": 1}, build, log=lambda _: None)
-    assert [p.name for p in (tmp_path / "packed").iterdir() if not p.name.endswith(".lock")] == []
+    assert [p.name for p in (tmp_path / "packed").iterdir() if not p.name.endswith(".claim")] == []
 
 
 _KILLED_BUILDER = """
@@ -222,13 +227,14 @@ def test_a_build_killed_midway_is_never_used(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    leftovers = [p for p in (tmp_path / "packed").iterdir() if not p.name.endswith(".lock")]
+    leftovers = [p for p in (tmp_path / "packed").iterdir() if not p.name.endswith(".claim")]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-")  # only the temporary name
     logs: list[str] = []
     entry = load_or_build(
         tmp_path, "packed", {"k": 1}, lambda out: (out / "rows.bin").write_bytes(b"y") and {}, logs.append
     )
-    assert logs == [f"cache: building {entry}"] and (entry / "rows.bin").read_bytes() == b"y"
+    assert logs[-1] == f"cache: building {entry}" and (entry / "rows.bin").read_bytes() == b"y"
+    assert logs[0].startswith(f"cache: taking over the build of {entry}: its builder pid {proc.pid} ")
     start = time.monotonic()
     assert load_or_build(tmp_path, "packed", {"k": 1}, lambda out: {}, logs.append) == entry
     assert logs[-1] == f"cache: using {entry}" and time.monotonic() - start < 5
@@ -255,3 +261,56 @@ def test_concurrent_builders_build_once(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(set(entries)) == 1 and len(entries) == 3
+
+
+def _rows(data: PreparedData) -> list[list[int]]:
+    return [
+        [
+            *data.sources[0].train[i]["tokens"].tolist(),
+            *data.sources[0].train[i]["structure"]["depth"].tolist(),
+        ]
+        for i in range(len(data.sources[0].train))
+    ]
+
+
+def test_two_workers_give_the_rows_of_one(
+    prepared: PreparedData, header_slice: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(units, "UNIT_BYTES", 10_000)  # several units from six headers
+    data, _ = _run(tmp_path / "cache", header_slice, "--data.workers", "2")
+    assert len(units.plan_units(0, "text", header_documents(header_slice), frozenset(), 0)) >= 3
+    assert _rows(data) == _rows(prepared) and _bytes(data) == _bytes(prepared)
+
+
+def header_documents(files: list[Path]) -> list:
+    from nam_trainer.config.schema import SourceConfig
+    from nam_trainer.data.corpus import scan_corpus
+
+    return list(scan_corpus([SourceConfig(path=str(files[0].parent))]).documents)
+
+
+def test_a_preparation_killed_halfway_reuses_finished_units_and_rebuilds(
+    prepared: PreparedData, header_slice: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(units, "UNIT_BYTES", 10_000)
+    real = units.build_unit
+    built: list[int] = []
+
+    def dies_on_third(task: tuple[units.Unit, units.UnitJob]) -> dict:
+        if len(built) == 2:  # a half-written unit, as a kill leaves it
+            (task[1].work_dir / f".tmp-{task[0].name}-1-x").mkdir()
+            raise KeyboardInterrupt
+        built.append(task[0].index)
+        return real(task)
+
+    monkeypatch.setattr(prepare_module, "build_unit", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "cache", header_slice)
+    assert not any(p.name.startswith("manifest") for p in (tmp_path / "cache" / "packed").rglob("*"))
+    built.clear()
+    monkeypatch.setattr(prepare_module, "build_unit", real)
+    logs: list[str] = []
+    data = prepare_data(slice_config(tmp_path / "cache", header_slice), logs.append)
+    assert any(line.startswith("data: reusing 2 of ") for line in logs)
+    assert _rows(data) == _rows(prepared) and _bytes(data) == _bytes(prepared)
+    assert not any(p.name.startswith(".work-") for p in (tmp_path / "cache" / "packed").iterdir())

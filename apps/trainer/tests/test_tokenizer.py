@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 from nam_trainer.config.schema import TokenizerConfig
 from nam_trainer.data import Document, TokenizerError, load_tokenizer, prepare_tokenizer, train_bpe
+from nam_trainer.data.corpus import WHOLE_FILE
 
 SPECIALS = ("<|endoftext|>", "<|pad|>")
 
@@ -31,10 +33,13 @@ def test_trained_tokenizer_is_cached_and_reused(
     tmp_path: Path, header_slice: list[Path], texts: list[str]
 ) -> None:
     cfg = TokenizerConfig()
-    docs = [Document(str(p), t) for p, t in zip(header_slice, texts, strict=True)]
+    docs = [
+        Document(str(p), WHOLE_FILE, len(t.encode()), hashlib.sha256(t.encode()).digest())
+        for p, t in zip(header_slice, texts, strict=True)
+    ]
     logs: list[str] = []
-    first = prepare_tokenizer(cfg, 300, docs, tmp_path, logs.append)
-    second = prepare_tokenizer(cfg, 300, docs, tmp_path, logs.append)
+    first = prepare_tokenizer(cfg, 300, docs, iter(texts), tmp_path, logs.append)
+    second = prepare_tokenizer(cfg, 300, docs, iter(texts), tmp_path, logs.append)
     assert first.sha256 == second.sha256 and first.path == second.path
     assert [line.split(":")[1].split()[0] for line in logs if line.startswith("cache:")] == [
         "building",
@@ -42,7 +47,7 @@ def test_trained_tokenizer_is_cached_and_reused(
     ]
     manifest = json.loads((first.path.parent / "manifest.json").read_text())
     assert manifest["key_inputs"]["vocab_size"] == 300 and manifest["info"]["vocab_size"] == 300
-    other = prepare_tokenizer(cfg, 320, docs, tmp_path, logs.append)
+    other = prepare_tokenizer(cfg, 320, docs, iter(texts), tmp_path, logs.append)
     assert other.path.parent != first.path.parent and other.vocab_size == 320
 
 

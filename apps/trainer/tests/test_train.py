@@ -276,7 +276,7 @@ def test_bad_training_inputs_exit_2(
 def test_empty_corpus_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty.h").write_text("")
     assert main(["--data.sources", str(tmp_path), "--data.cache_dir", str(tmp_path / "c")]) == 2
-    assert "is empty" in capsys.readouterr().err
+    assert "no usable text" in capsys.readouterr().err
 
 
 def test_torchrun_entry_point_is_the_cli() -> None:

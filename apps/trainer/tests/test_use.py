@@ -46,10 +46,13 @@ def test_eval_gives_the_validation_loss_of_training(run_dir: Path) -> None:
     cfg = loaded.config
     data = prepare_data(cfg, log=lambda _m: None)
     t = cfg.training
+    (source,) = data.sources
     rows = [
-        r for batch in validation_samples(data.validation, t.eval_iters, t.global_batch_size) for r in batch
+        r
+        for batch in validation_samples(0, source.validation, t.eval_iters, t.global_batch_size)
+        for _, r in batch
     ]
-    sums = score_rows(loaded, data.validation, rows, len(data.info["validation"]["documents"]))
+    sums = score_rows(loaded, source.validation, rows, len(source.validation.document_names()))
     assert sums[:, 0].sum() / sums[:, 1].sum() == pytest.approx(losses(run_dir, "valid")[STEPS], rel=1e-5)
 
 

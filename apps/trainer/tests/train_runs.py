@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from conftest import as_sources
+
 STEPS = 10
 
 
@@ -15,7 +17,7 @@ def train_args(cache: Path, sources: list[Path], run_dir: Path, *extra: str) -> 
     """nam56r-tiny (52 layers, hidden 128) on rows of 64 tokens, 2 x 2 rows per step."""
     return [
         *("--data.cache_dir", str(cache)),
-        *("--data.sources", "[" + ", ".join(f'"{p}"' for p in sources) + "]"),
+        *("--data.sources", "[" + ", ".join(f'"{p}"' for p in as_sources(sources)) + "]"),
         *("--model.vocab_size", "400", "--model.seq_length", "64", "--data.validation_fraction", "0.25"),
         *("--training.steps", str(STEPS), "--training.warmup_steps", "1"),
         *("--training.micro_batch_size", "2", "--training.global_batch_size", "4"),

@@ -181,12 +181,14 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "data":
             usable_dir(config.data.cache_dir, "data.cache_dir")
             data = prepare_data(config)
-            for split in ("train", "validation"):
-                if split in data.info:
-                    facts = data.info[split]
-                    print(
-                        f"{split}: {len(facts['documents'])} documents, {facts['tokens']:,} tokens, {facts['rows']} rows"
-                    )
+            for i, source in enumerate(data.info["sources"]):
+                for split in ("train", "validation"):
+                    if split in source:
+                        facts = source[split]
+                        print(
+                            f"source {i} {split}: {facts['documents']} documents, {facts['tokens']:,} tokens, "
+                            f"{facts['rows']} rows"
+                        )
             print(f"cache: {data.entry}")
             return 0
         if args.dry_run:

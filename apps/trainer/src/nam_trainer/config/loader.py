@@ -166,7 +166,9 @@ def _parse_cli_value(raw: str, field_type: Any, where: str) -> Any:
     if _accepts_str(field_type) and not raw.lstrip().startswith("{"):
         return raw
     if typing.get_origin(field_type) in (list, tuple) and not raw.lstrip().startswith("["):
-        return [raw] if typing.get_args(field_type)[0] is str else [_toml_value(raw, where)]
+        item = typing.get_args(field_type)[0]
+        as_text = item is str or (hasattr(item, "SHORTHAND") and not raw.lstrip().startswith("{"))
+        return [raw] if as_text else [_toml_value(raw, where)]
     return _toml_value(raw, where)
 
 
@@ -208,6 +210,8 @@ def _check_type(value: Any, field_type: Any, where: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err).split(": ", 1)[-1])
         raise ConfigError(f"{where} = {value!r}: {' or '.join(errors)}")
+    if dataclasses.is_dataclass(field_type):
+        return _table_item(value, field_type, where)
     if origin in (list, tuple):
         item = typing.get_args(field_type)[0]
         if not isinstance(value, list | tuple):
@@ -231,6 +235,21 @@ def _check_type(value: Any, field_type: Any, where: str) -> Any:
     return value
 
 
+def _table_item(value: Any, cls: Any, where: str) -> Any:
+    """A table inside a list (``[[data.sources]]``) as ``cls``; a string is the table of its SHORTHAND field."""
+    if isinstance(value, str) and hasattr(cls, "SHORTHAND"):
+        value = {cls.SHORTHAND: value}
+    if not isinstance(value, dict):
+        accepted = f"a table or a string ({cls.SHORTHAND})" if hasattr(cls, "SHORTHAND") else "a table"
+        raise ConfigError(f"{where} = {value!r}: expected {accepted}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key in value:
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, names)}; keys: {', '.join(names)}")
+    return cls(**{k: _check_type(v, hints[k], f"{where}.{k}") for k, v in value.items()})
+
+
 def _build(values: dict[str, Any], origins: dict[tuple[str, ...], str]) -> Config:
     sections = {}
     for section, cls in SECTIONS.items():
@@ -247,6 +266,8 @@ def _build(values: dict[str, Any], origins: dict[tuple[str, ...], str]) -> Confi
         try:
             sections[section] = _apply(cls(), table, (section,), origins)
         except ConfigError as err:
+            if "(set by " in str(err):  # a type error, which names its layer already
+                raise
             raise ConfigError(f"{err} (set by {_origin_of(str(err), section, origins)})") from err
     return Config(**sections)
 
@@ -272,7 +293,10 @@ def _apply(
 def _origin_of(message: str, section: str, origins: dict[tuple[str, ...], str]) -> str:
     """Which layer set the key a section's own check complains about (the key the message names first)."""
     named = [
-        (message.find(f"{'.'.join(key)} "), origin) for key, origin in origins.items() if key[0] == section
+        (at, origin)
+        for key, origin in origins.items()
+        if key[0] == section
+        for at in (message.find(f"{'.'.join(key)} "), message.find(f"{'.'.join(key)}["))
     ]
     named = [(at, origin) for at, origin in named if at >= 0]
     return min(named)[1] if named else "the defaults"

@@ -10,6 +10,7 @@ several fields or the world size live in ``validate.py`` (with nam-spec's model 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -56,29 +57,58 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One source of documents (a ``[[data.sources]]`` table; a plain string is ``{path = STRING}``)."""
+
+    SHORTHAND: ClassVar[str] = "path"
+    # a directory (recursive), a file, a glob (*, ?, [...], **); files ending in .jsonl, .jsonl.gz,
+    # .jsonl.zst or .parquet hold one document per record
+    path: str = ""
+    weight: float = 1.0  # share of the training samples, relative to the other sources' weights
+    include: list[str] = field(
+        default_factory=list
+    )  # file name endings to keep, e.g. [".h", ".cpp"]; [] = all
+    exclude: list[str] = field(default_factory=list)  # file name endings to leave out
+    text_key: str = "text"  # the JSONL field or Parquet column holding the text
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the text comes from, how it is split, packed and cached."""
 
     SECTION: ClassVar[str] = "data"
-    # directories, files, globs (*, ?, [...], **) or .jsonl files; [] = the C++ standard library
-    # headers of the machine's C++ compiler
-    sources: list[str] = field(default_factory=list)
+    # [] = the C++ standard library headers of the machine's C++ compiler
+    sources: list[SourceConfig] = field(default_factory=list)
     compiler: str = ""  # "" = the first of c++, g++, clang++ on PATH (only for the default corpus)
-    jsonl_text_key: str = "text"
-    validation_fraction: float = 0.05  # of documents (files); 0 = no validation split
+    validation_fraction: float = (
+        0.05  # of each source's documents (files or records); 0 = no validation split
+    )
     split_seed: int = 0  # rows are model.seq_length tokens long
     structure: str = "cpp"  # structure channels from nam-embed's C++ extractor, or "none"
     # keep the documents of a packed row apart: attention, Mamba and M2RNN states and convolutions
     # restart at each document (and never cross a pad token); false lets them see across, as before
     document_masking: bool = True
     cache_dir: str = "~/.cache/nam-train"
+    workers: int = 0  # processes preparing the data; 0 = one per CPU core this process may use
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"data.validation_fraction = {self.validation_fraction!r}: must be in [0, 1)")
+        _at_least(self, "workers", 0)
+        for i, source in enumerate(self.sources):
+            where = f"data.sources[{i}]"
+            if not source.path:
+                raise ConfigError(f"{where}.path = '': need a directory, file, glob, JSONL or Parquet file")
+            if not (source.weight > 0 and math.isfinite(source.weight)):
+                raise ConfigError(f"{where}.weight = {source.weight!r}: must be a finite number > 0")
+            if not source.text_key:
+                raise ConfigError(
+                    f"{where}.text_key = '': need the JSONL field or Parquet column holding the text"
+                )
+            for name in ("include", "exclude"):
+                if "" in getattr(source, name):
+                    raise ConfigError(f"{where}.{name} has '': give file name endings such as '.h'")
         _one_of(self, "structure", ("cpp", "none"))
-        if not self.jsonl_text_key:
-            raise ConfigError("data.jsonl_text_key = '': need the name of the JSONL field holding the text")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,17 @@
 """Data: corpus discovery, split, tokenizer, structure channels, packing and the verified cache."""
 
 from nam_trainer.data.cache import cache_key, load_or_build, problem
-from nam_trainer.data.corpus import Corpus, CorpusError, Document, fingerprint, load_corpus
+from nam_trainer.data.corpus import Corpus, CorpusError, Document, Source, fingerprint, scan_corpus
 from nam_trainer.data.dataset import PackedSplit
-from nam_trainer.data.packing import PackedRows, pack, write_rows
-from nam_trainer.data.prepare import CorpusPlan, PreparedData, cache_status, plan_corpus, prepare_data
+from nam_trainer.data.packing import PackedRows, RowPacker, RowWriter, pack, write_rows
+from nam_trainer.data.prepare import (
+    CorpusPlan,
+    PreparedData,
+    SourceData,
+    cache_status,
+    plan_corpus,
+    prepare_data,
+)
 from nam_trainer.data.split import split_documents
 from nam_trainer.data.tokenizer import (
     LoadedTokenizer,
@@ -24,13 +31,16 @@ __all__ = [
     "PackedRows",
     "PackedSplit",
     "PreparedData",
+    "RowPacker",
+    "RowWriter",
+    "Source",
+    "SourceData",
     "TokenizerError",
     "ToolchainError",
     "cache_key",
     "cache_status",
     "cxx_header_dirs",
     "fingerprint",
-    "load_corpus",
     "load_or_build",
     "load_tokenizer",
     "pack",
@@ -38,6 +48,7 @@ __all__ = [
     "prepare_data",
     "prepare_tokenizer",
     "problem",
+    "scan_corpus",
     "split_documents",
     "train_bpe",
     "write_rows",

@@ -5,12 +5,13 @@ content (``key_inputs``). It is built under a temporary name in the same directo
 into place only after its manifest, written last, records every file's size and sha256. Loading
 re-checks the manifest (format, key inputs) and every file against it: an entry that fails any
 check is reported and rebuilt, never used. A crash mid-build leaves only a temporary directory,
-which is never read.
+which is never read. Who builds is decided by an atomic claim file (``claim.py``), which works across
+hosts on a shared file system; correctness never depends on it (two builders of one entry write
+the same content and the rename keeps either), it only spares the work twice.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -20,8 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nam_trainer.data.claim import BuildClaim, wait_for_build
+
 MANIFEST = "manifest.json"
-FORMAT = 1  # bump when the layout of any entry changes: older entries then read as stale
+FORMAT = 2  # bump when the layout of any entry changes: older entries then read as stale
 
 
 def cache_key(key_inputs: dict[str, Any]) -> str:
@@ -76,31 +79,32 @@ def load_or_build(
     """The verified entry for ``key_inputs``, built by ``build(tmp_dir) -> info`` when absent or bad.
 
     ``build`` writes its files into the directory it is given and returns facts to keep in the
-    manifest under ``info``.
+    manifest under ``info``. Of the processes that call it at once (torchrun ranks, on one host or
+    several), the one that takes the entry's build claim builds; the others wait for it.
     """
     entry = root / kind / cache_key(key_inputs)
     entry.parent.mkdir(parents=True, exist_ok=True)
-    # Processes on one host (torchrun ranks) take turns: the first builds, the others then verify.
-    # Across hosts the lock may not hold (network file systems); the atomic rename still does.
-    with (entry.parent / f".{entry.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _load_or_build_locked(entry, key_inputs, build, log)
-
-
-def _load_or_build_locked(
-    entry: Path,
-    key_inputs: dict[str, Any],
-    build: Callable[[Path], dict[str, Any]],
-    log: Callable[[str], None],
-) -> Path:
-    if entry.exists():
-        why = problem(entry, key_inputs)
-        if why is None:
+    claim_path = entry.parent / f".{entry.name}.claim"
+    while True:
+        why = problem(entry, key_inputs) if entry.exists() else None
+        if entry.exists() and why is None:
             log(f"cache: using {entry}")
             return entry
-        log(f"cache: rebuilding {entry}: {why}")
-    else:
-        log(f"cache: building {entry}")
+        claim = BuildClaim.take(claim_path)
+        if claim is None:
+            wait_for_build(entry, claim_path, log)
+            continue
+        try:
+            if problem(entry, key_inputs) is None:  # finished by the previous claimant meanwhile
+                continue
+            log(f"cache: rebuilding {entry}: {why}" if why else f"cache: building {entry}")
+            _build(entry, key_inputs, build)
+            return entry
+        finally:
+            claim.release()
+
+
+def _build(entry: Path, key_inputs: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> None:
     tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -115,7 +119,6 @@ def _load_or_build_locked(
         _publish(tmp, entry, key_inputs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return entry
 
 
 def _write_synced(path: Path, text: str) -> None:

@@ -1,153 +1,177 @@
-"""Documents from the configured sources, in a deterministic order, with a content fingerprint.
+"""The corpus as document references: names, content digests and where to read each text again.
 
-A source is a directory (every file below it, recursively, hidden entries skipped), a file, a
-glob (``*``, ``?``, ``[...]``, ``**``) or a ``.jsonl`` file (one document per line, the text in
-``data.jsonl_text_key``). No sources means the C++ standard library headers (``toolchain.py``).
-Files that are not UTF-8 text (NUL bytes or undecodable) and empty files are skipped and
-counted, never silently used; a corpus left empty is an error.
+Scanning reads every file once (in the worker pool), keeping per document only its file, record
+number, size and sha256, never the texts. Within a source the documents are in the order of
+their files (sorted by path) and records; a file two sources name belongs to the first. No
+sources means the C++ standard library headers (``toolchain.py``), one source. Files that are not
+UTF-8 text (NUL bytes or undecodable), unreadable and empty files, and empty records are skipped
+and counted, never silently used; a source left empty is an error.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
-import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nam_trainer.config.schema import SourceConfig
+from nam_trainer.data.sources import CorpusError, file_text, holds_records, records, source_files, walk
 from nam_trainer.data.toolchain import cxx_header_dirs
 
-_GLOB_CHARS = frozenset("*?[")
+__all__ = ["Corpus", "CorpusError", "Document", "Source", "fingerprint", "read_texts", "scan_corpus"]
+
+WHOLE_FILE = 0  # the record number of a document that is a whole file
 
 
-class CorpusError(ValueError):
-    """A source that does not exist, matches nothing, or holds no usable text."""
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Document:
-    name: str  # stable identity: the file's path, or path:line for a JSONL record
-    text: str
+    path: str
+    record: int  # WHOLE_FILE, or the JSONL line / Parquet row (from 1)
+    nbytes: int  # of its UTF-8 text
+    digest: bytes  # sha256 of its UTF-8 text
 
     @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+    def name(self) -> str:
+        """Stable identity: the file's path, or path:record."""
+        return self.path if self.record == WHOLE_FILE else f"{self.path}:{self.record}"
 
 
 @dataclass(frozen=True)
-class Corpus:
+class Source:
+    config: SourceConfig
+    origin: str  # what it was, for messages and the manifest
     documents: tuple[Document, ...]
-    origin: str  # what the sources were, for messages and the manifest
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
 
     @property
     def num_bytes(self) -> int:
-        return sum(len(d.text.encode("utf-8")) for d in self.documents)
+        return sum(d.nbytes for d in self.documents)
 
 
-def fingerprint(documents: Sequence[Document]) -> str:
+@dataclass(frozen=True)
+class Corpus:
+    sources: tuple[Source, ...]
+
+    @property
+    def origin(self) -> str:
+        return "; ".join(s.origin for s in self.sources)
+
+    @property
+    def documents(self) -> tuple[Document, ...]:
+        return tuple(d for s in self.sources for d in s.documents)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.num_bytes for s in self.sources)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for s in self.sources:
+            total.update(s.skipped)
+        return dict(sorted(total.items()))
+
+
+def fingerprint(documents: Iterable[Document]) -> str:
     """sha256 over names and contents: any added, removed, renamed or edited document changes it."""
     h = hashlib.sha256()
     for d in documents:
-        h.update(d.name.encode("utf-8") + b"\0" + d.digest.encode() + b"\n")
+        h.update(d.name.encode("utf-8") + b"\0" + d.digest.hex().encode() + b"\n")
     return h.hexdigest()
 
 
-def load_corpus(sources: Sequence[str], *, compiler: str = "", jsonl_text_key: str = "text") -> Corpus:
-    """The documents of ``sources`` (or the default C++ headers), sorted by name, duplicates removed."""
+Mapper = Callable[[Callable, Iterable], Iterator]  # builtin map, or a process pool's ordered imap
+
+
+def scan_corpus(sources: Sequence[SourceConfig], *, compiler: str = "", imap: Mapper = map) -> Corpus:
+    """Every source's documents (or the default C++ headers'), files scanned through ``imap``."""
     if sources:
-        origin = ", ".join(sources)
-        files = [f for i, s in enumerate(sources) for f in _expand(s, f"data.sources[{i}] = {s!r}")]
+        listed = [
+            (s, s.path, source_files(s, f"data.sources[{i}] = {s.path!r}")) for i, s in enumerate(sources)
+        ]
     else:
         dirs = cxx_header_dirs(compiler)
         origin = "C++ standard library headers in " + ", ".join(map(str, dirs))
-        files = [f for d in dirs for f in _walk(d)]
-    skipped: Counter[str] = Counter()
+        listed = [(SourceConfig(path=str(dirs[0])), origin, [f for d in dirs for f in walk(d)])]
     seen: set[Path] = set()
-    docs: dict[str, Document] = {}
-    for path in files:
-        real = path.resolve()
-        if real in seen:
-            continue
-        seen.add(real)
-        if path.suffix == ".jsonl":
-            for doc in _jsonl(path, jsonl_text_key):
-                if doc.text:
-                    docs[doc.name] = doc
-                else:
-                    skipped["empty JSONL text"] += 1
-            continue
-        text, why = _read_text(path)
-        if text is None:
-            skipped[why] += 1
-        else:
-            docs[str(path)] = Document(str(path), text)
-    if not docs:
-        found = f"{len(seen)} files" + (f", skipped: {_describe(skipped)}" if skipped else "")
-        raise CorpusError(
-            f"the corpus from {origin} is empty ({found}); need at least one non-empty text file"
-        )
-    return Corpus(tuple(docs[n] for n in sorted(docs)), origin, dict(sorted(skipped.items())))
+    out = []
+    for i, (config, origin, files) in enumerate(listed):
+        mine = []
+        for path in sorted(files, key=str):
+            real = path.resolve()
+            if real not in seen:
+                seen.add(real)
+                mine.append(path)
+        skipped: Counter[str] = Counter()
+        docs: list[Document] = []
+        for found, why in imap(_scan_file, [(p, config.text_key) for p in mine]):
+            docs.extend(found)
+            skipped.update(why)
+        if not docs:
+            where = f"data.sources[{i}] = {config.path!r}" if sources else origin
+            counted = f"{len(mine)} files" + (f", skipped: {_describe(skipped)}" if skipped else "")
+            raise CorpusError(
+                f"{where}: no usable text ({counted}); need at least one non-empty text file or record"
+            )
+        out.append(Source(config, origin, tuple(docs), dict(sorted(skipped.items()))))
+    return Corpus(tuple(out))
 
 
 def _describe(skipped: Counter[str]) -> str:
     return ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
 
 
-def _expand(source: str, where: str) -> list[Path]:
-    expanded = os.path.expanduser(source)
-    if _GLOB_CHARS & set(expanded):
-        matches = sorted(glob.glob(expanded, recursive=True))
-        if not matches:
-            raise CorpusError(f"{where}: the glob matches nothing")
-        return [f for m in matches for f in (_walk(Path(m)) if Path(m).is_dir() else [Path(m)])]
-    path = Path(expanded)
-    if path.is_dir():
-        return _walk(path)
-    if path.is_file():
-        return [path]
-    raise CorpusError(
-        f"{where}: no such file or directory (accepted: a directory, a file, a glob or a .jsonl file)"
-    )
-
-
-def _walk(root: Path) -> list[Path]:
-    """Regular files below ``root`` in sorted order, skipping hidden files and directories."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
-    return [p for p in out if p.is_file()]
-
-
-def _read_text(path: Path) -> tuple[str | None, str]:
-    data = path.read_bytes()
-    if not data.strip():
-        return None, "empty files"
-    if b"\0" in data:
-        return None, "binary files"
+def _scan_file(task: tuple[Path, str]) -> tuple[list[Document], Counter[str]]:
+    """A file's documents and what of it was skipped (runs in a worker)."""
+    path, text_key = task
+    if not holds_records(path):
+        text, why = file_text(path)
+        if text is None:
+            return [], Counter([why])
+        data = text.encode("utf-8")
+        return [Document(str(path), WHOLE_FILE, len(data), hashlib.sha256(data).digest())], Counter()
+    docs, skipped = [], Counter[str]()
     try:
-        return data.decode("utf-8"), ""
-    except UnicodeDecodeError:
-        return None, "non-UTF-8 files"
-
-
-def _jsonl(path: Path, key: str) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+        for record, text in records(path, text_key):
+            if not text:
+                skipped["empty records"] += 1
                 continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{where}: not a JSON object ({err.msg})") from err
-            if not isinstance(record, dict) or key not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise CorpusError(f"{where}: no {key!r} field (found {keys}); set data.jsonl_text_key")
-            if not isinstance(record[key], str):
-                raise CorpusError(f"{where}: field {key!r} is {type(record[key]).__name__}, need a string")
-            yield Document(where, record[key])
+            data = text.encode("utf-8")
+            docs.append(Document(str(path), record, len(data), hashlib.sha256(data).digest()))
+    except CorpusError:
+        raise
+    except (OSError, EOFError, UnicodeDecodeError, ValueError):  # a damaged file or compressed stream
+        return [], Counter(["unreadable files"])
+    return docs, skipped
+
+
+def read_texts(documents: Sequence[Document], text_key: str) -> Iterator[tuple[Document, str]]:
+    """The texts of ``documents`` (in order, records of one file ascending), each file opened once;
+    a text whose digest no longer matches is a CorpusError (the file changed while preparing)."""
+    i = 0
+    while i < len(documents):
+        path = documents[i].path
+        j = i
+        while j < len(documents) and documents[j].path == path:
+            j += 1
+        group = documents[i:j]
+        if group[0].record == WHOLE_FILE:
+            texts: Iterable[str | None] = [file_text(Path(path))[0]]
+        else:
+            wanted = {d.record: k for k, d in enumerate(group)}
+            found: list[str | None] = [None] * len(group)
+            for record, text in records(Path(path), text_key):
+                if record in wanted:
+                    found[wanted[record]] = text
+                    if record == group[-1].record:
+                        break
+            texts = found
+        for doc, text in zip(group, texts, strict=True):
+            if text is None or hashlib.sha256(text.encode("utf-8")).digest() != doc.digest:
+                raise CorpusError(
+                    f"{doc.name}: changed or unreadable since the corpus was scanned; run again"
+                )
+            yield doc, text
+        i = j

@@ -42,6 +42,11 @@ class PackedSplit(torch.utils.data.Dataset):
                     f"{prefix}.{name}: dtype {data.index.dtype.__name__}, expected {expected.__name__}"
                 )
 
+    def document_names(self) -> list[str]:
+        """The names of the split's documents, in the order ``document_ids`` count them (written by
+        preparation beside the fields)."""
+        return self.prefix.with_name(f"{self.prefix.name}.documents").read_text().splitlines()
+
     def __len__(self) -> int:
         return len(self._data["tokens"])
 

@@ -18,7 +18,6 @@ sequence per row, all rows in a single megatron document.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +64,87 @@ class PackedRows:
         return out
 
 
+class RowPacker:
+    """Documents in, rows out, as they arrive: the rows of all documents added are those the whole
+    stream would be cut into, so rows never depend on how the documents were batched."""
+
+    FLUSH_TOKENS = 1 << 20  # pending stream positions before complete rows are cut off
+
+    def __init__(
+        self,
+        seq_length: int,
+        eos_id: int,
+        pad_id: int,
+        channels: int = 0,
+        tokens_dtype: type[np.number] = np.int32,
+    ) -> None:
+        self.seq_length, self.eos_id, self.pad_id, self.channels = seq_length, eos_id, pad_id, channels
+        self.tokens_dtype = tokens_dtype
+        self.documents = 0
+        self._rows_cut = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self._pending_len = 0
+
+    def add(self, ids: np.ndarray, structure: np.ndarray | None = None) -> PackedRows | None:
+        """Queue one document (and its [channels, len(ids)] structure); returns rows once enough are complete."""
+        n = len(ids) + 1  # the document ends with EOS
+        if (structure is None) != (self.channels == 0):
+            raise ValueError(f"pack: structure given for {self.channels} channels: {structure is not None}")
+        if structure is not None and structure.shape != (self.channels, n - 1):
+            raise ValueError(f"pack: structure of shape {structure.shape} for a document of {n - 1} tokens")
+        tokens = np.empty(n, dtype=self.tokens_dtype)
+        tokens[:-1], tokens[-1] = ids, self.eos_id
+        padded_structure = None
+        if structure is not None:
+            padded_structure = np.zeros((self.channels, n), dtype=STRUCTURE_DTYPE)
+            padded_structure[:, :-1] = structure
+        doc = np.full(n, self.documents, dtype=np.int32)
+        self._pending.append((tokens, doc, np.arange(n, dtype=np.int32), padded_structure))
+        self._pending_len += n
+        self.documents += 1
+        return self._cut(final=False) if self._pending_len >= self.FLUSH_TOKENS else None
+
+    def finish(self) -> PackedRows | None:
+        """The last rows: the remaining stream padded to a whole row (at least one row in all)."""
+        if not self.documents:
+            raise ValueError("pack: no documents")
+        return self._cut(final=True)
+
+    def _cut(self, final: bool) -> PackedRows | None:
+        L = self.seq_length
+        tokens, doc_ids, positions = (np.concatenate([p[k] for p in self._pending]) for k in range(3))
+        structure = (
+            np.concatenate([p[3] for p in self._pending], axis=1) if self.channels else None  # type: ignore[misc]
+        )
+        n = len(tokens)
+        mask = np.ones(n, dtype=np.uint8)
+        rows = (n - 1) // L  # rows whose L + 1 positions are all here; row r starts at r L
+        if final and (n > 1 + rows * L or self._rows_cut + rows == 0):
+            rows += 1
+            pad = rows * L + 1 - n
+            tokens = np.concatenate([tokens, np.full(pad, self.pad_id, dtype=self.tokens_dtype)])
+            doc_ids = np.concatenate([doc_ids, np.full(pad, -1, dtype=np.int32)])
+            positions = np.concatenate([positions, np.zeros(pad, dtype=np.int32)])
+            mask = np.concatenate([mask, np.zeros(pad, dtype=np.uint8)])
+            if structure is not None:
+                structure = np.concatenate(
+                    [structure, np.zeros((self.channels, pad), STRUCTURE_DTYPE)], axis=1
+                )
+        keep = slice(rows * L, n)  # the last position of the last row starts the next one
+        self._pending = [
+            (tokens[keep], doc_ids[keep], positions[keep], None if structure is None else structure[:, keep])
+        ]
+        self._pending_len = n - rows * L
+        self._rows_cut += rows
+        if rows == 0:
+            return None
+        index = np.arange(rows)[:, None] * L + np.arange(L + 1)[None, :]
+        packed_structure = (
+            None if structure is None else np.ascontiguousarray(structure[:, index].transpose(1, 0, 2))
+        )
+        return PackedRows(tokens[index], doc_ids[index], positions[index], mask[index], packed_structure)
+
+
 def pack(
     token_ids: Sequence[np.ndarray],
     seq_length: int,
@@ -78,47 +158,55 @@ def pack(
         raise ValueError("pack: no documents")
     if structure is not None and len(structure) != len(token_ids):
         raise ValueError(f"pack: {len(token_ids)} documents but {len(structure)} structure arrays")
-    lengths = np.array([len(t) + 1 for t in token_ids], dtype=np.int64)  # each document ends with EOS
-    total = int(lengths.sum())
-    rows = max(1, math.ceil((total - 1) / seq_length))
-    padded = rows * seq_length + 1
+    channels = structure[0].shape[0] if structure is not None else 0
+    packer = RowPacker(seq_length, eos_id, pad_id, channels, tokens_dtype)
+    parts = [packer.add(ids, None if structure is None else structure[i]) for i, ids in enumerate(token_ids)]
+    parts.append(packer.finish())
+    done = [p for p in parts if p is not None]
+    return PackedRows(
+        *(
+            np.concatenate([getattr(p, f) for p in done])
+            for f in ("tokens", "document_ids", "position_ids", "loss_mask")
+        ),
+        None if structure is None else np.concatenate([p.structure for p in done]),  # type: ignore[misc]
+    )
 
-    tokens = np.full(padded, pad_id, dtype=tokens_dtype)
-    doc_ids = np.full(padded, -1, dtype=np.int32)
-    positions = np.zeros(padded, dtype=np.int32)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    for ids, start in zip(token_ids, starts, strict=True):
-        tokens[start : start + len(ids)] = ids
-        tokens[start + len(ids)] = eos_id
-    doc_ids[:total] = np.repeat(np.arange(len(token_ids), dtype=np.int32), lengths)
-    positions[:total] = np.arange(total) - np.repeat(starts, lengths)
-    mask = np.zeros(padded, dtype=np.uint8)
-    mask[:total] = 1
 
-    index = np.arange(rows)[:, None] * seq_length + np.arange(seq_length + 1)[None, :]
-    packed_structure = None
-    if structure is not None:
-        channels = structure[0].shape[0]
-        stream = np.zeros((channels, padded), dtype=STRUCTURE_DTYPE)
-        for s, start, n in zip(structure, starts, lengths, strict=True):
-            if s.shape != (channels, n - 1):
-                raise ValueError(f"pack: structure of shape {s.shape} for a document of {n - 1} tokens")
-            stream[:, start : start + n - 1] = s
-        packed_structure = np.ascontiguousarray(stream[:, index].transpose(1, 0, 2))
-    return PackedRows(tokens[index], doc_ids[index], positions[index], mask[index], packed_structure)
+class RowWriter:
+    """Rows appended chunk by chunk to one megatron ``IndexedDataset`` per field, ``<prefix>.<field>.bin/.idx``,
+    one sequence per row, all rows in a single megatron document."""
+
+    def __init__(self, prefix: Path) -> None:
+        self.prefix = prefix
+        self.rows = 0
+        self._builders: dict[str, object] = {}
+
+    def add(self, rows: PackedRows) -> None:
+        # Imported here: importing megatron.core costs seconds of CPU, which --dry-run should not pay.
+        import torch
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path
+
+        for name, array in rows.fields().items():
+            builder = self._builders.get(name)
+            if builder is None:
+                builder = IndexedDatasetBuilder(get_bin_path(f"{self.prefix}.{name}"), dtype=array.dtype.type)
+                self._builders[name] = builder
+            for row in array.reshape(rows.num_rows, -1):
+                builder.add_item(torch.from_numpy(row))  # type: ignore[attr-defined]
+        self.rows += rows.num_rows
+
+    def finalize(self) -> list[str]:
+        """Close every field; returns the field names written."""
+        from megatron.core.datasets.indexed_dataset import get_idx_path
+
+        for name, builder in self._builders.items():
+            builder.end_document()  # type: ignore[attr-defined]
+            builder.finalize(get_idx_path(f"{self.prefix}.{name}"))  # type: ignore[attr-defined]
+        return list(self._builders)
 
 
 def write_rows(rows: PackedRows, prefix: Path) -> list[str]:
     """Write every field as ``<prefix>.<field>.bin/.idx``; returns the field names written."""
-    # Imported here: importing megatron.core costs seconds of CPU, which --dry-run should not pay.
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
-
-    written = []
-    for name, array in rows.fields().items():
-        field_prefix = f"{prefix}.{name}"
-        builder = IndexedDatasetBuilder(get_bin_path(field_prefix), dtype=array.dtype.type)
-        flat = array.reshape(rows.num_rows, -1)
-        builder.add_document(flat.reshape(-1), lengths=[flat.shape[1]] * rows.num_rows)
-        builder.finalize(get_idx_path(field_prefix))
-        written.append(name)
-    return written
+    writer = RowWriter(prefix)
+    writer.add(rows)
+    return writer.finalize()

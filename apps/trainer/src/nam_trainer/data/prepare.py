@@ -1,12 +1,17 @@
-"""From configuration to datasets: corpus -> split -> tokenizer -> packed rows in the cache.
+"""From configuration to datasets: corpus scan -> split per source -> tokenizer -> units tokenized by
+the worker pool -> packed rows per source in the cache.
 
-Every rank may call it: on one host the first caller builds what is missing while the others
-wait on the cache's lock, then verify and open it.
+Every rank may call it: the process that claims an entry builds it while the others wait for it
+(on one host or several), then verify and open it. Memory stays bounded by a unit's texts and a
+row chunk; the corpus is never held whole (only its document list: names, sizes, digests).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +20,11 @@ import numpy as np
 
 from nam_trainer.config.schema import Config, DataConfig
 from nam_trainer.data.cache import FORMAT, cache_key, load_or_build, problem, read_manifest
-from nam_trainer.data.corpus import Corpus, Document, fingerprint, load_corpus
+from nam_trainer.data.corpus import Corpus, Document, Mapper, fingerprint, read_texts, scan_corpus
 from nam_trainer.data.dataset import PackedSplit
-from nam_trainer.data.packing import pack, token_dtype, write_rows
+from nam_trainer.data.packing import RowPacker, RowWriter, token_dtype
 from nam_trainer.data.split import split_documents
-from nam_trainer.data.structure import CHANNELS, cpp_structure, extractor_version
+from nam_trainer.data.structure import CHANNELS, extractor_version
 from nam_trainer.data.tokenizer import FILE as TOKENIZER_FILE
 from nam_trainer.data.tokenizer import (
     LoadedTokenizer,
@@ -27,30 +32,57 @@ from nam_trainer.data.tokenizer import (
     prepare_tokenizer,
     tokenizer_key_inputs,
 )
+from nam_trainer.data.units import Unit, UnitJob, build_unit, completed, plan_units, unit_documents
+from nam_trainer.data.workers import Workers
 
 SPLITS = ("train", "validation")
+REPORT_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
 class CorpusPlan:
-    """The documents and their split: everything that is cheap to know before building."""
+    """The documents and their split per source: everything that is cheap to know before building."""
 
     corpus: Corpus
-    train: tuple[Document, ...]
-    validation: tuple[Document, ...]
+    splits: tuple[tuple[tuple[Document, ...], tuple[Document, ...]], ...]  # per source: (train, validation)
+
+    @property
+    def train(self) -> tuple[Document, ...]:
+        return tuple(d for train, _ in self.splits for d in train)
+
+    @property
+    def validation(self) -> tuple[Document, ...]:
+        return tuple(d for _, validation in self.splits for d in validation)
+
+    def train_texts(self) -> Iterator[str]:
+        """The training split's texts in order, read one file at a time."""
+        for source, (train, _) in zip(self.corpus.sources, self.splits, strict=True):
+            for _, text in read_texts(train, source.config.text_key):
+                yield text
+
+
+@dataclass(frozen=True)
+class SourceData:
+    """One source's packed rows: rows never mix sources."""
+
+    origin: str
+    weight: float
+    train: PackedSplit
+    validation: PackedSplit | None
 
 
 @dataclass(frozen=True)
 class PreparedData:
     tokenizer: LoadedTokenizer
     entry: Path  # the packed cache entry
-    train: PackedSplit
-    validation: PackedSplit | None
-    info: dict[str, Any]  # the manifest's facts: documents, tokens and rows per split, corpus origin
+    sources: tuple[SourceData, ...]
+    info: dict[
+        str, Any
+    ]  # the manifest's facts: documents, tokens and rows per source and split, corpus origin
 
     @property
     def channels(self) -> tuple[str, ...]:
-        return self.train.channels
+        return self.sources[0].train.channels
 
     def trained_on(self) -> dict[str, Any]:
         """What weights trained on this data depend on besides the model, for the checkpoints: the
@@ -74,21 +106,30 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir).expanduser()
 
 
-def plan_corpus(cfg: DataConfig) -> CorpusPlan:
-    corpus = load_corpus(cfg.sources, compiler=cfg.compiler, jsonl_text_key=cfg.jsonl_text_key)
-    train, validation = split_documents(corpus.documents, cfg.validation_fraction, cfg.split_seed)
-    return CorpusPlan(corpus, train, validation)
+def worker_count(cfg: DataConfig) -> int:
+    return cfg.workers or len(os.sched_getaffinity(0))
+
+
+def plan_corpus(cfg: DataConfig, imap: Mapper = map) -> CorpusPlan:
+    corpus = scan_corpus(cfg.sources, compiler=cfg.compiler, imap=imap)
+    splits = tuple(
+        split_documents(s.documents, cfg.validation_fraction, cfg.split_seed) for s in corpus.sources
+    )
+    return CorpusPlan(corpus, splits)
 
 
 def packed_key_inputs(
     cfg: DataConfig, seq_length: int, plan: CorpusPlan, tokenizer: LoadedTokenizer
 ) -> dict[str, Any]:
-    """Everything the packed rows depend on; any change gives another cache entry."""
+    """Everything the packed rows depend on; any change gives another cache entry. (Weights are not:
+    they choose among the rows, at training time.)"""
     return {
         "kind": "packed rows",
         "format": FORMAT,
-        "train": fingerprint(plan.train),
-        "validation": fingerprint(plan.validation),
+        "sources": [
+            {"train": fingerprint(train), "validation": fingerprint(validation)}
+            for train, validation in plan.splits
+        ],
         "tokenizer": tokenizer.sha256,
         "eos_id": tokenizer.eos_id,
         "pad_id": tokenizer.pad_id,
@@ -100,53 +141,146 @@ def packed_key_inputs(
 def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> PreparedData:
     """Build what is missing or bad in the cache, verify the rest, and open the packed splits: a
     tokenizer of at most ``model.vocab_size`` tokens, rows of ``model.seq_length``."""
-    data, seq_length = cfg.data, cfg.model.seq_length
-    plan = plan_corpus(data)
-    root = cache_root(data)
-    log(
-        f"corpus: {len(plan.corpus.documents)} documents, {plan.corpus.num_bytes:,} bytes from {plan.corpus.origin}"
-        + (f" (skipped {plan.corpus.skipped})" if plan.corpus.skipped else "")
-    )
-    tokenizer = prepare_tokenizer(cfg.tokenizer, cfg.model.vocab_size, plan.train, root, log)
-    key_inputs = packed_key_inputs(data, seq_length, plan, tokenizer)
-    channels = CHANNELS if data.structure == "cpp" else ()
-
-    def build(out: Path) -> dict[str, Any]:
-        info: dict[str, Any] = {"corpus": plan.corpus.origin, "skipped": plan.corpus.skipped}
-        for split, docs in zip(SPLITS, (plan.train, plan.validation), strict=True):
-            if docs:
-                log(f"data: tokenizing and packing {len(docs)} {split} documents")
-                info[split] = _write_split(docs, out / split, seq_length, tokenizer, channels)
-        return info
-
-    entry = load_or_build(root, "packed", key_inputs, build, log)
+    data = cfg.data
+    with Workers(worker_count(data)) as workers:
+        plan = plan_corpus(data, workers.imap)
+        corpus = plan.corpus
+        log(
+            f"corpus: {len(corpus.documents)} documents, {corpus.num_bytes:,} bytes from {corpus.origin}"
+            + (f" (skipped {corpus.skipped})" if corpus.skipped else "")
+        )
+        root = cache_root(data)
+        tokenizer = prepare_tokenizer(
+            cfg.tokenizer, cfg.model.vocab_size, plan.train, plan.train_texts(), root, log
+        )
+        key_inputs = packed_key_inputs(data, cfg.model.seq_length, plan, tokenizer)
+        work_dir = root / "packed" / f".work-{cache_key(key_inputs)}"
+        builder = _RowsBuild(
+            plan, tokenizer, cfg.model.seq_length, data.structure == "cpp", work_dir, workers, log
+        )
+        entry = load_or_build(root, "packed", key_inputs, builder.build, log)
+    shutil.rmtree(work_dir, ignore_errors=True)  # the units of a finished build
     info = read_manifest(entry)["info"]
-    splits = {s: PackedSplit(entry / s, seq_length, channels) if s in info else None for s in SPLITS}
-    assert splits["train"] is not None
-    return PreparedData(tokenizer, entry, splits["train"], splits["validation"], info)
-
-
-def _write_split(
-    docs: tuple[Document, ...],
-    prefix: Path,
-    seq_length: int,
-    tokenizer: LoadedTokenizer,
-    channels: tuple[str, ...],
-) -> dict[str, Any]:
-    texts = [d.text for d in docs]
-    encodings = tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)
-    dtype = token_dtype(tokenizer.vocab_size)
-    ids = [np.asarray(e.ids, dtype=dtype) for e in encodings]
-    structure = (
-        [cpp_structure(t, e.offsets) for t, e in zip(texts, encodings, strict=True)] if channels else None
+    channels = CHANNELS if data.structure == "cpp" else ()
+    sources = tuple(
+        SourceData(
+            facts["origin"],
+            source.config.weight,
+            *(
+                PackedSplit(entry / f"{split}-{i}", cfg.model.seq_length, channels)
+                if split in facts
+                else None
+                for split in SPLITS
+            ),
+        )
+        for i, (facts, source) in enumerate(zip(info["sources"], corpus.sources, strict=True))
     )
-    rows = pack(ids, seq_length, tokenizer.eos_id, tokenizer.pad_id, structure, tokens_dtype=dtype)
-    write_rows(rows, prefix)
-    return {
-        "documents": [d.name for d in docs],
-        "tokens": int(sum(len(i) for i in ids)),
-        "rows": rows.num_rows,
-    }
+    return PreparedData(tokenizer, entry, sources, info)  # type: ignore[arg-type]
+
+
+@dataclass
+class _RowsBuild:
+    """The packed-rows entry: units tokenized by the workers, then packed in order, source by source."""
+
+    plan: CorpusPlan
+    tokenizer: LoadedTokenizer
+    seq_length: int
+    structure: bool
+    work_dir: Path
+    workers: Workers
+    log: Callable[[str], None]
+
+    def build(self, out: Path) -> dict[str, Any]:
+        units = self._units()
+        job = UnitJob(self.work_dir, self.tokenizer.path, np.dtype(self._dtype).name, self.structure)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        facts = {u.index: f for u in units if (f := completed(self.work_dir, u)) is not None}
+        todo = [u for u in units if u.index not in facts]
+        if facts:
+            self.log(f"data: reusing {len(facts)} of {len(units)} units finished before in {self.work_dir}")
+        progress = _Progress(len(todo), sum(u.nbytes for u in todo), self.log)
+        for unit, unit_facts in zip(
+            todo, self.workers.imap(build_unit, [(u, job) for u in todo]), strict=True
+        ):
+            facts[unit.index] = unit_facts
+            progress.update(len({d.path for d in unit.documents}), unit.nbytes, unit_facts)
+        progress.done()
+        return self._pack(units, facts, out)
+
+    @property
+    def _dtype(self) -> type[np.number]:
+        return token_dtype(self.tokenizer.vocab_size)
+
+    def _units(self) -> list[Unit]:
+        units: list[Unit] = []
+        for i, (source, (_, validation)) in enumerate(
+            zip(self.plan.corpus.sources, self.plan.splits, strict=True)
+        ):
+            names = frozenset(d.name for d in validation)
+            units += plan_units(i, source.config.text_key, source.documents, names, len(units))
+        return units
+
+    def _pack(self, units: list[Unit], facts: dict[int, dict[str, Any]], out: Path) -> dict[str, Any]:
+        channels = len(CHANNELS) if self.structure else 0
+        tok = self.tokenizer
+        sources = []
+        for i, (source, splits) in enumerate(zip(self.plan.corpus.sources, self.plan.splits, strict=True)):
+            summary: dict[str, Any] = {"origin": source.origin, "skipped": source.skipped}
+            for split, docs in zip(SPLITS, splits, strict=True):
+                if not docs:
+                    continue
+                packer = RowPacker(self.seq_length, tok.eos_id, tok.pad_id, channels, self._dtype)
+                writer = RowWriter(out / f"{split}-{i}")
+                for unit in (u for u in units if u.source == i):
+                    for ids, structure in unit_documents(self.work_dir, unit, split, self.structure):
+                        if (rows := packer.add(ids, structure)) is not None:
+                            writer.add(rows)
+                if (rows := packer.finish()) is not None:
+                    writer.add(rows)
+                writer.finalize()
+                (out / f"{split}-{i}.documents").write_text("".join(d.name + "\n" for d in docs))
+                tokens = sum(facts[u.index][split]["tokens"] for u in units if u.source == i)
+                summary[split] = {"documents": len(docs), "tokens": tokens, "rows": writer.rows}
+                self.log(
+                    f"data: source {i} {split}: {len(docs)} documents, {tokens:,} tokens, {writer.rows} rows"
+                )
+            sources.append(summary)
+        return {
+            "corpus": self.plan.corpus.origin,
+            "skipped": self.plan.corpus.skipped,
+            "without_structure": sum(f["no_structure"] for f in facts.values()),
+            "sources": sources,
+        }
+
+
+class _Progress:
+    """A line every REPORT_EVERY_S seconds while units are built: files, bytes, tokens, rate, ETA."""
+
+    def __init__(self, units: int, total_bytes: int, log: Callable[[str], None]) -> None:
+        self.units, self.total_bytes, self.log = units, total_bytes, log
+        self.done_units = self.files = self.bytes = self.tokens = 0
+        self.start = self.shown = time.monotonic()
+
+    def update(self, files: int, nbytes: int, facts: dict[str, Any]) -> None:
+        self.done_units += 1
+        self.files += files
+        self.bytes += nbytes
+        self.tokens += sum(facts[s]["tokens"] for s in SPLITS)
+        if time.monotonic() - self.shown >= REPORT_EVERY_S:
+            self._show()
+
+    def done(self) -> None:
+        if self.units:
+            self._show()
+
+    def _show(self) -> None:
+        self.shown = now = time.monotonic()
+        rate = self.bytes / max(now - self.start, 1e-9)
+        eta = (self.total_bytes - self.bytes) / rate if rate else float("inf")
+        self.log(
+            f"data: {self.done_units}/{self.units} units, {self.files:,} files, {self.bytes / 1e6:,.1f} MB, "
+            f"{self.tokens:,} tokens, {rate / 1e6:.2f} MB/s, ETA {eta:.0f} s"
+        )
 
 
 def cache_status(cfg: Config, plan: CorpusPlan) -> list[str]:

@@ -1,4 +1,4 @@
-"""Deterministic train/validation split by document (file), independent of listing order."""
+"""Deterministic train/validation split by document (file or record), by name and seed only."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from nam_trainer.data.corpus import CorpusError, Document
 def split_documents(
     documents: Sequence[Document], validation_fraction: float, seed: int
 ) -> tuple[tuple[Document, ...], tuple[Document, ...]]:
-    """(train, validation), each sorted by name.
+    """(train, validation), each in the order of ``documents``.
 
     Documents are ranked by sha256(seed, name) and the first ceil(fraction x n) go to validation
     (at least one and at most n - 1 when the fraction is above 0): the split depends on names and
     the seed only, so it is the same on every machine and every run.
     """
     if validation_fraction <= 0:
-        return tuple(sorted(documents, key=lambda d: d.name)), ()
+        return tuple(documents), ()
     if len(documents) < 2:
         raise CorpusError(
             f"data.validation_fraction = {validation_fraction} needs at least 2 documents to split, "
@@ -28,7 +28,6 @@ def split_documents(
     n_val = min(max(math.ceil(validation_fraction * len(documents)), 1), len(documents) - 1)
     ranked = sorted(documents, key=lambda d: hashlib.sha256(f"{seed}\0{d.name}".encode()).digest())
     val_names = {d.name for d in ranked[:n_val]}
-    ordered = sorted(documents, key=lambda d: d.name)
-    train = tuple(d for d in ordered if d.name not in val_names)
-    valid = tuple(d for d in ordered if d.name in val_names)
+    train = tuple(d for d in documents if d.name not in val_names)
+    valid = tuple(d for d in documents if d.name in val_names)
     return train, valid

@@ -15,6 +15,7 @@ import numpy as np
 
 import nam_embed
 from nam_embed.cpp import extract_cpp_structure
+from nam_embed.cpp_vocab import UNKNOWN_ID
 from nam_embed.structure import CHANNELS
 
 DTYPE = np.uint16
@@ -32,8 +33,19 @@ def extractor_version() -> dict[str, str]:
     }
 
 
-def cpp_structure(text: str, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
-    """[len(CHANNELS), len(offsets)] structure channels of C++ ``text`` for tokens at character spans ``offsets``."""
-    channels = extract_cpp_structure(text, offsets)
+def cpp_structure(text: str, offsets: Sequence[tuple[int, int]]) -> np.ndarray | None:
+    """[len(CHANNELS), len(offsets)] structure channels of C++ ``text`` for tokens at character spans
+    ``offsets``, or None when the extractor fails on it (the caller marks the channels unknown)."""
+    try:
+        channels = extract_cpp_structure(text, offsets)
+    except (RecursionError, ValueError, RuntimeError, MemoryError):  # tree-sitter gave up on this text
+        return None
     stacked = np.stack([channels[name].numpy() for name in CHANNELS])
     return np.minimum(stacked, np.iinfo(DTYPE).max).astype(DTYPE)
+
+
+def unknown_structure(tokens: int) -> np.ndarray:
+    """Channels of a text without structure: 0 everywhere, node type ``<unknown>``."""
+    out = np.zeros((len(CHANNELS), tokens), dtype=DTYPE)
+    out[CHANNELS.index("node_type")] = UNKNOWN_ID
+    return out

@@ -8,7 +8,7 @@ map each token back to characters of the source, which the structure channels ne
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,10 @@ class LoadedTokenizer:
 
 
 def train_bpe(
-    texts: Sequence[str], vocab_size: int, min_frequency: int, special_tokens: Sequence[str]
+    texts: Iterable[str], vocab_size: int, min_frequency: int, special_tokens: Sequence[str]
 ) -> Tokenizer:
-    """A byte-level BPE with ``special_tokens`` first (ids 0, 1, ...), then the 256 bytes, then merges."""
+    """A byte-level BPE with ``special_tokens`` first (ids 0, 1, ...), then the 256 bytes, then merges;
+    ``texts`` are read once, as they come (a generator keeps one text in memory at a time)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -53,7 +54,7 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer, length=len(texts))
+    tok.train_from_iterator(texts, trainer)
     return tok
 
 
@@ -103,11 +104,12 @@ def prepare_tokenizer(
     cfg: TokenizerConfig,
     vocab_size: int,
     train_documents: Sequence[Document],
+    train_texts: Iterable[str],
     cache_root: Path,
     log: Callable[[str], None] = print,
 ) -> LoadedTokenizer:
-    """The configured tokenizer: loaded from ``cfg.path``, or a BPE of ``vocab_size`` tokens trained on
-    ``train_documents`` once and cached."""
+    """The configured tokenizer: loaded from ``cfg.path``, or a BPE of ``vocab_size`` tokens trained once
+    on ``train_texts`` (the texts of ``train_documents``, read only when it is built) and cached."""
     if cfg.path:
         return load_tokenizer(Path(cfg.path).expanduser(), cfg, vocab_size)
     key_inputs = tokenizer_key_inputs(cfg, vocab_size, train_documents)
@@ -116,9 +118,7 @@ def prepare_tokenizer(
         log(
             f"tokenizer: training a byte-level BPE of {vocab_size} tokens on {len(train_documents)} documents"
         )
-        tok = train_bpe(
-            [d.text for d in train_documents], vocab_size, cfg.min_frequency, key_inputs["special_tokens"]
-        )
+        tok = train_bpe(train_texts, vocab_size, cfg.min_frequency, key_inputs["special_tokens"])
         tok.save(str(out / FILE))
         return {"vocab_size": tok.get_vocab_size(with_added_tokens=True)}
 

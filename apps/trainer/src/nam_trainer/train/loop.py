@@ -117,14 +117,18 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
         plan.stp.set_step(start + 1)  # the next forward belongs to the next step
     feed = before_forward(plan)
     shard = Shard(t.global_batch_size, t.micro_batch_size, run.dp_rank, run.dp_size)
-    order = TrainOrder(len(data.train), t.seed)
-    samples = (
-        validation_samples(data.validation, t.eval_iters, t.global_batch_size)
-        if data.validation is not None
-        else []
-    )
     masking = cfg.data.document_masking
-    valid = [_micro_batches(run, shard, masking, data.validation, s) for s in samples]
+    trains = [s.train for s in data.sources]
+    order = TrainOrder([len(split) for split in trains], [s.weight for s in data.sources], t.seed)
+    valid = [
+        [
+            _micro_batches(run, shard, masking, [s.validation], batch)
+            for batch in validation_samples(0, s.validation, t.eval_iters, t.global_batch_size)
+        ]
+        for s in data.sources
+        if s.validation is not None
+    ]
+    weights = [s.weight for s in data.sources if s.validation is not None]
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     metrics = StepMetrics(run, run_dir, t.steps, start, tokens_per_step, shard.microbatches)
     stop = StopRequest(world.device)
@@ -135,14 +139,10 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
     )
     try:
         if start == 0 and valid:
-            metrics.validation(0, evaluate(run, valid))
+            metrics.validation(0, *_evaluate_sources(run, valid, weights))
         for step in range(start + 1, t.steps + 1):
             micro = _micro_batches(
-                run,
-                shard,
-                masking,
-                data.train,
-                order.global_batch(state.consumed_samples, t.global_batch_size),
+                run, shard, masking, trains, order.global_batch(state.consumed_samples, t.global_batch_size)
             )
             lr = learning_rate(run)
             began = time.perf_counter()
@@ -171,7 +171,7 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
                     )
                     return EXIT_NONFINITE
             if valid and (step % t.eval_interval == 0 or step == t.steps):
-                metrics.validation(step, evaluate(run, valid))
+                metrics.validation(step, *_evaluate_sources(run, valid, weights))
             stopping = stop.requested()
             if state.consecutive_skips == 0 and (step % ck.interval == 0 or step == t.steps or stopping):
                 path = save_checkpoint(
@@ -204,13 +204,20 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
         metrics.close()
 
 
+def _evaluate_sources(run: Run, valid: list[list[Any]], weights: list[float]) -> tuple[float, list[float]]:
+    """The validation loss of every source, and their mean weighted as training mixes them."""
+    losses = [evaluate(run, batches) for batches in valid]
+    return sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights), losses
+
+
 def _micro_batches(
-    run: Run, shard: Shard, document_masking: bool, split: Any, samples: list[int]
+    run: Run, shard: Shard, document_masking: bool, splits: list[Any], samples: list[tuple[int, int]]
 ) -> list[dict[str, Any]]:
-    """This rank's micro-batches of the global batch ``samples`` of ``split``, on its device."""
+    """This rank's micro-batches of the global batch ``samples`` ((source, row) pairs of ``splits``),
+    on its device."""
     structure = run.model.embedding.structure
     return [
-        collate(split, rows, run.world.device, structure, document_masking) for rows in shard.rows(samples)
+        collate(splits, rows, run.world.device, structure, document_masking) for rows in shard.rows(samples)
     ]
 
 

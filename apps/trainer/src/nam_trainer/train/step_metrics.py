@@ -76,12 +76,15 @@ class StepMetrics:
             self.log.log(step, "train", values)
         self.progress.update(step, values)
 
-    def validation(self, step: int, loss: float) -> None:
-        """Record an evaluation's loss; forget the MoE statistics its forwards recorded."""
+    def validation(self, step: int, loss: float, per_source: list[float]) -> None:
+        """Record an evaluation's loss (and each source's, when there are several); forget the MoE
+        statistics its forwards recorded."""
         self.moe.discard()
+        sources = {f"sources/loss/{i}": v for i, v in enumerate(per_source)} if len(per_source) > 1 else {}
         if self.log is not None:
-            self.log.log(step, "valid", {"loss": loss, "ppl": _ppl(loss)})
-        self.progress.write(f"step {step}: validation loss {loss:.4f}, perplexity {_ppl(loss):.2f}")
+            self.log.log(step, "valid", {"loss": loss, "ppl": _ppl(loss), **sources})
+        each = "".join(f", source {i} {v:.4f}" for i, v in enumerate(per_source)) if sources else ""
+        self.progress.write(f"step {step}: validation loss {loss:.4f}, perplexity {_ppl(loss):.2f}{each}")
 
     def note(self, message: str) -> None:
         """A line between progress lines (rank 0)."""

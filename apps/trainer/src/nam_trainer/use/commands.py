@@ -40,21 +40,24 @@ def run_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         return EXIT_INVALID
     split = args.split or ("all" if any(o.startswith("--data.") for o in overrides) else "validation")
     chosen = ("train", "validation") if split == "all" else (split,)
-    parts, names = [], []
-    for name in chosen:
-        packed = getattr(data, name)
-        if packed is None:
-            _stderr(
-                f"nam-train eval: the data has no {name} split (data.validation_fraction = 0?); use --split train"
-            )
-            return EXIT_INVALID
-        docs = data.info[name]["documents"]
-        parts.append(score_rows(loaded, packed, list(range(len(packed))), len(docs)))
-        names += [f"{d}" for d in docs]
+    parts, origins = [], {}
+    for source in data.sources:
+        for name in chosen:
+            packed = getattr(source, name)
+            if packed is None:
+                continue
+            docs = packed.document_names()
+            parts.append(score_rows(loaded, packed, list(range(len(packed))), len(docs)))
+            origins.update(dict.fromkeys(docs, source.origin))
+    if not parts:
+        _stderr(
+            f"nam-train eval: the data has no {split} split (data.validation_fraction = 0?); use --split train"
+        )
+        return EXIT_INVALID
     import numpy as np
 
-    origin = str(data.info["corpus"])
-    result = report(np.concatenate(parts), names, lambda _doc: origin)
+    names = list(origins)  # documents in scoring order: a file belongs to one source and one split
+    result = report(np.concatenate(parts), names, origins.__getitem__)
     result.update(checkpoint=str(loaded.path), step=loaded.step, split=split)
     if rank0:
         print(json.dumps(result, indent=1) if args.json else format_report(result))

@@ -67,7 +67,8 @@ def score_rows(loaded: Loaded, split: PackedSplit, rows: list[int], num_document
     mine = rows[rank::dp]
     with torch.no_grad():
         for i in range(0, len(mine), micro):
-            batch = collate(split, mine[i : i + micro], device, bool(split.channels), masking)
+            rows_here = [(0, r) for r in mine[i : i + micro]]
+            batch = collate([split], rows_here, device, bool(split.channels), masking)
             mask, docs = batch.pop("loss_mask"), batch.pop("document_ids")
             nats = loaded.model(**batch).double() * mask
             scored = mask > 0

@@ -192,8 +192,8 @@ def check_trained_on(path: Path, current: dict[str, Any], allow_new_data: bool) 
     if rows_was == rows_now:
         return None
     changed = ", ".join(
-        f"{key} documents differ"  # a fingerprint of the split's documents
-        if key in ("train", "validation")
+        "the documents differ"  # fingerprints of every source's splits
+        if key == "sources"
         else f"{key} {rows_was.get(key)} -> {rows_now.get(key)}"
         for key in sorted(rows_was.keys() | rows_now.keys())
         if rows_was.get(key) != rows_now.get(key)

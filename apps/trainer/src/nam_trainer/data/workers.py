@@ -1,0 +1,51 @@
+"""The preparation's worker processes: an ordered ``imap`` over a spawn-started pool, or the plain
+``map`` of this process for one worker (no process to start, the tests' and small corpora's case).
+
+Spawn, not fork: the caller has torch (and its threads) loaded, which a forked child must not
+inherit. Each worker keeps to one thread (tokenizers' and torch's pools would oversubscribe the
+cores the workers already share out). Results come back in task order whatever finishes first.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.pool import Pool
+from types import TracebackType
+from typing import Any
+
+
+class Workers:
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._pool: Pool | None = None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._pool is not None:
+            if kind is None:
+                self._pool.close()
+            else:
+                self._pool.terminate()  # Ctrl-C or an error: drop the work in flight (units are atomic)
+            self._pool.join()
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        """``fn`` over ``items``, results in order; the pool starts on the first call that needs it."""
+        if self.count == 1:
+            return map(fn, items)
+        if self._pool is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(self.count, initializer=_one_thread)
+        return self._pool.imap(fn, items, chunksize=1)
+
+
+def _one_thread() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
