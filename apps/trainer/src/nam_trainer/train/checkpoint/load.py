@@ -80,7 +80,7 @@ def load_checkpoint(
         sharded["plasticity"] = plan.sharded_state_dict(chunks, optimizer, model_part, levers)
     if change is None:
         sharded["rng_state"] = state.rng_object(None)
-    # not loaded: the state of levers that are off, and the per-rank RNG of another layout
+    # saved, not loaded: the state of levers that are off, and the per-rank RNG of another layout
     ignored = (
         *(f"plasticity.{lever}." for lever in saved_levers - set(levers)),
         *(() if change is None else ("rng_state",)),
@@ -89,7 +89,7 @@ def load_checkpoint(
         loaded, missing, unexpected = dist_checkpointing.load(
             sharded, str(path), strict=StrictHandling.RETURN_ALL
         )
-        unexpected = [key for key in unexpected if not key.startswith(ignored)] if ignored else unexpected
+        missing, unexpected = ([key for key in keys if not key.startswith(ignored)] for keys in (missing, unexpected))
         if missing or unexpected:
             raise CheckpointingException(
                 f"keys missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
