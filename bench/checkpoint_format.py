@@ -1,12 +1,12 @@
-"""What megatron's fully_reshardable optimizer format costs against dp_reshardable (nam-train's
-format before it): save time and checkpoint size of nam56r-tiny, on CPU gloo ranks.
+"""Save time and size of a nam-train checkpoint of nam56r-tiny on CPU gloo ranks, in the optimizer
+format of the nam-trainer installed (state.SHARDED_METADATA): run it with a checkout's environment
+to compare formats (fully_reshardable from this one, dp_reshardable from a commit before it).
 
     .venv/bin/python bench/checkpoint_format.py [WORLD]     # data-parallel ranks, default 1
 
 The set-up is the trainer's own (nam_trainer.train.setup.build_run on the preset, vocabulary 4096,
-rows of 256 tokens); nam_trainer.train.checkpoint.save_checkpoint writes the checkpoint with each
-format in turn (state.SHARDED_METADATA set to it), SAVES times each, the median counts. Prints a
-table and writes bench/checkpoint_format.json.
+rows of 256 tokens, before any step); nam_trainer.train.checkpoint.save_checkpoint writes SAVES
+checkpoints, the median time counts. Prints a table and writes bench/checkpoint_format.json.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("dp_reshardable", "fully_reshardable")
 SAVES = 3
 
 
@@ -33,22 +32,20 @@ def _rank(run_root: str) -> dict[str, Any]:
     from nam_trainer.train.checkpoint import save_checkpoint, state
     from nam_trainer.train.setup import build_run, init_world
 
-    config = load_config("nam56r-tiny", ["--model.vocab_size", "4096", "--model.seq_length", "256"])
+    config = load_config("nam56r-tiny", overrides=["--model.vocab_size", "4096", "--model.seq_length", "256"])
     checked = check(config, int(os.environ["WORLD_SIZE"]))
     run = build_run(checked, init_world(checked))
-    out: dict[str, Any] = {}
-    for sharding in FORMATS:
-        state.SHARDED_METADATA["distrib_optim_sharding_type"] = sharding
-        seconds = []
-        for i in range(SAVES):
-            run_dir = Path(run_root) / f"{sharding}-{i}"
-            torch_dist.barrier()
-            began = time.perf_counter()
-            path = save_checkpoint(run_dir, 1, run.chunks, run.optimizer, run.scheduler, {}, keep_last=1)
-            seconds.append(time.perf_counter() - began)
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        out[sharding] = {"save_s": statistics.median(seconds), "bytes": size}
-    return out
+    seconds = []
+    for i in range(SAVES):
+        torch_dist.barrier()
+        began = time.perf_counter()
+        path = save_checkpoint(
+            Path(run_root) / str(i), 1, run.chunks, run.optimizer, run.scheduler, {}, keep_last=1
+        )
+        seconds.append(time.perf_counter() - began)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    sharding = state.SHARDED_METADATA["distrib_optim_sharding_type"]
+    return {sharding: {"save_s": statistics.median(seconds), "bytes": size}}
 
 
 def main() -> None:

@@ -80,7 +80,12 @@ def test_the_steps_after_a_resume_at_another_layout_have_the_original_losses(
         before, after = losses(dirs[i - 1]), losses(dirs[i])
         assert min(after) == i + 1, (CHAIN[i][0], after)
         for step in (i + 1, i + 2):  # the run before trained these two too
-            assert after[step] == pytest.approx(before[step], rel=RELATIVE_TOLERANCE), (CHAIN[i][0], step, before, after)
+            assert after[step] == pytest.approx(before[step], rel=RELATIVE_TOLERANCE), (
+                CHAIN[i][0],
+                step,
+                before,
+                after,
+            )
     # DP=2 -> 1: one line says what changed and where the RNG comes from
     (notice,) = [line for line in logged if "saved at another parallel layout" in line]
     assert "world_size 2 -> 1" in notice and "data_parallel 2 -> 1" in notice, notice
@@ -108,7 +113,10 @@ def test_a_layout_change_without_the_distributed_optimizer_exits_2(
     )
     assert main(argv) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nam-train:")]
-    assert "saved with another parallel layout (world_size 2 -> 1, data_parallel 2 -> 1, distributed_optimizer True -> False)" in line, line
+    assert (
+        "saved with another parallel layout (world_size 2 -> 1, data_parallel 2 -> 1, distributed_optimizer True -> False)"
+        in line
+    ), line
     assert "parallel.distributed_optimizer = true" in line
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000005"]
     assert not (run_dir / "metrics.jsonl").exists() or not losses(run_dir)

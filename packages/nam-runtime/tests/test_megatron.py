@@ -170,10 +170,18 @@ def _adam_rank(directory: str) -> dict[str, Any]:
     ]
     same = all(  # the main params (another initialisation before the load) and the moments
         torch.equal(p, q)
-        and all(torch.equal(opt.optimizer.state[p][k], fresh.optimizer.state[q][k]) for k in ("exp_avg", "exp_avg_sq"))
+        and all(
+            torch.equal(opt.optimizer.state[p][k], fresh.optimizer.state[q][k])
+            for k in ("exp_avg", "exp_avg_sq")
+        )
         for p, q in pairs
     )
-    return {"unprimed": unprimed, "as_megatron_loads": as_megatron_loads, "restored": _steps(fresh), "same": same}
+    return {
+        "unprimed": unprimed,
+        "as_megatron_loads": as_megatron_loads,
+        "restored": _steps(fresh),
+        "same": same,
+    }
 
 
 @pytest.fixture(scope="module")

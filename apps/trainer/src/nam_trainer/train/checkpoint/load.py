@@ -89,7 +89,9 @@ def load_checkpoint(
         loaded, missing, unexpected = dist_checkpointing.load(
             sharded, str(path), strict=StrictHandling.RETURN_ALL
         )
-        missing, unexpected = ([key for key in keys if not key.startswith(ignored)] for keys in (missing, unexpected))
+        missing, unexpected = (
+            [key for key in keys if not key.startswith(ignored)] for keys in (missing, unexpected)
+        )
         if missing or unexpected:
             raise CheckpointingException(
                 f"keys missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
