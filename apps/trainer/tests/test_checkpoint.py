@@ -253,23 +253,6 @@ def test_exact_resume_pp2(tmp_path: Path, distributed_optimizer: bool) -> None:
     assert rank0["uninterrupted"] == rank1["uninterrupted"]
 
 
-def _load_at_dp1(path: Path) -> str:
-    dist.initialize(seed=3)
-    setup = ckpt_run.build(distributed_optimizer=True)
-    with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path, setup.model, setup.optimizer, setup.scheduler)
-    return str(info.value)
-
-
-def test_other_data_parallel_size_is_refused(dp2_run: tuple[Path, list[dict[str, Any]]]) -> None:
-    _, (rank0, _) = dp2_run
-    (message,) = run_ranks(_load_at_dp1, 1, rank0["path"])
-    assert str(rank0["path"]) in message
-    assert "another parallel layout" in message and "data_parallel 2 -> 1" in message
-    assert "world_size 2 -> 1" in message and "expert_parallel 2 -> 1" in message
-    assert "does not reshard" in message
-
-
 # ------------------------------------------------------------------------------------------------
 # Finding, pruning, replacing
 # ------------------------------------------------------------------------------------------------

@@ -28,18 +28,16 @@ __all__ = [
     "holds_params",
     "import_before_enable",
     "inner_optimizers",
+    "load_distributed_optimizer",
     "load_optimizer_state",
-    "load_without_grad",
     "merge_plain",
     "optimizer_sharded_state_dict",
     "plain_per_rank",
     "prime_adam_state",
     "reset_moe_state",
-    "restore_adam_steps",
     "restore_schedule",
     "same_function_modes",
     "schedule_state",
-    "zero_optimizer_padding",
 ]
 
 
@@ -164,26 +162,37 @@ def prime_adam_state(optimizer: Any) -> None:
 
 
 _row(
-    "restore_adam_steps",
+    "load_distributed_optimizer",
     "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict (without TE or "
-    "Apex) and its dp_reshardable loader; the trainer's checkpoints call restore_adam_steps after "
-    "loading an optimizer",
+    "Apex) with its fully_reshardable loader; load_optimizer_state loads every distributed optimizer "
+    "through load_distributed_optimizer",
     "with torch's Adam the distributed optimizer saves the step in its param groups; its load puts one "
     "shared step tensor in every parameter's state (torch's Adam then adds 1 to it once per "
-    "parameter) and the dp_reshardable loader overwrites it with the step the state had before the "
-    "load, so a resumed run would not continue bit for bit",
-    "megatron-core restoring a separate per-parameter `step` tensor, at the saved value",
+    "parameter), and load_parameter_state_from_fully_reshardable then copies every tensor of that "
+    "state from the checkpoint, which holds no `step` for it: KeyError 'step'",
+    "megatron-core restoring a separate per-parameter `step` tensor, at the saved value, and its "
+    "fully_reshardable loader skipping `step` on both sides",
 )
 
 
-def restore_adam_steps(optimizer: Any) -> None:
-    """Each parameter's Adam `step` as saved, in its own tensor, from the `step` megatron's load
-    left in the param groups (removed there: torch's Adam keeps it per parameter only)."""
-    for inner in _torch_adams(optimizer):
+def load_distributed_optimizer(opt: Any, state_dict: dict[str, Any]) -> None:
+    """Load a DistributedOptimizer's fully_reshardable state dict (as dist_checkpointing read it):
+    its param groups, then the parameter state (main params, Adam moments) without megatron's
+    shared `step`, then each parameter's Adam `step` as saved, in its own tensor."""
+    state_dict = dict(state_dict)
+    param_state = state_dict.pop("param_state")
+    sharding = state_dict.pop("param_state_sharding_type")
+    if sharding != "fully_reshardable":
+        raise ValueError(f"load_distributed_optimizer: {sharding} state; it loads fully_reshardable only")
+    opt.load_state_dict(state_dict)  # param groups (and the grad scaler), no parameter state
+    adams = list(_torch_adams(opt))
+    for inner in adams:
+        for state in inner.state.values():
+            state.pop("step", None)
+    opt.load_parameter_state_from_fully_reshardable(param_state)
+    for inner in adams:
         for group in inner.param_groups:
-            if "step" not in group:  # megatron's other optimizers restore per-parameter steps themselves
-                continue
-            step = float(group.pop("step"))
+            step = float(group.pop("step"))  # torch's Adam keeps it per parameter only
             for param in group["params"]:
                 inner.state[param]["step"] = torch.tensor(step, dtype=torch.float32)
 
@@ -196,21 +205,18 @@ def restore_adam_steps(optimizer: Any) -> None:
 def optimizer_sharded_state_dict(
     optimizer: Any, model_sharded: dict[str, Any], metadata: dict[str, Any], is_loading: bool
 ) -> dict[str, Any]:
-    """The sharded state dict of each megatron optimizer inside `optimizer` as `chained_<i>` (its
-    tensor keys prefixed `chained_<i>.` when there are several, as ChainedOptimizer prefixes them
-    for dp_reshardable), with the rows below: an optimizer without parameters on this rank is left out (holds_params), and a
-    non-distributed one's plain values are stored per rank (plain_per_rank)."""
-    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+    """The sharded state dict of each megatron optimizer inside `optimizer` as `chained_<i>`, with
+    the rows below: an optimizer without parameters on this rank is left out (holds_params), and a
+    non-distributed one's plain values are stored per rank (plain_per_rank). Tensor keys name the
+    model parameter they belong to (megatron's fully reshardable form, no `chained_<i>.` prefix), so
+    they are the same at every parallel layout."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    subs = inner_optimizers(optimizer)
     parts: dict[str, Any] = {}
-    for index, opt in enumerate(subs):
+    for index, opt in enumerate(inner_optimizers(optimizer)):
         if not holds_params(opt):
             continue
         part = opt.sharded_state_dict(model_sharded, is_loading, metadata=metadata)
-        if len(subs) > 1:
-            add_prefix_for_sharding(part, f"chained_{index}.")
         if not isinstance(opt, DistributedOptimizer):
             part = plain_per_rank(part, f"optimizer.chained_{index}.plain")
         parts[f"chained_{index}"] = part
@@ -226,9 +232,10 @@ def load_optimizer_state(optimizer: Any, loaded: dict[str, Any]) -> None:
         if not holds_params(opt):
             continue
         part = loaded[f"chained_{index}"]
-        if not isinstance(opt, DistributedOptimizer):
-            part = merge_plain(part)
-        load_without_grad(opt, part)
+        if isinstance(opt, DistributedOptimizer):
+            load_distributed_optimizer(opt, part)
+        else:
+            opt.load_state_dict(merge_plain(part))
 
 
 _row(
@@ -288,23 +295,6 @@ def merge_plain(part: dict[str, Any]) -> dict[str, Any]:
     from megatron.core.dist_checkpointing.dict_utils import merge
 
     return merge(part["sharded"], part["plain"])
-
-
-_row(
-    "load_without_grad",
-    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict: its dp_reshardable "
-    "loader (load_parameter_state_from_dp_reshardable, unlike the fully_reshardable and fs_model_space ones) is not under "
-    "torch.no_grad; load_optimizer_state loads every optimizer through load_without_grad",
-    "it copies the saved main params in place, and with fp32 weights the main params are views of the "
-    "model's parameters, which require grad: autograd refuses an in-place op on a view of such a leaf",
-    "load_parameter_state_from_dp_reshardable running under torch.no_grad() as those loaders do",
-)
-
-
-def load_without_grad(opt: Any, state_dict: dict[str, Any]) -> None:
-    """`opt.load_state_dict(state_dict)` outside autograd."""
-    with torch.no_grad():
-        opt.load_state_dict(state_dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,39 +377,3 @@ def _entered(modes: list[Any]) -> Iterator[None]:
         for mode in modes:
             stack.enter_context(mode)
         yield
-
-
-# ---------------------------------------------------------------------------------------------
-# The distributed optimizer's padding in checkpoints
-# ---------------------------------------------------------------------------------------------
-
-_row(
-    "zero_optimizer_padding",
-    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.sharded_param_state_dp_reshardable "
-    "(the dp_reshardable optimizer state dict); the trainer's checkpoint save calls "
-    "zero_optimizer_padding on the optimizer's sharded state dict before writing it",
-    "the gaps between parameters in a bucket (alignment padding) are saved from tensors it allocates "
-    "with torch.empty, so a checkpoint holds uninitialised memory (values like 1.7e38): two identical "
-    "runs never write identical files, and the state hashes differently on every save",
-    "megatron-core allocating the padding with torch.zeros",
-)
-
-
-def zero_optimizer_padding(sharded: Any) -> None:
-    """Zero the padding tensors in a distributed optimizer's dp_reshardable sharded state dict (the
-    entries megatron marks with `padding`: LocalNonpersistentObject(True)); other state is left as it is."""
-    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedTensor
-
-    if isinstance(sharded, dict):
-        padding = sharded.get("padding")
-        if isinstance(padding, LocalNonpersistentObject) and padding.obj is True:
-            for value in sharded.values():
-                if isinstance(value, ShardedTensor):
-                    value.data.zero_()
-        values: Any = sharded.values()
-    elif isinstance(sharded, list | tuple):
-        values = sharded
-    else:
-        return
-    for value in values:
-        zero_optimizer_padding(value)

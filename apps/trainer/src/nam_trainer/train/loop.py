@@ -99,7 +99,7 @@ def _train(checked: Checked, data: PreparedData, world: World, say: Callable[[st
         attach(plan, run.chunks)  # before the resume: it restores what the hooks accumulate
     state = TrainState()
     resumed = (
-        resume(run_dir, run.chunks, run.optimizer, run.scheduler, check, say, plan)
+        resume(run_dir, run.chunks, run.optimizer, run.scheduler, check, say, plan, t.seed)
         if newest is not None
         else None
     )

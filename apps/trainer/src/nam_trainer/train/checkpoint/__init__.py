@@ -10,8 +10,8 @@ the last good one and a resumed run continues bit for bit.
 
 One checkpoint holds, per model chunk, megatron's sharded state dict (`model`, or `model0`,
 `model1`, ... for virtual pipeline chunks); the optimizer's sharded state dict over them (the
-distributed optimizer in its `dp_reshardable` format: each rank writes its own buffer shards, no
-gather); the learning-rate schedule; the plasticity plan's running state (`plasticity`, sharded as
+distributed optimizer in megatron's `fully_reshardable` format: per model parameter, gathered over
+data-parallel ranks on save); the learning-rate schedule; the plasticity plan's running state (`plasticity`, sharded as
 the parameters it belongs to; the marker lists its levers); the caller's `state`; and the RNG state of every rank
 (python, numpy, torch CPU, CUDA, megatron's tensor-parallel tracker) as one sharded object per
 rank. `nam_checkpoint.json` records step, parallel layout, the model geometry and its
@@ -20,12 +20,13 @@ and marks the checkpoint complete: it is written after every rank has finished, 
 is renamed into place. A save first compares the free space with the checkpoint's tensor bytes; a
 save that fails removes its temporary directory, and ENOSPC becomes DiskFull.
 
-Loading requires the same parallel layout (world, TP, PP, DP, EP, expert TP, CP, virtual
-chunks), the same model geometry and intact files (the recorded checksums); anything else is
-refused with a CheckpointError before a tensor is read. `resume` loads the newest good checkpoint,
-setting damaged ones aside; `check_trained_on` refuses a changed tokenizer, and changed data unless
-allowed. Resharding (e.g. to another DP size) is not supported: the per-rank RNG states
-have no meaning on another layout, so an exact resume could not be promised.
+Loading requires the same model geometry and intact files (the recorded checksums). At the same
+parallel layout (world, TP, PP, DP, EP, expert TP, CP, virtual chunks) it restores everything as
+saved; at another one, with the distributed optimizer on both sides, it reshards model, optimizer
+and plasticity state and derives the RNG from the seed and the step (one warning line); anything
+else is refused with a CheckpointError before a tensor is read. `resume` loads the newest good
+checkpoint, setting damaged ones aside; `check_trained_on` refuses a changed tokenizer, and changed
+data unless allowed.
 
 The parts: `files` (the layout on disk: names, atomic writes, `latest`, pruning), `marker` (what
 nam_checkpoint.json records and the checks against it), `checksums` (the files' sizes and sha256),

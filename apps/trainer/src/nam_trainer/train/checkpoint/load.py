@@ -1,6 +1,7 @@
 """Resuming: the checks against nam_checkpoint.json (layout, the files' checksums, geometry), then
-model, optimizer, schedule and this rank's RNG as saved; `resume` falls back from a damaged checkpoint
-to the previous good one."""
+model, optimizer, schedule and this rank's RNG as saved, or at another parallel layout the model and
+optimizer resharded and the RNG derived from the seed and the step; `resume` falls back from a
+damaged checkpoint to the previous good one."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from nam_runtime.megatron import (
     load_optimizer_state,
     optimizer_sharded_state_dict,
     prime_adam_state,
-    restore_adam_steps,
     restore_schedule,
 )
 from nam_trainer.train.checkpoint import checksums, files, marker, state
@@ -42,9 +42,13 @@ def load_checkpoint(
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
     plan: Plan | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Restore model, optimizer, schedule, this rank's RNG and `plan`'s running state from the
     checkpoint at `path` (every rank calls this); returns the `state` given to save_checkpoint.
+    Saved at another parallel layout (both with the distributed optimizer), model, optimizer and
+    plasticity state are resharded to this one and the RNG is derived from `seed` (the run's) and
+    the saved step instead (state.derive_rng); rank 0 logs one line saying so.
     A lever of the plan whose state the checkpoint lacks starts afresh, saved state of a lever the
     plan no longer has is ignored (a warning says which). Raises DamagedCheckpoint, before any
     tensor is read, when a file differs from the size and sha256 recorded at save."""
@@ -55,7 +59,7 @@ def load_checkpoint(
     path = Path(path)
     meta = marker.read_marker(path)
     chunks = state.unwrap(model)
-    marker.check_layout(path, meta["parallel"], marker.parallel_layout(chunks, optimizer))
+    change = marker.layout_change(path, meta["parallel"], marker.parallel_layout(chunks, optimizer))
     problem = checksums.problem(path, meta["files"])
     if problem is not None:
         raise DamagedCheckpoint(
@@ -74,13 +78,20 @@ def load_checkpoint(
     levers = [lever for lever in (plan.stateful() if plan is not None else ()) if lever in saved_levers]
     if levers:
         sharded["plasticity"] = plan.sharded_state_dict(chunks, optimizer, model_part, levers)
-    sharded["rng_state"] = state.rng_object(None)
-    ignored = tuple(f"plasticity.{lever}." for lever in saved_levers - set(levers))
+    if change is None:
+        sharded["rng_state"] = state.rng_object(None)
+    # saved, not loaded: the state of levers that are off, and the per-rank RNG of another layout
+    ignored = (
+        *(f"plasticity.{lever}." for lever in saved_levers - set(levers)),
+        *(() if change is None else ("rng_state",)),
+    )
     try:
         loaded, missing, unexpected = dist_checkpointing.load(
             sharded, str(path), strict=StrictHandling.RETURN_ALL
         )
-        unexpected = [key for key in unexpected if not key.startswith(ignored)] if ignored else unexpected
+        missing, unexpected = (
+            [key for key in keys if not key.startswith(ignored)] for keys in (missing, unexpected)
+        )
         if missing or unexpected:
             raise CheckpointingException(
                 f"keys missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
@@ -92,7 +103,6 @@ def load_checkpoint(
         plan.load_state_dict(loaded["plasticity"], chunks, optimizer, model_part)
     state.load_model(chunks, loaded)
     load_optimizer_state(optimizer, loaded["optimizer"])
-    restore_adam_steps(optimizer)
     differing = restore_schedule(scheduler, loaded["scheduler"])
     if differing and torch_dist.get_rank() == 0:
         _log.warning(
@@ -100,7 +110,19 @@ def load_checkpoint(
             path,
             ", ".join(differing),
         )
-    state.restore_rng(loaded["rng_state"])
+    if change is None:
+        state.restore_rng(loaded["rng_state"])
+        return loaded["state"]
+    state.derive_rng(seed, meta["step"])
+    if torch_dist.get_rank() == 0:
+        _log.warning(
+            "%s: saved at another parallel layout (%s): model and optimizer resharded to this one; the RNG "
+            "restarts from training.seed %d and step %d (the saved per-rank states belong to the old layout)",
+            path,
+            change,
+            seed,
+            meta["step"],
+        )
     return loaded["state"]
 
 
@@ -134,17 +156,19 @@ def resume(
     check: Callable[[Path], None],
     log: Callable[[str], None],
     plan: Plan | None = None,
+    seed: int = 0,
 ) -> tuple[Path, dict[str, Any]] | None:
     """Load the newest good checkpoint of `run_dir` (every rank calls this): find_latest's, else,
     when that one is damaged, the previous complete ones in turn. A damaged one is set aside as
     `damaged-step_N` (kept, never deleted; out of pruning's count, so keep_last keeps good ones) and
-    `log` says so. `check(path)` runs before each load (the trainer's check of tokenizer and data).
+    `log` says so. `check(path)` runs before each load (the trainer's check of tokenizer and data);
+    `seed` is load_checkpoint's.
     Returns (path, state), or None when `run_dir` has no checkpoint; raises when all are damaged."""
     damaged: list[str] = []
     for path in files.resume_candidates(run_dir):
         check(path)
         try:
-            saved = load_checkpoint(path, model, optimizer, scheduler, plan)
+            saved = load_checkpoint(path, model, optimizer, scheduler, plan, seed)
         except DamagedCheckpoint as exc:
             damaged.append(path.name)
             torch_dist.barrier()  # every rank has read it before it moves

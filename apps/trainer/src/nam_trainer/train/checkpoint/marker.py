@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from megatron.core.transformer.module import MegatronModule
 
 FORMAT = "nam-trainer-checkpoint"
-FORMAT_VERSION = 2  # 2: the files' checksums and `trained_on`
+FORMAT_VERSION = 3  # 2: the files' checksums and `trained_on`; 3: the optimizer fully_reshardable
 
 
 def parallel_layout(chunks: list[MegatronModule], optimizer: MegatronOptimizer) -> dict[str, Any]:
@@ -128,20 +128,28 @@ def read_marker(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{marker}: not a {FORMAT} version {FORMAT_VERSION} checkpoint (found {found}); "
             "this nam-trainer cannot load it (version 1 predates the checksums and the record of the "
-            "tokenizer and data): resume it with the nam-trainer that wrote it, or start a new run "
+            "tokenizer and data, version 2 the optimizer state in a form any parallel layout loads): resume it with the nam-trainer that wrote it, or start a new run "
             "directory (--checkpoint.dir)"
         )
     return meta
 
 
-def check_layout(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+def layout_change(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """What differs between the parallel layout the checkpoint at `path` was saved with and this
+    run's ("tensor_parallel 1 -> 2, ..."), None when nothing does. Model and optimizer state load at
+    any layout, but only with the distributed optimizer on both sides: the plain one stores its
+    param groups per rank."""
     differing = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
-    if differing:
-        what = ", ".join(f"{key} {was} -> {now}" for key, (was, now) in differing.items())
+    if not differing:
+        return None
+    what = ", ".join(f"{key} {was} -> {now}" for key, (was, now) in differing.items())
+    if "distributed_optimizer" in differing or not current["distributed_optimizer"]:
         raise CheckpointError(
-            f"{path}: saved with another parallel layout or optimizer ({what}); resume with the saved sizes "
-            f"{saved}: nam-trainer does not reshard checkpoints"
+            f"{path}: saved with another parallel layout ({what}); a checkpoint loads at another layout only "
+            "between runs with parallel.distributed_optimizer = true, so resume with the saved sizes and "
+            f"optimizer {saved}"
         )
+    return what
 
 
 def check_geometry(path: Path, meta: dict[str, Any], geometry: dict[str, str]) -> None:

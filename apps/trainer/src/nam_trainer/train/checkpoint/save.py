@@ -15,7 +15,6 @@ from nam_runtime.megatron import (
     optimizer_sharded_state_dict,
     prime_adam_state,
     schedule_state,
-    zero_optimizer_padding,
 )
 from nam_trainer.train.checkpoint import checksums, files, marker, state
 from nam_trainer.train.checkpoint.errors import CheckpointError, DiskFull
@@ -76,7 +75,6 @@ def save_checkpoint(
     if levers:
         sharded["plasticity"] = plan.sharded_state_dict(chunks, optimizer, sharded)
     sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded, metadata, is_loading=False)
-    zero_optimizer_padding(sharded["optimizer"])  # else uninitialised memory: no two saves alike
     sharded["scheduler"] = schedule_state(scheduler)
     sharded["state"] = saved_state
     sharded["rng_state"] = state.rng_object(rng)

@@ -19,9 +19,11 @@ if TYPE_CHECKING:
     from megatron.core.transformer.module import MegatronModule
 
 # megatron's sharded-state-dict options, stored in the checkpoint (content metadata) and reused
-# when it is loaded. dp_reshardable: the distributed optimizer's buffers, each rank its own shard.
+# when it is loaded. fully_reshardable: the distributed optimizer's state per model parameter, in
+# the parameter's shape and sharding (gathered over data-parallel ranks on save), so a checkpoint
+# loads at any parallel layout; dp_reshardable (each rank its buffer shard) reloads at its own only.
 SHARDED_METADATA = {
-    "distrib_optim_sharding_type": "dp_reshardable",
+    "distrib_optim_sharding_type": "fully_reshardable",
     "singleton_local_shards": False,
     "chained_optim_avoid_prefix": True,
 }
@@ -83,6 +85,19 @@ def restore_rng(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(states["cuda"])
     if states["megatron_tracker"] is not None:
         get_cuda_rng_tracker().set_states({k: _copy(v) for k, v in states["megatron_tracker"].items()})
+
+
+def derive_rng(seed: int, step: int) -> None:
+    """Seed every RNG (python, numpy, torch, megatron's tracker, which offsets it per model-parallel
+    rank) from the run's seed and the step a resume continues from: the RNG of a resume at another
+    parallel layout, where the saved per-rank states have no counterpart."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    derived = (seed + 1_000_003 * step) % 2**31  # distinct per step, within numpy's seed range
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)
+    model_parallel_cuda_manual_seed(derived)
 
 
 def _copy(state: Any) -> Any:
