@@ -101,7 +101,8 @@ def main(report: Report) -> None:
             tag = f"{name}{' packed' if packed else ''}"
             report.check(f"{tag} output vs fp32 reference", _rel(y, y_ref), 2e-2)
             errors = {
-                n: _rel(g.reshape(r.shape), r) for n, g, r in zip(["input", *names], grads, g_ref, strict=True)
+                n: _rel(g.reshape(r.shape), r)
+                for n, g, r in zip(["input", *names], grads, g_ref, strict=True)
             }
             worst = max(errors, key=errors.__getitem__)
             report.check(f"{tag} grads, worst: {worst}", errors[worst], 5e-2)
@@ -120,9 +121,13 @@ def main(report: Report) -> None:
         ("mamba-ssm Mamba3", theirs, None),
     ):
         ms[f"{tag} fwd"] = report.time(f"{tag} fwd", _fwd(torch, m, u, seq_idx), floor_ms=floors["fwd"])
-        ms[f"{tag} fwd+bwd"] = report.time(f"{tag} fwd+bwd", _fwd_bwd(m, u, dy, seq_idx), floor_ms=floors["fwd+bwd"])
+        ms[f"{tag} fwd+bwd"] = report.time(
+            f"{tag} fwd+bwd", _fwd_bwd(m, u, dy, seq_idx), floor_ms=floors["fwd+bwd"]
+        )
     for case in ("fwd", "fwd+bwd"):  # the goal: >= 0.95
-        report.row(f"Mamba3 time / ours, {case}", ratio=ms[f"mamba-ssm Mamba3 {case}"] / ms[f"ours triton {case}"])
+        report.row(
+            f"Mamba3 time / ours, {case}", ratio=ms[f"mamba-ssm Mamba3 {case}"] / ms[f"ours triton {case}"]
+        )
 
     # the core alone (no projections)
     zxbcdt = torch.randn(BATCH, SEQ, s.d_in_proj, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)

@@ -16,7 +16,9 @@ def _cores() -> list[tuple[torch.nn.Module, list[int]]]:
     torch.manual_seed(0)
     mamba = MambaCore(4, headdim=4, d_state=8, ngroups=2, chunk_size=4, path="reference", dtype=torch.float64)
     m2rnn = M2RNNCore(4, head_dim_k=4, head_dim_v=3, num_qk_heads=2, path="reference", dtype=torch.float64)
-    mamba3 = Mamba3Core(4, headdim=4, d_state=8, ngroups=2, chunk_size=4, path="reference", dtype=torch.float64)
+    mamba3 = Mamba3Core(
+        4, headdim=4, d_state=8, ngroups=2, chunk_size=4, path="reference", dtype=torch.float64
+    )
     return [
         (mamba, [mamba.shape.d_in_proj]),
         (m2rnn, [2 * 2 * 4, 4 * 7]),

@@ -16,17 +16,18 @@ from nam_mixers.ops.mamba3 import Mamba3State, cu_seqlens_of, mamba3_step, prepa
 F64 = torch.float64
 
 
-def stepped(core: Mamba3Core, zxbcdt: torch.Tensor, angles: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+def stepped(
+    core: Mamba3Core, zxbcdt: torch.Tensor, angles: torch.Tensor, seq_idx: torch.Tensor | None
+) -> torch.Tensor:
     """The definition: mamba3_step token by token, a zero state at every document start."""
     s, w = core.shape, core._weights()
     b, seqlen, _ = zxbcdt.shape
     zero = Mamba3State.zeros(b, s.nheads, s.headdim, s.d_state, s.n_angles, zxbcdt)
     state, ys = zero, []
     for t in range(seqlen):
-        if seq_idx is not None and t > 0:
-            fresh = (seq_idx[:, t] != seq_idx[:, t - 1]).to(F64)
-            keep = lambda x, z: x * (1 - fresh).view(b, *[1] * (x.dim() - 1)) + z  # noqa: E731
-            state = Mamba3State(*(keep(x, z) for x, z in zip(vars(state).values(), vars(zero).values(), strict=True)))
+        if seq_idx is not None and t > 0:  # a document start: back to the zero state
+            same = (seq_idx[:, t] == seq_idx[:, t - 1]).to(F64)
+            state = Mamba3State(*(x * same.view(b, *[1] * (x.dim() - 1)) for x in vars(state).values()))
         inputs = prepare(zxbcdt[:, t], angles[:, t], w, s)
         y, state = mamba3_step(state, inputs, core.D)
         ys.append((y * torch.nn.functional.silu(inputs.z)).flatten(-2))
@@ -34,8 +35,16 @@ def stepped(core: Mamba3Core, zxbcdt: torch.Tensor, angles: torch.Tensor, seq_id
 
 
 def _core(chunk: int, ngroups: int = 2, d_state: int = 8, rope_fraction: float = 0.5) -> Mamba3Core:
-    core = Mamba3Core(4, headdim=3, d_state=d_state, ngroups=ngroups, chunk_size=chunk, rope_fraction=rope_fraction,
-                      path="reference", dtype=F64)
+    core = Mamba3Core(
+        4,
+        headdim=3,
+        d_state=d_state,
+        ngroups=ngroups,
+        chunk_size=chunk,
+        rope_fraction=rope_fraction,
+        path="reference",
+        dtype=F64,
+    )
     with torch.no_grad():
         for p in core.parameters():  # away from the init's ones
             p.add_(0.3 * torch.randn_like(p))
@@ -46,7 +55,9 @@ def _core(chunk: int, ngroups: int = 2, d_state: int = 8, rope_fraction: float =
     ("seqlen", "chunk", "boundaries", "rope_fraction"),
     [(11, 4, (), 0.5), (13, 5, (3, 9), 0.5), (8, 8, (1,), 1.0), (7, 16, (4,), 0.5)],
 )
-def test_reference_equals_stepped_recurrence(seqlen: int, chunk: int, boundaries: tuple[int, ...], rope_fraction: float) -> None:
+def test_reference_equals_stepped_recurrence(
+    seqlen: int, chunk: int, boundaries: tuple[int, ...], rope_fraction: float
+) -> None:
     torch.manual_seed(seqlen)
     core = _core(chunk, rope_fraction=rope_fraction)
     s = core.shape
@@ -70,7 +81,9 @@ def test_reference_equals_stepped_recurrence(seqlen: int, chunk: int, boundaries
 
 def test_packed_rows_equal_documents_alone() -> None:
     torch.manual_seed(1)
-    mixer = Mamba3Mixer(12, expand=1, headdim=3, d_state=8, ngroups=2, chunk_size=4, path="reference", dtype=F64)
+    mixer = Mamba3Mixer(
+        12, expand=1, headdim=3, d_state=8, ngroups=2, chunk_size=4, path="reference", dtype=F64
+    )
     x = torch.randn(1, 10, 12, dtype=F64)
     packed = mixer(x, torch.tensor([[0] * 6 + [1] * 4]))
     torch.testing.assert_close(packed[:, :6], mixer(x[:, :6]))

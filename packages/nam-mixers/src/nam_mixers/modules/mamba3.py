@@ -71,7 +71,9 @@ class Mamba3Core(nn.Module):
             raise ValueError(f"Mamba3Core: rope_fraction must be 0.5 or 1.0, got {rope_fraction!r}")
         n_angles = rotary_angles(d_state, rope_fraction)
         if n_angles < 1:
-            raise ValueError(f"Mamba3Core: d_state {d_state} leaves no rotary pair at rope_fraction {rope_fraction}")
+            raise ValueError(
+                f"Mamba3Core: d_state {d_state} leaves no rotary pair at rope_fraction {rope_fraction}"
+            )
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"Mamba3Core: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         self.shape = Mamba3Shape(nheads, headdim, ngroups, d_state, n_angles, chunk_size, A_floor, norm_eps)
@@ -114,11 +116,17 @@ class Mamba3Core(nn.Module):
             p.fill_(1.0)
 
     def _weights(self) -> Mamba3Weights:
-        return Mamba3Weights(self.dt_bias, self.B_bias, self.C_bias, self.B_norm_weight, self.C_norm_weight, self.D)
+        return Mamba3Weights(
+            self.dt_bias, self.B_bias, self.C_bias, self.B_norm_weight, self.C_norm_weight, self.D
+        )
 
     def _check(self, zxbcdt: torch.Tensor, angles: torch.Tensor) -> None:
         s = self.shape
-        if zxbcdt.dim() != 3 or zxbcdt.shape[-1] != s.d_in_proj or angles.shape != (*zxbcdt.shape[:2], s.n_angles):
+        if (
+            zxbcdt.dim() != 3
+            or zxbcdt.shape[-1] != s.d_in_proj
+            or angles.shape != (*zxbcdt.shape[:2], s.n_angles)
+        ):
             raise ValueError(
                 f"Mamba3Core: expected the in_proj output [batch, seq, {s.d_in_proj}] ([z, x, B, C, dt, A, "
                 f"trap] for {s.nheads} heads) and angles [batch, seq, {s.n_angles}], got "
@@ -142,7 +150,9 @@ class Mamba3Core(nn.Module):
         document) from one parallel pass in float32 (ops/mamba3/step.py)."""
         y = self(zxbcdt, angles, seq_idx)
         ct = torch.promote_types(zxbcdt.dtype, torch.float32)
-        return y, mamba3_final_state(prepare(zxbcdt.to(ct), angles.to(ct), self._weights(), self.shape), seq_idx)
+        return y, mamba3_final_state(
+            prepare(zxbcdt.to(ct), angles.to(ct), self._weights(), self.shape), seq_idx
+        )
 
     def step(
         self, zxbcdt: torch.Tensor, angles: torch.Tensor, state: Mamba3State

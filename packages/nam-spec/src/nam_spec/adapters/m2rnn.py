@@ -123,4 +123,3 @@ class M2RNNAdapter(ProjectedCoreAdapter):
             )
         )
         return out
-

@@ -31,7 +31,6 @@ from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
 )
-
 from torch import nn
 
 from nam_mixers import Mamba3Core, MambaCore
@@ -158,7 +157,9 @@ class Mamba3Adapter(ProjectedCoreAdapter):
         self.d_inner_local, self.ngroups_local, self.nheads_local = d_inner // tp, ngroups // tp, nheads // tp
         self.d_state = d_state
         kw = {"device": param_device(config), "dtype": config.params_dtype}
-        self._projections(column_linear, row_linear, 2 * d_inner + 2 * ngroups * d_state + 3 * nheads, d_inner)
+        self._projections(
+            column_linear, row_linear, 2 * d_inner + 2 * ngroups * d_state + 3 * nheads, d_inner
+        )
         with tensor_parallel.get_cuda_rng_tracker().fork():  # local heads: TP-rank-specific init
             self.core = Mamba3Core(
                 self.nheads_local,
@@ -212,12 +213,21 @@ class Mamba3Adapter(ProjectedCoreAdapter):
         out = self._projections_sharded_state_dict(prefix, sharded_offsets, metadata)
         own = {"angle_weight": self.angle_weight}
         own.update({f"core.{k}": v for k, v in self.core.state_dict(prefix="", keep_vars=True).items()})
-        split = {k: 0 for k in own if k.startswith("core.") and k.removeprefix("core.") not in _MAMBA3_REPLICATED}
+        split = {
+            k: 0 for k in own if k.startswith("core.") and k.removeprefix("core.") not in _MAMBA3_REPLICATED
+        }
         out.update(
             make_sharded_tensors_for_checkpoint(
-                own, prefix, split, sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]
+                own,
+                prefix,
+                split,
+                sharded_offsets,
+                tp_group=self.tp_group,
+                dp_cp_group=metadata["dp_cp_group"],
             )
         )
         names, sizes = zip(*self._parts(), strict=True)
-        out[f"{prefix}in_proj.weight"] = _split_tensor_factory(out[f"{prefix}in_proj.weight"], list(sizes), list(names), 0)
+        out[f"{prefix}in_proj.weight"] = _split_tensor_factory(
+            out[f"{prefix}in_proj.weight"], list(sizes), list(names), 0
+        )
         return out

@@ -139,7 +139,9 @@ def _mamba3_problems(m: Any, parallel: ParallelConfig) -> list[str]:
     if m.rope_fraction not in (0.5, 1.0):
         out.append(f"model.mamba.rope_fraction {m.rope_fraction} with kind 'mamba3'; accepted: 0.5, 1.0")
     elif rotary_angles(m.d_state, m.rope_fraction) < 1:
-        out.append(f"model.mamba.d_state {m.d_state} leaves no rotary pair at rope_fraction {m.rope_fraction}")
+        out.append(
+            f"model.mamba.d_state {m.d_state} leaves no rotary pair at rope_fraction {m.rope_fraction}"
+        )
     if not m.A_floor > 0:
         out.append(f"model.mamba.A_floor {m.A_floor} must be > 0")
     if m.path != "reference":  # what mamba-ssm's Triton kernels take (TMA blocks, paired angles)

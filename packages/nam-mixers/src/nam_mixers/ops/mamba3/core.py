@@ -67,7 +67,9 @@ def core_reference(
     theta = document_cumsum(t.rate, seq_idx)
     gamma = t.lam * t.dt
     scale = gamma + next_in_document((1 - t.lam) * t.dt, seq_idx)
-    y = mamba3_chunked(rotate(t.q, theta), rotate(t.k, theta), t.v, t.adt, gamma, scale, s.chunk_size, seq_idx)
+    y = mamba3_chunked(
+        rotate(t.q, theta), rotate(t.k, theta), t.v, t.adt, gamma, scale, s.chunk_size, seq_idx
+    )
     y = (y + w.D.to(ct)[:, None] * t.v) * F.silu(t.z)
     return y.flatten(-2).to(dtype)
 

@@ -31,7 +31,9 @@ class Mamba3State:
     angle: torch.Tensor
 
     @classmethod
-    def zeros(cls, b: int, nheads: int, headdim: int, d_state: int, n_angles: int, like: torch.Tensor) -> Mamba3State:
+    def zeros(
+        cls, b: int, nheads: int, headdim: int, d_state: int, n_angles: int, like: torch.Tensor
+    ) -> Mamba3State:
         return cls(
             like.new_zeros(b, nheads, headdim, d_state),
             like.new_zeros(b, nheads, d_state),
