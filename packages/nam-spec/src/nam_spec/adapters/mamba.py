@@ -187,7 +187,7 @@ class Mamba3Adapter(ProjectedCoreAdapter):
 
     def _parts(self) -> list[tuple[str, int]]:
         di, gn, nh = self.d_inner_local, self.ngroups_local * self.d_state, self.nheads_local
-        return [("z", di), ("x", di), ("B", gn), ("C", gn), ("dt", nh), ("A", nh), ("trap", nh)]
+        return [("z", di), ("x", di), ("B", gn), ("C", gn), ("dt", nh), ("dd_A", nh), ("trap", nh)]
 
     def plasticity_parts(self) -> dict[str, Any]:
         """nam-plasticity's plasticity-parts protocol: in_proj's local rows are [z, x, B, C, dt, A,
