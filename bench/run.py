@@ -33,6 +33,7 @@ REGISTRY: dict[str, str] = {
     "embed": "bench.embed",
     "generate": "bench.generate",
     "mamba": "bench.mamba",
+    "mamba3": "bench.mamba3",
     "m2rnn": "bench.m2rnn",
     "plasticity": "bench.plasticity",
     "spec": "bench.spec",

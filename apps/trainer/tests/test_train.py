@@ -60,6 +60,15 @@ def test_tiny_preset_learns(uninterrupted: Path) -> None:
     ]
 
 
+def test_tiny_preset_with_mamba3_learns(cache: Path, header_slice: list[Path], tmp_path: Path) -> None:
+    """M layers as Mamba-3 (nam-mixers' reference path on CPU): four steps, and the loss falls."""
+    extra = ("--model.mamba.kind", "mamba3", "--training.steps", "4", "--training.eval_interval", "4")
+    assert main(train_args(cache, header_slice, tmp_path, *extra, "--checkpoint.interval", "4")) == 0
+    valid, train = losses(tmp_path, "valid"), losses(tmp_path)
+    assert sorted(valid) == [0, 4] and valid[4] < valid[0], valid
+    assert train[4] < train[1], train
+
+
 def test_resumed_run_matches_the_uninterrupted_one_bitwise(
     uninterrupted: Path, cache: Path, header_slice: list[Path], tmp_path: Path
 ) -> None:
@@ -234,6 +243,10 @@ def test_resume_with_redo_and_dash_matches_the_uninterrupted_run(
             "data.sources[0] = '/nonexistent/corpus': no such file or directory",
         ),
         (["--training.stpes", "3"], "unknown key training.stpes (did you mean 'steps'?)"),
+        (
+            ["--model.mamba.kind", "mamba3", "--model.mamba.path", "fused"],
+            "model.mamba.path 'fused' with model.mamba.kind 'mamba3'; accepted: 'auto', 'triton', 'reference'",
+        ),
         (["--world-size", "2", "--parallel.tensor", "3"], "is not divisible by parallel.tensor 3"),
         (["--training.global_batch_size", "3"], "training.global_batch_size = 3 is not divisible by"),
         (

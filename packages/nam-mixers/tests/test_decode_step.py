@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nam_mixers import M2RNNCore, MambaCore
+from nam_mixers import M2RNNCore, Mamba3Core, MambaCore
 
 PREFILL, STEPS = 5, 4
 
@@ -16,7 +16,14 @@ def _cores() -> list[tuple[torch.nn.Module, list[int]]]:
     torch.manual_seed(0)
     mamba = MambaCore(4, headdim=4, d_state=8, ngroups=2, chunk_size=4, path="reference", dtype=torch.float64)
     m2rnn = M2RNNCore(4, head_dim_k=4, head_dim_v=3, num_qk_heads=2, path="reference", dtype=torch.float64)
-    return [(mamba, [mamba.shape.d_in_proj]), (m2rnn, [2 * 2 * 4, 4 * 7])]
+    mamba3 = Mamba3Core(
+        4, headdim=4, d_state=8, ngroups=2, chunk_size=4, path="reference", dtype=torch.float64
+    )
+    return [
+        (mamba, [mamba.shape.d_in_proj]),
+        (m2rnn, [2 * 2 * 4, 4 * 7]),
+        (mamba3, [mamba3.shape.d_in_proj, mamba3.shape.n_angles]),
+    ]
 
 
 def _with_random_params(core: torch.nn.Module) -> torch.nn.Module:
@@ -26,7 +33,7 @@ def _with_random_params(core: torch.nn.Module) -> torch.nn.Module:
     return core
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["mamba", "m2rnn"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["mamba", "m2rnn", "mamba3"])
 @pytest.mark.parametrize("boundary", [None, 3], ids=["one-document", "document-start-in-prefill"])
 def test_prefill_then_steps_equals_forward(which: int, boundary: int | None) -> None:
     core, widths = _cores()[which]

@@ -7,6 +7,8 @@ import torch
 
 from nam_spec.config import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
 
+MAMBA3 = MambaConfig(kind="mamba3", d_state=8, head_dim=8, ngroups=2, chunk_size=4, path="reference")
+
 
 def tiny(**changes: object) -> ModelConfig:
     config = ModelConfig(

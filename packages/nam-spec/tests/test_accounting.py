@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny
+from helpers import MAMBA3, tiny
 
 from nam_layout import Layout
 from nam_spec.accounting import letter_params, model_flops_per_token, model_params
@@ -11,9 +11,9 @@ from nam_spec.model import build_model
 from nam_spec.presets import preset
 
 
-@pytest.mark.parametrize("letter", list("AEMR-"))
-def test_formula_equals_built_layer(letter: str, megatron_single_rank: None) -> None:
-    config = tiny()
+@pytest.mark.parametrize(("letter", "changes"), [*((k, {}) for k in "AEMR-"), ("M", {"mamba": MAMBA3})])
+def test_formula_equals_built_layer(letter: str, changes: dict, megatron_single_rank: None) -> None:
+    config = tiny(**changes)
     model = build_model(Layout.tile(letter, 1), config)
     built = sum(p.numel() for p in model.decoder.layers[0].parameters())
     assert built == letter_params(config, letter).total

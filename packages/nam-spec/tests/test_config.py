@@ -1,5 +1,7 @@
+from dataclasses import replace
+
 import pytest
-from helpers import tiny
+from helpers import MAMBA3, tiny
 
 from nam_layout import Layout
 from nam_spec.config import AttentionConfig, MambaConfig, MoEConfig, ParallelConfig, SpecConfigError
@@ -42,7 +44,43 @@ TP2 = ParallelConfig(tensor=2)
         ({"recompute": {"A": "most"}}, None, LAYOUT, "model.recompute['A'] = 'most'"),
         ({"recompute": "most"}, None, LAYOUT, "model.recompute['every letter'] = 'most'"),
         ({"hidden_size": 0}, None, LAYOUT, "model.hidden_size must be a positive integer"),
-        ({"mamba": MambaConfig(path="fast")}, None, LAYOUT, "model.mamba.path 'fast'; accepted"),
+        ({"mamba": MambaConfig(path="fast")}, None, LAYOUT, "model.mamba.path 'fast' with model.mamba.kind"),
+        (
+            {"mamba": MambaConfig(kind="mamba4")},
+            None,
+            LAYOUT,
+            "model.mamba.kind 'mamba4'; accepted: 'mamba2', 'mamba3'",
+        ),
+        (
+            {"mamba": MambaConfig(path="triton")},
+            None,
+            LAYOUT,
+            "'triton' with model.mamba.kind 'mamba2'; accepted",
+        ),
+        (
+            {"mamba": replace(MAMBA3, path="fused")},
+            None,
+            LAYOUT,
+            "'fused' with model.mamba.kind 'mamba3'; accepted",
+        ),
+        (
+            {"mamba": replace(MAMBA3, rope_fraction=0.25)},
+            None,
+            LAYOUT,
+            "model.mamba.rope_fraction 0.25 with kind",
+        ),
+        (
+            {"mamba": replace(MAMBA3, path="auto", d_state=12)},
+            None,
+            LAYOUT,
+            "model.mamba.d_state 12 with kind 'mamba3' must be a power of two",
+        ),
+        (
+            {"mamba": MAMBA3},
+            TP2,
+            Layout.tile("M", 2),
+            "M layers of kind 'mamba3' with parallel.tensor > 1 need",
+        ),
     ],
 )
 def test_bad_configs_fail_with_what_and_where(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny
+from helpers import MAMBA3, tiny
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from nam_layout import Layout
@@ -83,6 +83,13 @@ def _check(out: list[torch.Tensor], full: torch.Tensor, prompt: int = PROMPT) ->
 def test_each_letter_decodes_as_the_full_forward(key: str, megatron_single_rank: None) -> None:
     config = tiny(seq_length=TOTAL + 3)
     model = _model(Layout.tile(key, 2), config)
+    ids, _ = _inputs(config.vocab_size, 2, TOTAL, False)
+    _check(_decode(model, ids, None), _full(model, ids, None))
+
+
+def test_mamba3_decodes_as_the_full_forward(megatron_single_rank: None) -> None:
+    config = tiny(seq_length=TOTAL + 3, mamba=MAMBA3)
+    model = _model(Layout.tile("M", 2), config)
     ids, _ = _inputs(config.vocab_size, 2, TOTAL, False)
     _check(_decode(model, ids, None), _full(model, ids, None))
 

@@ -57,15 +57,19 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class MambaConfig:
-    """The M layers: the Mamba-2 SSD mixer of nam-mixers."""
+    """The M layers: nam-mixers' Mamba-2 SSD mixer, or its Mamba-3 SISO mixer (``kind``)."""
 
+    kind: Literal["mamba2", "mamba3"] = "mamba2"
     d_state: int = 64
     head_dim: int = 64
     ngroups: int = 8
     expand: int = 2
-    conv_width: int = 4
+    conv_width: int = 4  # Mamba-2 only: Mamba-3 has no conv
     chunk_size: int = 128
-    path: Literal["auto", "fused", "split", "reference"] = "auto"  # nam_mixers' execution path
+    # nam_mixers' execution path: "fused" / "split" for Mamba-2, "triton" for Mamba-3
+    path: Literal["auto", "fused", "split", "triton", "reference"] = "auto"
+    rope_fraction: float = 0.5  # Mamba-3: the share of d_state rotated (0.5 or 1.0)
+    A_floor: float = 1e-4  # Mamba-3: A = min(-softplus(.), -A_floor)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,6 @@
 
 from nam_spec.adapters.layer import MixerLayer, MixerLayerSubmodules
 from nam_spec.adapters.m2rnn import M2RNNAdapter
-from nam_spec.adapters.mamba import MambaAdapter
+from nam_spec.adapters.mamba import Mamba3Adapter, MambaAdapter
 
-__all__ = ["M2RNNAdapter", "MambaAdapter", "MixerLayer", "MixerLayerSubmodules"]
+__all__ = ["M2RNNAdapter", "Mamba3Adapter", "MambaAdapter", "MixerLayer", "MixerLayerSubmodules"]

@@ -76,3 +76,10 @@ def mark_tensor_parallel(*params: torch.nn.Parameter) -> None:
     """Heads split across TP ranks along dim 0: megatron counts them once per rank in norms."""
     for p in params:
         p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
+
+
+@torch.no_grad()
+def broadcast_from_first_rank(p: torch.Tensor, group: torch.distributed.ProcessGroup) -> None:
+    """Make a replicated parameter identical on all TP ranks (not on meta: there is no data)."""
+    if group.size() > 1 and p.device.type != "meta":
+        torch.distributed.broadcast(p.data, src=torch.distributed.get_global_rank(group, 0), group=group)

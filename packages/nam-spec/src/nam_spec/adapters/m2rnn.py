@@ -28,7 +28,7 @@ from megatron.core.transformer.utils import (
 from torch import nn
 
 from nam_mixers import M2RNNCore
-from nam_spec.adapters.layer import mark_tensor_parallel, seq_idx_from_packed
+from nam_spec.adapters.layer import broadcast_from_first_rank, mark_tensor_parallel, seq_idx_from_packed
 from nam_spec.adapters.projected import ProjectedCoreAdapter
 from nam_spec.devices import param_device
 
@@ -73,11 +73,11 @@ class M2RNNAdapter(ProjectedCoreAdapter):
         for name, p in self.core.named_parameters():
             if name in _REPLICATED:
                 p.sequence_parallel = True
-                _broadcast_from_first_rank(p, self.tp_group)  # the shared q/k head is one head
+                broadcast_from_first_rank(p, self.tp_group)  # the shared q/k head is one head
             else:
                 mark_tensor_parallel(p)
         self.qk_weight.sequence_parallel = True
-        _broadcast_from_first_rank(self.qk_weight, self.tp_group)
+        broadcast_from_first_rank(self.qk_weight, self.tp_group)
 
     def plasticity_parts(self) -> dict[str, Any]:
         """nam-plasticity's plasticity-parts protocol: the shared q/k projection is [q, k]
@@ -123,10 +123,3 @@ class M2RNNAdapter(ProjectedCoreAdapter):
             )
         )
         return out
-
-
-@torch.no_grad()
-def _broadcast_from_first_rank(p: torch.Tensor, group: torch.distributed.ProcessGroup) -> None:
-    """Make a replicated parameter identical on all TP ranks (not on meta: there is no data)."""
-    if group.size() > 1 and p.device.type != "meta":
-        torch.distributed.broadcast(p.data, src=torch.distributed.get_global_rank(group, 0), group=group)

@@ -1,10 +1,17 @@
-"""MambaAdapter: nam_mixers.MambaCore between megatron column/row-parallel projections.
+"""MambaAdapter and Mamba3Adapter: nam_mixers.MambaCore / Mamba3Core between megatron
+column/row-parallel projections.
 
 in_proj's output is laid out [z, x, B, C, dt] (DESIGN.md), so under TP each rank's column shard
 holds its own [z_r, x_r, B_r, C_r, dt_r]: d_inner/tp channels, ngroups/tp groups, nheads/tp
 heads. The core runs on those local heads and groups (its norm is group-wise, so the split does
 not change the math); out_proj is row-parallel. Checkpoints store each of z, x, B, C and dt (and
 the conv's x, B, C) as its own TP-sharded tensor, so they load at any TP size.
+
+Mamba-3 splits the same way ([z, x, B, C, dt, A, trap]); its angle projection is shared by all
+heads, so it is replicated on every rank as M2RNN's q/k head is: it runs on the local tokens and is
+all-gathered along the sequence, whose backward reduce-scatter sums the ranks' partial gradients,
+and megatron sums the weight's (and the B/C norm weights') gradients over TP through the
+``sequence_parallel`` mark; validation therefore requires sequence parallelism with TP > 1.
 """
 
 from __future__ import annotations
@@ -12,19 +19,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.ssm.utils import _split_tensor_factory
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
 )
+from torch import nn
 
-from nam_mixers import MambaCore
-from nam_spec.adapters.layer import mark_tensor_parallel, seq_idx_from_packed
+from nam_mixers import Mamba3Core, MambaCore
+from nam_spec.adapters.layer import broadcast_from_first_rank, mark_tensor_parallel, seq_idx_from_packed
 from nam_spec.adapters.projected import ProjectedCoreAdapter
 from nam_spec.devices import param_device
 
@@ -115,4 +125,109 @@ class MambaAdapter(ProjectedCoreAdapter):
         for name in ("conv_weight", "conv_bias"):
             key = f"{prefix}core.{name}"
             out[key] = _split_tensor_factory(out[key], [di, gn, gn], ["x", "B", "C"], 0)
+        return out
+
+
+_MAMBA3_REPLICATED = ("B_norm_weight", "C_norm_weight")
+
+
+class Mamba3Adapter(ProjectedCoreAdapter):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        column_linear: Any,
+        row_linear: Any,
+        layer_number: int = 1,
+        pg_collection: ProcessGroupCollection | None = None,
+        *,
+        d_state: int = 64,
+        head_dim: int = 64,
+        ngroups: int = 8,
+        expand: int = 2,
+        chunk_size: int = 64,
+        rope_fraction: float = 0.5,
+        A_floor: float = 1e-4,
+        path: str = "auto",
+        recompute_core: bool = False,
+    ) -> None:
+        super().__init__(config, pg_collection, recompute_core)
+        tp = self.tp_group.size()
+        d_inner = expand * config.hidden_size
+        nheads = d_inner // head_dim
+        self.d_inner_local, self.ngroups_local, self.nheads_local = d_inner // tp, ngroups // tp, nheads // tp
+        self.d_state = d_state
+        kw = {"device": param_device(config), "dtype": config.params_dtype}
+        self._projections(
+            column_linear, row_linear, 2 * d_inner + 2 * ngroups * d_state + 3 * nheads, d_inner
+        )
+        with tensor_parallel.get_cuda_rng_tracker().fork():  # local heads: TP-rank-specific init
+            self.core = Mamba3Core(
+                self.nheads_local,
+                headdim=head_dim,
+                d_state=d_state,
+                ngroups=self.ngroups_local,
+                chunk_size=chunk_size,
+                rope_fraction=rope_fraction,
+                A_floor=A_floor,
+                norm_eps=config.layernorm_epsilon,
+                path=path,
+                **kw,
+            )
+        self.angle_weight = nn.Parameter(torch.empty(self.core.shape.n_angles, config.hidden_size, **kw))
+        if config.perform_initialization:
+            config.init_method(self.angle_weight)
+        for name, p in self.core.named_parameters():
+            if name in _MAMBA3_REPLICATED:
+                p.sequence_parallel = True
+                broadcast_from_first_rank(p, self.tp_group)
+            else:
+                mark_tensor_parallel(p)
+        self.angle_weight.sequence_parallel = True
+        broadcast_from_first_rank(self.angle_weight, self.tp_group)
+
+    def _parts(self) -> list[tuple[str, int]]:
+        di, gn, nh = self.d_inner_local, self.ngroups_local * self.d_state, self.nheads_local
+        return [("z", di), ("x", di), ("B", gn), ("C", gn), ("dt", nh), ("dd_A", nh), ("trap", nh)]
+
+    def plasticity_parts(self) -> dict[str, Any]:
+        """nam-plasticity's plasticity-parts protocol: in_proj's local rows are [z, x, B, C, dt, A,
+        trap] of this rank's channels, groups and heads; the angle projection is replicated."""
+        return {"rows": {"in_proj.weight": {"parts": tuple(self._parts())}}}
+
+    def forward(
+        self, hidden_states: torch.Tensor, packed_seq_params: PackedSeqParams | None = None, **_: object
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        angles = F.linear(hidden_states, self.angle_weight)  # local tokens under sequence parallelism
+        if self.config.sequence_parallel and self.tp_group.size() > 1:
+            angles = gather_from_sequence_parallel_region(angles, group=self.tp_group)
+        zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, local] over the full sequence
+        zxbcdt, angles = zxbcdt.transpose(0, 1), angles.transpose(0, 1)
+        seq_idx = seq_idx_from_packed(packed_seq_params, zxbcdt.shape[1], zxbcdt.shape[0], zxbcdt.device)
+        y = self._run_core(zxbcdt, angles, seq_idx)
+        return self.out_proj(y.transpose(0, 1).contiguous())
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> ShardedStateDict:
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        out = self._projections_sharded_state_dict(prefix, sharded_offsets, metadata)
+        own = {"angle_weight": self.angle_weight}
+        own.update({f"core.{k}": v for k, v in self.core.state_dict(prefix="", keep_vars=True).items()})
+        split = {
+            k: 0 for k in own if k.startswith("core.") and k.removeprefix("core.") not in _MAMBA3_REPLICATED
+        }
+        out.update(
+            make_sharded_tensors_for_checkpoint(
+                own,
+                prefix,
+                split,
+                sharded_offsets,
+                tp_group=self.tp_group,
+                dp_cp_group=metadata["dp_cp_group"],
+            )
+        )
+        names, sizes = zip(*self._parts(), strict=True)
+        out[f"{prefix}in_proj.weight"] = _split_tensor_factory(
+            out[f"{prefix}in_proj.weight"], list(sizes), list(names), 0
+        )
         return out

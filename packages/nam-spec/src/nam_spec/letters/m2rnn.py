@@ -27,7 +27,7 @@ class M2RNN(MixerLetter):
     name = "M2RNN"
     section = "m2rnn"
 
-    def adapter(self) -> type:
+    def adapter(self, config: ModelConfig) -> type:
         from nam_spec.adapters import M2RNNAdapter
 
         return M2RNNAdapter

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 class MixerLetter(Letter):
-    """norm -> ``adapter()`` (a nam-mixers core between parallel projections) -> bda. The adapter's
+    """norm -> ``adapter(config)`` (a nam-mixers core between parallel projections) -> bda. The adapter's
     geometry keywords are the fields of the config section ``section`` (the same names), and
     "selective" recomputes the core, which the adapter checkpoints itself."""
 
@@ -23,8 +23,12 @@ class MixerLetter(Letter):
     selective = ("core",)
     megatron_recompute = False
 
-    def adapter(self) -> type:
+    def adapter(self, config: ModelConfig) -> type:
         raise NotImplementedError
+
+    def geometry(self, config: ModelConfig) -> dict[str, Any]:
+        """The adapter's geometry keywords: the fields of the config section."""
+        return dataclasses.asdict(getattr(config, self.section))
 
     def spec(self, backend: Backend, config: ModelConfig) -> Any:
         from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -32,7 +36,7 @@ class MixerLetter(Letter):
 
         from nam_spec.adapters import MixerLayer, MixerLayerSubmodules
 
-        geometry = dataclasses.asdict(getattr(config, self.section))
+        geometry = self.geometry(config)
         recompute_core = config.recompute_for(self.letter) == "selective"
         b = backend
         return ModuleSpec(
@@ -40,7 +44,7 @@ class MixerLetter(Letter):
             submodules=MixerLayerSubmodules(
                 norm=b.norm,
                 mixer=ModuleSpec(
-                    module=self.adapter(),
+                    module=self.adapter(config),
                     params={
                         "column_linear": b.column_linear,
                         "row_linear": b.row_linear,
