@@ -61,7 +61,9 @@ class PatternError(ValueError):
 def describe_letters(letters: Mapping[str, str]) -> str:
     """'A (attention), M (Mamba), ..., L (multi-latent attention, a variant of A), | (pipeline-stage
     cut)': the accepted alphabet in words."""
-    return ", ".join(f"{k} ({letter_name(k, v)})" for k, v in letters.items()) + f", {CUT} (pipeline-stage cut)"
+    return (
+        ", ".join(f"{k} ({letter_name(k, v)})" for k, v in letters.items()) + f", {CUT} (pipeline-stage cut)"
+    )
 
 
 def letter_name(letter: str, block: str) -> str:

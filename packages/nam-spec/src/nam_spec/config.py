@@ -39,7 +39,7 @@ class AttentionConfig:
     num_heads: int = 56
     num_kv_heads: int = 8
     rope_base: float = 10000.0
-    # L only: low-rank query (0: a full-rank query projection) and key/value latents, per-head
+    # L only: ranks of the query and key/value latents, per-head
     # dimensions of the non-rotary and rotary query/key parts and of the value
     q_lora_rank: int = 64
     kv_lora_rank: int = 64

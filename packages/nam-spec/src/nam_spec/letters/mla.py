@@ -1,7 +1,7 @@
 """L: multi-latent attention (DeepSeek-V2's MLA), a variant of A, in megatron's TransformerLayer.
 
     norm -> LatentAttention -> bda, where per token x (hidden h, n heads, rank r_q / r_kv):
-      q   = up_q(norm_q(down_q(x)))                 [n, d_nope + d_rope]   (or a full-rank q_proj)
+      q   = up_q(norm_q(down_q(x)))                 [n, d_nope + d_rope]
       c, k_rope = split(down_kv(x))                 [r_kv], [d_rope]       (k_rope shared by heads)
       k_nope, v = split(up_kv(norm_kv(c)))          [n, d_nope], [n, d_v]
       q_rope, k_rope <- RoPE (megatron's MLA interleave) on the rotary dims
@@ -77,7 +77,7 @@ class LatentAttentionLetter(Attention):
         return MLATransformerConfig, {
             "multi_latent_attention": True,
             "qk_layernorm": True,  # megatron's name for the latent norms (norm_q, norm_kv)
-            "q_lora_rank": a.q_lora_rank or None,
+            "q_lora_rank": a.q_lora_rank,
             "kv_lora_rank": a.kv_lora_rank,
             "qk_head_dim": a.qk_head_dim,
             "qk_pos_emb_head_dim": a.qk_pos_emb_head_dim,
@@ -89,17 +89,20 @@ class LatentAttentionLetter(Attention):
 
     def summary(self, config: ModelConfig) -> str:
         a = config.attention
-        q = f"q rank {a.q_lora_rank}" if a.q_lora_rank else "full-rank q"
         return (
-            f"MLA {a.num_heads} heads, {q}, kv rank {a.kv_lora_rank}, "
+            f"MLA {a.num_heads} heads, q rank {a.q_lora_rank}, kv rank {a.kv_lora_rank}, "
             f"qk {a.qk_head_dim}+{a.qk_pos_emb_head_dim} rope, v {a.v_head_dim}"
         )
 
     def params(self, config: ModelConfig) -> LetterParams:
         h, a = config.hidden_size, config.attention
         n, dq = a.num_heads, a.qk_head_dim + a.qk_pos_emb_head_dim
-        q = h * a.q_lora_rank + a.q_lora_rank * n * dq if a.q_lora_rank else h * n * dq
-        mm = q + h * (a.kv_lora_rank + a.qk_pos_emb_head_dim) + a.kv_lora_rank * n * (a.qk_head_dim + a.v_head_dim)
+        mm = (
+            h * a.q_lora_rank
+            + a.q_lora_rank * n * dq
+            + h * (a.kv_lora_rank + a.qk_pos_emb_head_dim)
+            + a.kv_lora_rank * n * (a.qk_head_dim + a.v_head_dim)
+        )
         mm += n * a.v_head_dim * h
         norms = h + a.q_lora_rank + a.kv_lora_rank  # pre-norm and latent norms, replicated
         return LetterParams(mm + norms, mm + norms, mm, tensor_split=mm, expert=0)
@@ -116,7 +119,7 @@ class LatentAttentionLetter(Attention):
         np_, dq, dv = at.num_heads // tp, at.qk_head_dim + at.qk_pos_emb_head_dim, at.v_head_dim
         local = tokens // tp if parallel.sequence_parallel else tokens
         # latent norms: input, output and fp32 rstd on the rank's sequence shard
-        latents = sum(2 * a * local * r + 4 * local for r in (at.q_lora_rank, at.kv_lora_rank) if r)
+        latents = sum(2 * a * local * r + 4 * local for r in (at.q_lora_rank, at.kv_lora_rank))
         k_rope = a * tokens * at.qk_pos_emb_head_dim * 2  # the shared rotary key, before and after RoPE
         q_up = a * tokens * np_ * dq  # up projections' outputs; RoPE and cat make new q, k
         kv_up = a * tokens * np_ * (at.qk_head_dim + dv)
@@ -128,14 +131,22 @@ class LatentAttentionLetter(Attention):
     def problems(self, config: ModelConfig, parallel: ParallelConfig) -> list[str]:
         at, tp = config.attention, parallel.tensor
         out = []
-        dims = ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
-        for what in dims:
+        # a full-rank query (megatron's q_lora_rank None) needs TE's fused norm + linear: not offered
+        for what in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
             if getattr(at, what) < 1:
                 out.append(f"model.attention.{what} {getattr(at, what)} must be >= 1 (L layers)")
-        if at.q_lora_rank < 0:
-            out.append(f"model.attention.q_lora_rank {at.q_lora_rank} must be >= 0 (0: full-rank query)")
         if out:
             return out
+        if tp > 1:
+            # megatron 0.19's MLA with column-parallel down projections (its local spec) gathers the
+            # shared rotary key from the TP shards, and the gather's backward keeps each rank's
+            # slice of a gradient that is only the rank's heads' part: the TP=2 input gradients
+            # differ from TP=1 (found by a test). TE's replicated down projection is not available
+            # on the local backend.
+            out.append(
+                f"parallel.tensor {tp} with L (multi-latent attention) layers: megatron-core's "
+                "column-parallel MLA loses part of the rotary key's gradient at TP > 1; use parallel.tensor 1"
+            )
         if at.num_heads < 1 or at.num_heads % tp:
             out.append(
                 f"model.attention.num_heads {at.num_heads} is not divisible by parallel.tensor {tp} "
@@ -153,7 +164,9 @@ class LatentAttentionLetter(Attention):
                 "(the key/value down projection is column-parallel)"
             )
         if at.qk_pos_emb_head_dim % 2:
-            out.append(f"model.attention.qk_pos_emb_head_dim {at.qk_pos_emb_head_dim} must be even (RoPE pairs)")
+            out.append(
+                f"model.attention.qk_pos_emb_head_dim {at.qk_pos_emb_head_dim} must be even (RoPE pairs)"
+            )
         if at.v_head_dim > at.qk_head_dim + at.qk_pos_emb_head_dim:
             out.append(
                 f"model.attention.v_head_dim {at.v_head_dim} exceeds qk_head_dim + qk_pos_emb_head_dim "

@@ -67,7 +67,7 @@ class SDPAttention(MegatronModule):
     ) -> torch.Tensor:
         if attention_bias is not None:
             raise ValueError("SDPAttention: attention_bias is not supported")
-        sq, b, np_, hn = query.shape
+        sq, b, np_ = query.shape[:3]
         if packed_seq_params is not None and query.is_cuda and query.dtype in _VARLEN_DTYPES:
             return self._varlen(query, key, value, packed_seq_params)
         # [s, b, heads, hn] -> [b, heads, s, hn]
