@@ -33,6 +33,7 @@ REGISTRY: dict[str, str] = {
     "embed": "bench.embed",
     "generate": "bench.generate",
     "mamba": "bench.mamba",
+    "mla": "bench.mla",
     "m2rnn": "bench.m2rnn",
     "plasticity": "bench.plasticity",
     "spec": "bench.spec",
