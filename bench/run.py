@@ -34,6 +34,7 @@ REGISTRY: dict[str, str] = {
     "generate": "bench.generate",
     "mamba": "bench.mamba",
     "mamba3": "bench.mamba3",
+    "mla": "bench.mla",
     "m2rnn": "bench.m2rnn",
     "plasticity": "bench.plasticity",
     "spec": "bench.spec",

@@ -255,3 +255,14 @@ def test_a_huge_family_depth_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert main([*argv, "--data.cache_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "depth must be between 1 and 1,000,000 layers" in err
+
+
+def test_mla_dimensions_tensor_parallelism_cannot_split_exit_2_naming_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--dry-run", "--model.family", "NAM56R-MLA", "--model.attention.q_lora_rank", "31"]
+    argv += ["--parallel.tensor", "2", "--world-size", "2", "--data.cache_dir", str(tmp_path / "c")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "  - model.attention.q_lora_rank 31 is not divisible by parallel.tensor 2 " in err, err
+    assert "Traceback" not in err

@@ -402,3 +402,14 @@ def test_bit_flips_in_the_newest_checkpoint_resume_from_the_previous_one(
         "step_0000005",
         "step_0000010",
     ]
+
+
+def test_tiny_preset_with_mla_attention_learns(tmp_path: Path, cache: Path, header_slice: list[Path]) -> None:
+    """nam56r-tiny on the NAM56R-MLA family: its 13 attention layers are L (multi-latent)."""
+    mla = ["--model.family", "NAM56R-MLA", "--model.attention.q_lora_rank", "32"]
+    mla += ["--model.attention.kv_lora_rank", "16", "--model.attention.qk_head_dim", "16"]
+    mla += ["--model.attention.qk_pos_emb_head_dim", "8", "--model.attention.v_head_dim", "16"]
+    short = ["--training.steps", "6", "--training.eval_interval", "6", "--checkpoint.interval", "6"]
+    assert main(train_args(cache, header_slice, tmp_path, *mla, *short)) == 0
+    valid = losses(tmp_path, "valid")
+    assert valid[6] < valid[0] - 0.3, valid

@@ -38,7 +38,7 @@ def test_validate_json_reports_nam56r_counts(capsys: pytest.CaptureFixture[str])
     assert code == 0
     data = json.loads(out)
     assert data["ok"] is True
-    assert data["layout"]["counts"] == {"A": 13, "E": 22, "M": 13, "R": 4, "-": 0}
+    assert data["layout"]["counts"] == {"A": 13, "E": 22, "M": 13, "R": 4, "-": 0, "L": 0}
     assert data["layout"]["positions"]["R"] == [12, 24, 36, 48]
 
 
@@ -129,7 +129,7 @@ def test_families_lists_builtins_and_user_file(capsys: pytest.CaptureFixture[str
     path.write_text('[family.MINE]\npattern = "A-"\ndepth = 6\ncounts = { A = 3, "-" = 3 }\n')
     code, out, _ = run(capsys, "families", "--families", str(path), "--json")
     names = [f["name"] for f in json.loads(out)["families"]]
-    assert code == 0 and names == ["NAM56R", "NAM52", "MINE"]
+    assert code == 0 and names == ["NAM56R", "NAM52", "NAM56R-MLA", "MINE"]
     code, out, _ = run(capsys, "validate", "--family", "MINE", "--families", str(path))
     assert code == 0 and "A 3" in out and "- 3" in out
 
@@ -205,7 +205,7 @@ def test_help_lists_shared_options_once(capsys: pytest.CaptureFixture[str], comm
 def test_bad_cost_names_letter_and_accepted_letters(
     capsys: pytest.CaptureFixture[str], cost: str, problem: str
 ) -> None:
-    accepted = "expected LETTER=W, LETTER one of A M E R - and W a number >= 0, e.g. M=1.8"
+    accepted = "expected LETTER=W, LETTER one of A M E R - L and W a number >= 0, e.g. M=1.8"
     for command in ("show", "split", "translate"):
         code, out, err = run(capsys, *_argv(command, ["AEME", "--depth", "4"]), "--cost", cost)
         assert code == 2 and out == "", command
@@ -235,7 +235,7 @@ def test_cost_of_a_family_letter(capsys: pytest.CaptureFixture[str], tmp_path: P
     code, _, err = run(
         capsys, "--families", str(path), "split", "--family", "GATED", "--stages", "2", "--cost", "Q=3"
     )
-    assert code == 2 and "LETTER one of A M E R - G" in err
+    assert code == 2 and "LETTER one of A M E R - L G" in err
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,16 @@ from nam_layout import BUILTIN, Family, FamilyError, FamilyRegistry, get_family,
 def test_builtin_families_match_design_table() -> None:
     nam56r, nam52 = get_family("NAM56R"), get_family("NAM52")
     assert (nam56r.pattern, nam56r.depth) == ("AEMEAEMEAEMR", 52)
-    assert dict(nam56r.layout().counts) == {"A": 13, "M": 13, "E": 22, "R": 4, "-": 0}
+    assert dict(nam56r.layout().counts) == {"A": 13, "M": 13, "E": 22, "R": 4, "-": 0, "L": 0}
     assert (nam52.pattern, nam52.depth) == ("AEME", 52)
-    assert dict(nam52.layout().counts) == {"A": 13, "M": 13, "E": 26, "R": 0, "-": 0}
+    assert dict(nam52.layout().counts) == {"A": 13, "M": 13, "E": 26, "R": 0, "-": 0, "L": 0}
+
+
+def test_a_family_says_which_attention_layers_are_the_mla_variant() -> None:
+    mla = get_family("NAM56R-MLA").layout()
+    assert mla.positions("L") == get_family("NAM56R").layout().positions("A") and mla.counts["A"] == 0
+    mixed = Family("MIXED", "AEMELEME", 8, {"A": 1, "L": 1, "E": 4, "M": 2}).layout()
+    assert (mixed.positions("A"), mixed.positions("L")) == ((1,), (5,))
 
 
 def test_drift_fails_closed() -> None:
@@ -25,7 +32,7 @@ def test_drift_fails_closed() -> None:
 
 def test_unknown_family_suggests_close_names() -> None:
     with pytest.raises(
-        FamilyError, match=r"unknown family 'NAM56'; known: NAM56R, NAM52; did you mean 'NAM56R'"
+        FamilyError, match=r"unknown family 'NAM56'; known: NAM56R, NAM52, NAM56R-MLA; did you mean 'NAM56R'"
     ):
         get_family("NAM56")
 

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from nam_layout import LETTERS, PatternError, split_segments
+from nam_layout import LETTERS, VARIANTS, PatternError, letter_name, split_segments
 
 
 def test_segments_without_and_with_cuts() -> None:
@@ -67,3 +67,13 @@ def test_million_character_pattern_is_linear_and_points_far_right() -> None:
     assert lines[1].startswith("  ...") and len(lines[1]) < 80  # a window, not a megabyte of echo
     assert lines[2].index("^") == lines[1].index("x")
     assert elapsed < 5  # generous: guards against quadratic work, not a timing benchmark
+
+
+def test_a_variant_is_a_letter_of_its_own_named_with_its_base() -> None:
+    assert VARIANTS == {"L": "A"} and set(VARIANTS) <= set(LETTERS)
+    assert letter_name("L", LETTERS["L"]) == "multi-latent attention, a variant of A"
+    assert letter_name("A", LETTERS["A"]) == "attention"
+    with pytest.raises(PatternError) as err:
+        split_segments("AEl")
+    assert "did you mean 'L'?" in str(err.value)
+    assert "L (multi-latent attention, a variant of A)" in err.value.accepted

@@ -50,7 +50,7 @@ def test_pattern_errors_surface_before_depth_errors() -> None:
 
 def test_nam56r_facts() -> None:
     layout = Layout.tile("AEMEAEMEAEMR", 52)
-    assert dict(layout.counts) == {"A": 13, "M": 13, "E": 22, "R": 4, "-": 0}
+    assert dict(layout.counts) == {"A": 13, "M": 13, "E": 22, "R": 4, "-": 0, "L": 0}
     assert sum(layout.counts.values()) == 52
     assert layout.positions("R") == (12, 24, 36, 48)
     assert layout.positions("A") == tuple(range(1, 50, 4))
@@ -84,7 +84,7 @@ def test_json_is_stable_and_round_trips() -> None:
     assert text == Layout.tile("AEM|EAR", 6).to_json()
     data = json.loads(text)
     assert data["schema"] == 1 and data["kinds"] == "AEMEAR" and data["segments"] == [[0, 3], [3, 6]]
-    assert data["counts"] == {"-": 0, "A": 2, "E": 2, "M": 1, "R": 1}
+    assert data["counts"] == {"-": 0, "A": 2, "E": 2, "M": 1, "R": 1, "L": 0}
     again = Layout.from_json(text)
     assert again == layout and again.pattern == layout.pattern
 

@@ -17,6 +17,11 @@ def test_r_fails_closed_unless_mapped() -> None:
     assert to_megatron(layout, map_letters={"R": "-"}).count("-") == 4
 
 
+def test_mla_variant_is_megatrons_mla_symbol() -> None:
+    out = to_megatron(get_family("NAM56R-MLA").layout(), map_letters={"R": "M"})
+    assert out == "+EME+EME+EMM" * 4 + "+EME"
+
+
 def test_bad_mapping_target() -> None:
     with pytest.raises(LayoutError, match="cannot map 'R' to 'Q'"):
         to_megatron(Layout.tile("AR", 2), map_letters={"R": "Q"})
@@ -53,6 +58,6 @@ def test_plan_for_another_layout_refused() -> None:
 
 def test_mapping_a_letter_the_layout_lacks_is_refused() -> None:
     with pytest.raises(
-        LayoutError, match=r"cannot map 'e': not a layer letter of this layout \(its letters: A M E R -\)"
+        LayoutError, match=r"cannot map 'e': not a layer letter of this layout \(its letters: A M E R - L\)"
     ):
         to_megatron(Layout.tile("AEME", 4), map_letters={"e": "M"})

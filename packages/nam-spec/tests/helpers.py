@@ -16,7 +16,15 @@ def tiny(**changes: object) -> ModelConfig:
         vocab_size=64,
         seq_length=8,
         ffn_hidden_size=48,
-        attention=AttentionConfig(num_heads=4, num_kv_heads=2),
+        attention=AttentionConfig(
+            num_heads=4,
+            num_kv_heads=2,
+            q_lora_rank=16,
+            kv_lora_rank=8,
+            qk_head_dim=8,
+            qk_pos_emb_head_dim=4,
+            v_head_dim=6,
+        ),
         moe=MoEConfig(
             num_experts=4, top_k=2, ffn_hidden_size=16, shared_ffn_hidden_size=16, dispatcher="allgather"
         ),

@@ -99,7 +99,7 @@ def _assert_documents_alone(
     torch.testing.assert_close(packed[1], alone[1], rtol=1e-4, atol=1e-6, msg="input gradients")
 
 
-@pytest.mark.parametrize("letter", ["A", "E", "M", "R", "-"])
+@pytest.mark.parametrize("letter", ["A", "E", "M", "R", "-", "L"])
 def test_packed_micro_batch_equals_documents_alone(letter: str, megatron_single_rank: None) -> None:
     from nam_spec.model import build_model
 
@@ -109,7 +109,7 @@ def test_packed_micro_batch_equals_documents_alone(letter: str, megatron_single_
     packed = _losses_and_input_grads(model, ids, pos, DOCS)
     alone = _alone(model, ids)
     _assert_documents_alone(packed, alone)
-    if letter in "AMR":  # the mixing letters: without boundaries the documents do leak
+    if letter in "AMRL":  # the mixing letters: without boundaries the documents do leak
         leaky = _losses_and_input_grads(model, ids, pos, None)
         assert not torch.allclose(leaky[0], alone[0], rtol=1e-5, atol=1e-5)
 

@@ -16,9 +16,17 @@ from nam_runtime import dist
 from nam_runtime.testing import run_ranks
 from nam_spec.config import ParallelConfig
 
-TP_LAYOUT = "AEMERM-"  # every letter, two E layers
+TP_LAYOUT = "AEMERM-"  # every letter but L (refused at TP > 1: letters/mla.py), two E layers
 PP_LAYOUT = "AEM|R-M"  # stage 1 has no E layer
-REPLICATED = ("qk_weight", "qk_conv_weight", "final_norm.weight", ".norm.weight")  # .norm: M and R pre-norms
+# .norm: M and R pre-norms; q_/kv_layernorm: L's latent norms
+REPLICATED = (
+    "qk_weight",
+    "qk_conv_weight",
+    "final_norm.weight",
+    ".norm.weight",
+    "q_layernorm.weight",
+    "kv_layernorm.weight",
+)
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +59,9 @@ def _tp2_rank(tmp: Path, backward: bool) -> dict:
     from nam_spec.model import build_model
 
     dist.initialize(tensor_parallel=2, seed=1)
-    model = build_model(Layout.tile(TP_LAYOUT, 7), tiny(), ParallelConfig(tensor=2, sequence_parallel=True))
+    model = build_model(
+        Layout.tile(TP_LAYOUT, len(TP_LAYOUT)), tiny(), ParallelConfig(tensor=2, sequence_parallel=True)
+    )
     out = _outputs(model)
     _save(model, tmp / ("ckpt-tp2-grads" if backward else "ckpt-tp2"))
     grads = {}

@@ -4,7 +4,7 @@ Pure standard library; see the package README for the grammar and the CLI.
 """
 
 from nam_layout.families import BUILTIN, Family, FamilyError, FamilyRegistry, get_family, load_families
-from nam_layout.grammar import CUT, LETTERS, PatternError, split_segments
+from nam_layout.grammar import CUT, LETTERS, VARIANTS, PatternError, letter_name, split_segments
 from nam_layout.layout import MAX_DEPTH, Layout, LayoutError
 from nam_layout.megatron import MEGATRON_SYMBOLS, to_megatron
 from nam_layout.stages import DEFAULT_COSTS, CostModel, StagePlan, plan_stages
@@ -18,6 +18,7 @@ __all__ = [
     "LETTERS",
     "MAX_DEPTH",
     "MEGATRON_SYMBOLS",
+    "VARIANTS",
     "CostModel",
     "Family",
     "FamilyError",
@@ -27,6 +28,7 @@ __all__ = [
     "PatternError",
     "StagePlan",
     "get_family",
+    "letter_name",
     "load_families",
     "plan_stages",
     "split_segments",

@@ -73,6 +73,13 @@ BUILTIN: tuple[Family, ...] = (
     Family(
         "NAM52", "AEME", 52, {"A": 13, "E": 26, "M": 13}, "hybrid attention/MoE/Mamba, no recurrent layers"
     ),
+    Family(
+        "NAM56R-MLA",
+        "LEMELEMELEMR",
+        52,
+        {"L": 13, "E": 22, "M": 13, "R": 4},
+        "NAM56R with multi-latent attention (L) in every attention layer, as the seed system trains it",
+    ),
 )
 
 

@@ -20,8 +20,14 @@ LETTERS: Mapping[str, str] = MappingProxyType(
         "E": "MoE experts",
         "R": "M2RNN recurrent",
         "-": "dense MLP",
+        "L": "multi-latent attention",
     }
 )
+
+# A letter variant: its own letter, so that the pattern says which layers are built which way,
+# standing for the same block as its base letter (variant -> base). Everything that counts,
+# plans or describes layers can group a variant with its base.
+VARIANTS: Mapping[str, str] = MappingProxyType({"L": "A"})
 
 _CONTEXT = 30  # characters shown either side of an offending position
 
@@ -53,8 +59,16 @@ class PatternError(ValueError):
 
 
 def describe_letters(letters: Mapping[str, str]) -> str:
-    """'A (attention), M (Mamba), ..., | (pipeline-stage cut)': the accepted alphabet in words."""
-    return ", ".join(f"{k} ({v})" for k, v in letters.items()) + f", {CUT} (pipeline-stage cut)"
+    """'A (attention), M (Mamba), ..., L (multi-latent attention, a variant of A), | (pipeline-stage
+    cut)': the accepted alphabet in words."""
+    return (
+        ", ".join(f"{k} ({letter_name(k, v)})" for k, v in letters.items()) + f", {CUT} (pipeline-stage cut)"
+    )
+
+
+def letter_name(letter: str, block: str) -> str:
+    """``block``, and for a variant the letter it varies: 'multi-latent attention, a variant of A'."""
+    return f"{block}, a variant of {VARIANTS[letter]}" if letter in VARIANTS else block
 
 
 def split_segments(pattern: str, letters: Mapping[str, str] = LETTERS) -> tuple[str, ...]:

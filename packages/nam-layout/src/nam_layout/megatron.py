@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from nam_layout.layout import Layout, LayoutError
 from nam_layout.stages import StagePlan
 
-# Our letter -> megatron-core's symbol. R (M2RNN) has no megatron-core block.
-MEGATRON_SYMBOLS: Mapping[str, str] = {"A": "*", "M": "M", "E": "E", "-": "-"}
+# Our letter -> megatron-core's symbol (L, multi-latent attention, is megatron's '+'; megatron
+# refuses '*' and '+' in one model). R (M2RNN) has no megatron-core block.
+MEGATRON_SYMBOLS: Mapping[str, str] = {"A": "*", "M": "M", "E": "E", "-": "-", "L": "+"}
 _MEGATRON_LAYER_SYMBOLS = frozenset("M*E-GD+")  # what megatron-core 0.19's grammar accepts as layers
 
 

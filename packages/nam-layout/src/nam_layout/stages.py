@@ -22,8 +22,11 @@ from nam_layout.layout import Layout, LayoutError
 # ~264 MFLOP; E 4 of 16 experts of FFN 896 + shared 1024 ~297 (1.15); M in/out projections of
 # 81 M weights ~487 (1.85); R's few weights are cheap but its scan is a latency-bound walk
 # through time measured near an attention layer's time (1.0); '-' a dense MLP ~ an expert layer
-# without routing (1.0). Pass your own weights where your geometry or measurements differ.
-DEFAULT_COSTS: Mapping[str, float] = MappingProxyType({"A": 1.0, "E": 1.15, "M": 1.85, "R": 1.0, "-": 1.0})
+# without routing (1.0); L, a variant of A, is weighted as A (not measured). Pass your own
+# weights where your geometry or measurements differ.
+DEFAULT_COSTS: Mapping[str, float] = MappingProxyType(
+    {"A": 1.0, "E": 1.15, "M": 1.85, "R": 1.0, "-": 1.0, "L": 1.0}
+)
 
 
 @dataclass(frozen=True)

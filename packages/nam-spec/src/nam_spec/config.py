@@ -33,11 +33,19 @@ class SpecConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """The A layers: causal GQA self-attention with RoPE."""
+    """The attention layers: A (causal GQA self-attention with RoPE) and its variant L (multi-latent
+    attention, DeepSeek-V2's MLA as megatron-core builds it), which share heads and RoPE base."""
 
     num_heads: int = 56
     num_kv_heads: int = 8
     rope_base: float = 10000.0
+    # L only: ranks of the query and key/value latents, per-head
+    # dimensions of the non-rotary and rotary query/key parts and of the value
+    q_lora_rank: int = 64
+    kv_lora_rank: int = 64
+    qk_head_dim: int = 64
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 64
 
 
 @dataclass(frozen=True)

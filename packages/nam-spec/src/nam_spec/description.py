@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from nam_layout import Layout
+from nam_layout import VARIANTS, Layout
 from nam_spec.accounting import model_flops_per_token, model_params
 from nam_spec.config import ModelConfig
 from nam_spec.letters import LETTERS
@@ -50,7 +50,8 @@ class Description:
         ]
         lines.append("")
         for k, v in {**self.by_letter, **self.extra}.items():
-            lines.append(f"  {k:<16} {v:>16,}")
+            label = f"{k} ({VARIANTS[k]} variant)" if k in VARIANTS else k
+            lines.append(f"  {label:<16} {v:>16,}")
         lines.append(f"  {'total':<16} {self.total:>16,}   (formula {self.formula_total:,})")
         lines.append(f"  {'active':<16} {self.active:>16,}   (routed experts at top_k / num_experts)")
         lines.append(f"  model FLOPs per token (fwd+bwd) {self.model_flops_per_token:.4g}")

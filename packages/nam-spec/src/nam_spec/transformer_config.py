@@ -17,7 +17,7 @@ def transformer_config(
     config: ModelConfig, layout: Layout, parallel: ParallelConfig | None = None, letter: str | None = None
 ) -> TransformerConfig:
     """megatron-core's config for this model (validated first); ``letter`` applies that letter's
-    selective recomputation, which megatron reads from the config."""
+    selective recomputation, which megatron reads from the config, and its own layer config."""
     import torch
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
@@ -33,8 +33,10 @@ def transformer_config(
         if block and block.megatron_recompute and config.recompute_for(block.letter) == "selective"
         else None
     )
+    config_class, own = block.layer_config(config) if block else (TransformerConfig, {})
+    kw.update(own)
     dtype = config.torch_dtype
-    return TransformerConfig(
+    return config_class(
         num_layers=layout.depth,
         hidden_size=config.hidden_size,
         ffn_hidden_size=config.ffn_hidden_size,

@@ -24,7 +24,7 @@ from typing import Any
 import nam_spec
 from nam_trainer.config.schema import SECTIONS, Config, ConfigError
 
-PRESETS = ("nam56r", "nam56r-small", "nam56r-tiny")
+PRESETS = ("nam56r", "nam56r-small", "nam56r-tiny", "cppmega-nam56r")
 DEFAULT_PRESET = "nam56r-tiny"
 # [model] preset = NAME: the nam-spec model preset the [model] keys of every layer apply to
 MODEL_PRESET_KEY = "preset"

@@ -12,12 +12,14 @@ from nam_spec.letters.base import Letter, LetterParams
 from nam_spec.letters.experts import Experts
 from nam_spec.letters.m2rnn import M2RNN
 from nam_spec.letters.mamba import Mamba
+from nam_spec.letters.mla import LatentAttentionLetter
 from nam_spec.letters.mlp import DenseMLP
 
 LETTERS: dict[str, Letter] = {
-    block.letter: block for block in (Attention(), Experts(), Mamba(), M2RNN(), DenseMLP())
+    block.letter: block
+    for block in (Attention(), Experts(), Mamba(), M2RNN(), DenseMLP(), LatentAttentionLetter())
 }
-SPEC_LETTERS = "".join(LETTERS)  # "AEMR-"
+SPEC_LETTERS = "".join(LETTERS)  # "AEMR-L"
 
 
 def letter(key: str) -> Letter:

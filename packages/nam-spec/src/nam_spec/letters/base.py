@@ -140,3 +140,10 @@ class Letter:
     def transformer_config_fields(self, config: ModelConfig, parallel: ParallelConfig) -> dict[str, Any]:
         """megatron ``TransformerConfig`` fields a model with this letter needs."""
         return {}
+
+    def layer_config(self, config: ModelConfig) -> tuple[type, dict[str, Any]]:
+        """The megatron config class of this letter's own layers and the fields it adds there (a
+        variant's config subclass, e.g. MLA's); the model's other layers never see them."""
+        from megatron.core.transformer import TransformerConfig
+
+        return TransformerConfig, {}

@@ -3,7 +3,9 @@
 megatron-core's local DotProductAttention materialises the [b, heads, s, s] score matrix; SDPA
 dispatches to flash / memory-efficient kernels on CUDA and never does. Same interface as
 DotProductAttention: query [sq, b, np, hn], key/value [sk, b, ng, hn] (ng query groups, GQA),
-returns [sq, b, np * hn].
+returns [sq, b, np * hv]. The value's head dim hv may differ from the query/key's hn (multi-latent
+attention, which passes its own ``softmax_scale``); the flash kernel wants one head dim, so there
+the value is zero-padded to hn and the output cut back to hv.
 
 Document boundaries (PackedSeqParams from ``nam_spec.documents``, segments of the b * s tokens) at
 any micro-batch size: on CUDA in bf16/fp16 through PyTorch's variable-length flash kernel
@@ -40,6 +42,8 @@ class SDPAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection: ProcessGroupCollection | None = None,
+        k_channels: int | None = None,  # MLA names its head dims; the tensors carry them
+        v_channels: int | None = None,
     ) -> None:
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -63,7 +67,7 @@ class SDPAttention(MegatronModule):
     ) -> torch.Tensor:
         if attention_bias is not None:
             raise ValueError("SDPAttention: attention_bias is not supported")
-        sq, b, np_, hn = query.shape
+        sq, b, np_ = query.shape[:3]
         if packed_seq_params is not None and query.is_cuda and query.dtype in _VARLEN_DTYPES:
             return self._varlen(query, key, value, packed_seq_params)
         # [s, b, heads, hn] -> [b, heads, s, hn]
@@ -81,7 +85,7 @@ class SDPAttention(MegatronModule):
             scale=self.scale,
             enable_gqa=k.shape[1] != np_,
         )
-        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * value.shape[-1])
 
     def _varlen(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: PackedSeqParams
@@ -93,6 +97,9 @@ class SDPAttention(MegatronModule):
                 "variable-length flash kernel has none: set it to 0 or turn document masking off"
             )
         sq, b, np_, hn = query.shape
+        hv = value.shape[-1]
+        if hv != hn:
+            value = F.pad(value, (0, hn - hv))
         q, k, v = (t.transpose(0, 1).reshape(b * sq, t.shape[2], hn) for t in (query, key, value))
         cu = params.cu_seqlens_q.to(device=query.device, dtype=torch.int32)
         out = varlen_attn(
@@ -106,7 +113,7 @@ class SDPAttention(MegatronModule):
             scale=self.scale,
             window_size=(-1, 0) if self.causal else (-1, -1),
         )
-        return out.view(b, sq, np_ * hn).transpose(0, 1).contiguous()
+        return out[..., :hv].reshape(b, sq, np_ * hv).transpose(0, 1).contiguous()
 
     def _document_mask(self, params: PackedSeqParams, s: int, b: int, device: torch.device) -> torch.Tensor:
         """[b, 1, s, s] bool, True where attention is allowed: same segment (and causal)."""
