@@ -70,7 +70,7 @@ parameters), ``torch.cuda.max_memory_allocated`` against this estimate:
 each within 5%. The parallel layouts are not measured on GPUs: their weights, gradient buffer
 and optimizer state are checked against the real sharded tensors of tiny models at TP=2 (sequence
 parallel), PP=2 (tied), PP=2 x 2 virtual stages and EP=2 over gloo (tests/test_memory_parallel.py),
-their activation terms by how they scale and, for A, E and '-', against what layers built at TP=2
+their activation terms by how they scale and, for attention, experts and the dense MLP, against what layers built at TP=2
 with sequence parallelism keep for backward on CPU.
 """
 
