@@ -141,6 +141,13 @@ class NamModel(LanguageModule):
         if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
 
+    def allreduce_embedding_copy_grads(self) -> None:
+        """Sum the gradients of nam-embed's extras over the stages that hold the embedding (the
+        first, and the last's copy for multi-token prediction): megatron's finalize_model_grads
+        sums the word embedding's alone. Call it after that, on every chunk."""
+        if (self.pre_process or self.mtp_process) and self._is_in_embd_group() and self.embd_group.size() > 1:
+            self.embedding.allreduce_extra_grads(self.embd_group)
+
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
         if isinstance(input_tensor, list):
             input_tensor = input_tensor[0]
