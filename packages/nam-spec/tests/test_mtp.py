@@ -40,11 +40,11 @@ def _reference(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, lab
         return F.cross_entropy(logits.reshape(b * s, -1), target.reshape(-1), reduction="none").view(b, s)
 
     out = [loss(hidden, labels)]
-    for depth in model.mtp.depths:
+    for depth in model.mtp.layers:
         ids, pos, labels = _left(ids), _left(pos), _left(labels)
         embedded = model.embedding(ids, pos)
         x = torch.cat([_rms(embedded, depth.enorm.weight, eps), _rms(hidden, depth.hnorm.weight, eps)], -1)
-        hidden = depth.stack(x @ depth.eh_proj.weight.t(), None, rotary, None)
+        hidden = depth.mtp_model_layer(x @ depth.eh_proj.weight.t(), None, rotary, None)
         out.append(loss(hidden, labels))
     return torch.stack(out)
 

@@ -73,7 +73,8 @@ def mtp_loss_masks(
 
 
 class MtpDepth(MegatronModule):
-    """One depth: the two norms, ``eh_proj`` and the inner stack (with its final norm)."""
+    """One depth: the two norms, ``eh_proj`` and the inner stack (``mtp_model_layer``, with its
+    final norm)."""
 
     def __init__(
         self, config: TransformerConfig, stack: NamStack, norm: Any, pg_collection: ProcessGroupCollection
@@ -93,7 +94,7 @@ class MtpDepth(MegatronModule):
             gather_output=False,
             tp_group=self.tp_group,
         )
-        self.stack = stack
+        self.mtp_model_layer = stack
 
     def forward(
         self,
@@ -108,15 +109,16 @@ class MtpDepth(MegatronModule):
         x = gather_from_tensor_model_parallel_region(x, group=self.tp_group)
         if self.config.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x, group=self.tp_group)
-        return self.stack(x, attention_mask, rotary_pos_emb, packed_seq_params)
+        return self.mtp_model_layer(x, attention_mask, rotary_pos_emb, packed_seq_params)
 
 
 class MultiTokenPrediction(MegatronModule):
-    """The depths in order; ``forward`` returns h_1 .. h_D ([s_local, b, h] each)."""
+    """The depths in order; ``forward`` returns h_1 .. h_D ([s_local, b, h] each). Attribute names
+    are megatron's (``layers``, each with its ``mtp_model_layer``): its schedules reach into them."""
 
     def __init__(self, config: TransformerConfig, depths: list[MtpDepth]) -> None:
         super().__init__(config)
-        self.depths = torch.nn.ModuleList(depths)
+        self.layers = torch.nn.ModuleList(depths)
 
     def forward(
         self,
@@ -130,7 +132,7 @@ class MultiTokenPrediction(MegatronModule):
         packed_seq_params: PackedSeqParams | None,
     ) -> list[torch.Tensor]:
         out = []
-        for depth in self.depths:
+        for depth in self.layers:
             input_ids, position_ids, embedding_inputs = shift_inputs(input_ids, position_ids, embedding_inputs)
             embedded = embedding(input_ids=input_ids, position_ids=position_ids, **embedding_inputs)
             hidden = depth(hidden, embedded, attention_mask, rotary_pos_emb, packed_seq_params)
