@@ -123,7 +123,7 @@ def build_run(
     tc.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
     tc.finalize_model_grads_func = finalize_model_grads  # data-parallel reduce, expert-bias update
     if build is None and model_cfg.mtp_depth:
-        tc.finalize_model_grads_func = partial(_finalize_with_embedding_copies, models)
+        tc.finalize_model_grads_func = partial(finalize_with_embedding_copies, models)
     no_decay = ParamKey(
         with_name_predicate=ParamWithNamePredicate(
             name="nam_spec_no_weight_decay", fn=lambda param, name: no_weight_decay(name, param)
@@ -165,7 +165,7 @@ def build_run(
     return Run(world, model_cfg, checked.layout, chunks, optimizer, scheduler)
 
 
-def _finalize_with_embedding_copies(models: list[Any], *args: Any, **kwargs: Any) -> None:
+def finalize_with_embedding_copies(models: list[Any], *args: Any, **kwargs: Any) -> None:
     """megatron's finalize_model_grads, then the sum of the embedding extras' gradients over the
     first stage and the last stage's copy (multi-token prediction), so the copies step alike."""
     from megatron.core.distributed import finalize_model_grads
