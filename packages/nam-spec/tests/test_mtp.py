@@ -26,7 +26,9 @@ def _left(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[:, 1:], torch.zeros_like(t[:, :1])], dim=1)
 
 
-def _reference(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _reference(
+    model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """DeepSeek-V3's MTP written out: depth k embeds the tokens k ahead, normalises it and h_{k-1},
     projects [embedding, hidden], runs its layers and scores the labels k ahead with the shared
     output layer. The trunk, the embedding and each depth's layers are the model's modules."""
@@ -95,11 +97,17 @@ def test_accounting_counts_the_depths(megatron_single_rank: None) -> None:
     off = tiny()
     h, v = config.hidden_size, config.vocab_size
     depth = 3 * h + 2 * h * h + sum(model_params(off, Layout.tile(k, 1)).layers_total for k in MTP_LETTERS)
-    assert built.extra["mtp"] == 2 * depth == model_params(config, LAYOUT).total - model_params(off, LAYOUT).total
+    assert (
+        built.extra["mtp"]
+        == 2 * depth
+        == model_params(config, LAYOUT).total - model_params(off, LAYOUT).total
+    )
     # per depth: eh_proj, its layers' matmuls and the output layer again, plus its attention's scores
     layers = Layout.tile(MTP_LETTERS, len(MTP_LETTERS))
     per_depth = model_flops_per_token(off, layers) - 6 * v * h + 6 * (2 * h * h + v * h)
-    assert model_flops_per_token(config, LAYOUT) == pytest.approx(model_flops_per_token(off, LAYOUT) + 2 * per_depth)
+    assert model_flops_per_token(config, LAYOUT) == pytest.approx(
+        model_flops_per_token(off, LAYOUT) + 2 * per_depth
+    )
     with_mtp, without = (memory_estimate(c, LAYOUT, micro_batch_size=1) for c in (config, off))
     assert with_mtp.activations["mtp"] > 0 and "mtp" not in without.activations
     assert with_mtp.weights - without.weights == 2 * depth * 4  # fp32

@@ -58,8 +58,8 @@ class ModelParams:
     embedding_extras: int  # n-gram and structure embeddings (not matmul weights of the formula)
     output: int
     final_norm: int
-    mtp_depth: int = 0  # multi-token-prediction depths, each of ``mtp`` parameters
-    mtp: LetterParams = LetterParams(0, 0, 0, 0, 0)
+    mtp_depth: int  # multi-token-prediction depths, each of ``mtp`` parameters
+    mtp: LetterParams
 
     @property
     def layers_total(self) -> int:

@@ -121,7 +121,12 @@ class NamModel(LanguageModule):
             self.mtp = MultiTokenPrediction(
                 tc,
                 [
-                    MtpDepth(tc, stack(MTP_LETTERS, layout.depth + k * width, True), self.backend.norm, pg_collection)
+                    MtpDepth(
+                        tc,
+                        stack(MTP_LETTERS, layout.depth + k * width, True),
+                        self.backend.norm,
+                        pg_collection,
+                    )
                     for k in range(config.mtp_depth)
                 ],
             )

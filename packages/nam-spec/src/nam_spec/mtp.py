@@ -133,7 +133,9 @@ class MultiTokenPrediction(MegatronModule):
     ) -> list[torch.Tensor]:
         out = []
         for depth in self.layers:
-            input_ids, position_ids, embedding_inputs = shift_inputs(input_ids, position_ids, embedding_inputs)
+            input_ids, position_ids, embedding_inputs = shift_inputs(
+                input_ids, position_ids, embedding_inputs
+            )
             embedded = embedding(input_ids=input_ids, position_ids=position_ids, **embedding_inputs)
             hidden = depth(hidden, embedded, attention_mask, rotary_pos_emb, packed_seq_params)
             out.append(hidden)
