@@ -33,7 +33,7 @@ _NOT_MODEL_ARGS = ("loss_mask", "document_ids")
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: float  # mean over the global batch's loss tokens; non-finite: the step was skipped
+    loss: float  # main head's mean over the global batch's loss tokens; non-finite: the step was skipped
     grad_norm: float | None  # before clipping; None when skipped or clipping is off
     tokens: int  # loss tokens in the global batch
     mtp_losses: tuple[float, ...] = ()  # the mean loss of each multi-token-prediction depth
@@ -134,6 +134,8 @@ def train_step(
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
     (loss, *mtp_losses), tokens = _run_schedule(run, micro, forward_only=False, before_forward=before_forward)
+    if not all(map(math.isfinite, mtp_losses)):
+        loss = math.nan  # the objective the step trains on includes the depths: skip it
     grad_norm = None
     if math.isfinite(loss):
         _, norm, _ = run.optimizer.step()
