@@ -4,13 +4,17 @@ configuration's limits."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import tiny
 
 from nam_layout import Layout
-from nam_spec import build_model, describe, model_flops_per_token, model_params, problems
+from nam_runtime import dist
+from nam_runtime.testing import run_ranks
+from nam_spec import ParallelConfig, build_model, describe, model_flops_per_token, model_params, problems
 from nam_spec.config import EmbeddingConfig
 from nam_spec.letters import MTP_LETTERS
 from nam_spec.memory import memory_estimate
@@ -111,6 +115,34 @@ def test_accounting_counts_the_depths(megatron_single_rank: None) -> None:
     with_mtp, without = (memory_estimate(c, LAYOUT, micro_batch_size=1) for c in (config, off))
     assert with_mtp.activations["mtp"] > 0 and "mtp" not in without.activations
     assert with_mtp.weights - without.weights == 2 * depth * 4  # fp32
+
+
+def _losses_at(tmp: Path, tensor: int) -> torch.Tensor:
+    """[3, b, s] training-mode losses at ``tensor`` ranks with sequence parallelism; TP=2 saves its
+    weights, TP=1 (other seeds) loads them through megatron's dist_checkpointing."""
+    from megatron.core import dist_checkpointing
+
+    dist.initialize(tensor_parallel=tensor, seed=tensor)
+    parallel = ParallelConfig(tensor=tensor, sequence_parallel=tensor > 1)
+    model = build_model(Layout.tile("AM", 2), tiny(mtp_depth=2), parallel)
+    path = tmp / "ckpt"
+    if tensor > 1:
+        path.mkdir(exist_ok=True)
+        dist_checkpointing.save(model.sharded_state_dict(), str(path))
+    else:
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path)))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return model.train()(ids, torch.arange(8).expand(2, 8), labels=ids)
+
+
+def test_tp2_sequence_parallel_depths_equal_tp1(tmp_path: Path) -> None:
+    """eh_proj's column shards gathered, then scattered back to the sequence shard."""
+    tp2 = run_ranks(_losses_at, 2, tmp_path, 2)
+    (tp1,) = run_ranks(_losses_at, 1, tmp_path, 1)
+    assert tp1.shape == (3, 2, 8)
+    torch.testing.assert_close(tp2[0], tp2[1], rtol=0, atol=0)
+    torch.testing.assert_close(tp2[0], tp1, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

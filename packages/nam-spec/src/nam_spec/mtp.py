@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import (
@@ -139,4 +140,14 @@ class MultiTokenPrediction(MegatronModule):
             embedded = embedding(input_ids=input_ids, position_ids=position_ids, **embedding_inputs)
             hidden = depth(hidden, embedded, attention_mask, rotary_pos_emb, packed_seq_params)
             out.append(hidden)
+        return out
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> ShardedStateDict:
+        # per depth: megatron's default would treat the ModuleList as one plain module and save
+        # eh_proj's tensor-parallel shards as replicated tensors
+        out: ShardedStateDict = {}
+        for i, depth in enumerate(self.layers):
+            out.update(depth.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
         return out
