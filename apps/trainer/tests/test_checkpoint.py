@@ -99,6 +99,11 @@ def _resume_rank(
         "state": restored_state,
         "same_weights": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
         "embedding": {k: v for k, v in b.items() if k.startswith("embedding.")},
+        "embedding_replicas": {  # first element of each embedding entry's replica id
+            v.replica_id[0]
+            for k, v in fresh.model[0].module.sharded_state_dict().items()
+            if k.startswith("embedding.") and hasattr(v, "replica_id")
+        },
         "adam_steps": steps,
         "mismatched_state": mismatched_state,
         "logged": logged,
@@ -271,6 +276,7 @@ def test_exact_resume_pp2_with_multi_token_prediction(tmp_path: Path) -> None:
     rank0, rank1 = run_ranks(_resume_rank, 2, tmp_path, True, pipeline=2, mtp_depth=1, timeout_s=180)
     _check_schedule_note(_check_exact_resume(rank0, tmp_path))
     assert _check_exact_resume(rank1, tmp_path) == []
+    assert (rank0["embedding_replicas"], rank1["embedding_replicas"]) == ({0}, {1})  # one main replica
     first, last = rank0["embedding"], rank1["embedding"]
     assert "embedding.ngram.weight" in first and first.keys() == last.keys()
     assert all(torch.equal(first[k], last[k]) for k in first)
