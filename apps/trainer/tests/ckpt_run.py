@@ -47,7 +47,7 @@ def device() -> torch.device:
     )
 
 
-def model_config(hidden: int = 32, bf16: bool = False) -> Any:
+def model_config(hidden: int = 32, bf16: bool = False, mtp_depth: int = 0) -> Any:
     from nam_spec import AttentionConfig, EmbeddingConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
 
     return ModelConfig(
@@ -67,6 +67,7 @@ def model_config(hidden: int = 32, bf16: bool = False) -> Any:
             ngram=True, ngram_orders=(2, 3), ngram_heads=2, ngram_table_size=31, ngram_dim=4
         ),
         backend="local",
+        mtp_depth=mtp_depth,
     )
 
 
@@ -87,6 +88,7 @@ def build(
     bf16: bool = False,
     pipeline: int = 1,
     expert: int = 1,
+    mtp_depth: int = 0,
 ) -> Setup:
     """`bf16`: bf16 parameters with fp32 main parameters in the optimizer (megatron's GPU setup)."""
     from megatron.core.distributed import (
@@ -99,10 +101,11 @@ def build(
 
     from nam_layout import Layout
     from nam_spec import ParallelConfig, build_model
+    from nam_trainer.train.setup import finalize_with_embedding_copies
 
     module = build_model(
         Layout.tile(pattern, len(pattern)),
-        model_config(hidden, bf16),
+        model_config(hidden, bf16, mtp_depth),
         ParallelConfig(pipeline=pipeline, expert=expert),
     )
     tc = module.config
@@ -114,7 +117,10 @@ def build(
         module,
     )
     tc.no_sync_func = ddp.no_sync
-    tc.finalize_model_grads_func = finalize_model_grads
+    # with MTP at PP > 1 the last stage's embedding copy must step like the first stage's
+    tc.finalize_model_grads_func = (
+        partial(finalize_with_embedding_copies, [module]) if mtp_depth else finalize_model_grads
+    )
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
@@ -161,7 +167,14 @@ def _batch(dp_rank: int, dp: int) -> dict[str, torch.Tensor]:
 
 
 def _loss(mask: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+    """The masked mean; with multi-token prediction ([1 + D, b, s]) plus 0.1 x the depths' mean."""
+    from nam_spec.mtp import mtp_loss_masks
+
+    masks = mask.unsqueeze(0)
+    if per_token.dim() == 3:
+        masks = torch.cat([masks, mtp_loss_masks(mask, per_token.shape[0] - 1)])
+    means = (per_token.float().view(-1, *mask.shape) * masks).sum((1, 2)) / masks.sum((1, 2)).clamp(min=1.0)
+    loss = means[0] + 0.1 * means[1:].mean() if len(means) > 1 else means[0]
     return loss, {"loss": loss.detach().clone()}
 
 

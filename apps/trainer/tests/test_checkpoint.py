@@ -38,14 +38,23 @@ BEFORE, AFTER = 3, 3  # steps before the checkpoint, and after it in both runs
 
 
 def _resume_rank(
-    run_dir: Path, distributed_optimizer: bool, bf16: bool = False, pipeline: int = 1, expert: int = 1
+    run_dir: Path,
+    distributed_optimizer: bool,
+    bf16: bool = False,
+    pipeline: int = 1,
+    expert: int = 1,
+    mtp_depth: int = 0,
 ) -> dict[str, Any]:
     """Train BEFORE steps, save, train AFTER more; then a fresh model (other seeds, other initial
     weights) loads the checkpoint and trains AFTER steps."""
     dist.initialize(seed=3, pipeline_parallel=pipeline, expert_parallel=expert)
     ckpt_run.seed_all(3)
     setup = ckpt_run.build(
-        distributed_optimizer=distributed_optimizer, bf16=bf16, pipeline=pipeline, expert=expert
+        distributed_optimizer=distributed_optimizer,
+        bf16=bf16,
+        pipeline=pipeline,
+        expert=expert,
+        mtp_depth=mtp_depth,
     )
     ckpt_run.train(setup, BEFORE)
     state = {"step": BEFORE, "consumed_samples": 4 * BEFORE}
@@ -60,6 +69,7 @@ def _resume_rank(
         decay_steps=40,
         bf16=bf16,
         pipeline=pipeline,
+        mtp_depth=mtp_depth,
     )
     logged: list[str] = []
     handler = logging.Handler()
@@ -88,6 +98,12 @@ def _resume_rank(
         "resumed": resumed,
         "state": restored_state,
         "same_weights": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
+        "embedding": {k: v for k, v in b.items() if k.startswith("embedding.")},
+        "embedding_replicas": {  # first element of each embedding entry's replica id
+            v.replica_id[0]
+            for k, v in fresh.model[0].module.sharded_state_dict().items()
+            if k.startswith("embedding.") and hasattr(v, "replica_id")
+        },
         "adam_steps": steps,
         "mismatched_state": mismatched_state,
         "logged": logged,
@@ -251,6 +267,19 @@ def test_exact_resume_pp2(tmp_path: Path, distributed_optimizer: bool) -> None:
     _check_schedule_note(_check_exact_resume(rank0, tmp_path))
     assert _check_exact_resume(rank1, tmp_path) == []
     assert rank0["uninterrupted"] == rank1["uninterrupted"]
+
+
+def test_exact_resume_pp2_with_multi_token_prediction(tmp_path: Path) -> None:
+    """One MTP depth at PP=2: the last stage holds the depth and a copy of the embedding (n-gram
+    tables included) marked as a replica of the first stage's, so megatron's checkpoint validation
+    passes; the run resumes bit for bit and both stages' embeddings stay equal."""
+    rank0, rank1 = run_ranks(_resume_rank, 2, tmp_path, True, pipeline=2, mtp_depth=1, timeout_s=180)
+    _check_schedule_note(_check_exact_resume(rank0, tmp_path))
+    assert _check_exact_resume(rank1, tmp_path) == []
+    assert (rank0["embedding_replicas"], rank1["embedding_replicas"]) == ({0}, {1})  # one main replica
+    first, last = rank0["embedding"], rank1["embedding"]
+    assert "embedding.ngram.weight" in first and first.keys() == last.keys()
+    assert all(torch.equal(first[k], last[k]) for k in first)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -88,6 +88,10 @@ def test_data_command_builds_then_reuses_the_cache(
         (["--dry-run", "--data.sources", "/nonexistent/corpus"], "no such file or directory"),
         (["--dry-run", "--data.compiler", "no-such-cxx"], "no C++ compiler found"),
         (["--dry-run", "--world-size", "0"], "world size 0: needs at least 1 process"),
+        (
+            ["--dry-run", "--model.mtp_depth", "100000"],
+            "model.mtp_depth 100000 must be an integer from 0 (off) to model.seq_length - 1",
+        ),
         (["--dry-run", "--world-size", "x"], "argument --world-size: invalid int value: 'x'"),
     ],
 )

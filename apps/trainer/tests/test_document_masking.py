@@ -51,7 +51,7 @@ def _segments(document_ids: torch.Tensor) -> list[tuple[int, int, int]]:
 def _step_losses(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """Per-token losses of the micro-batch through the training step's forward."""
     with torch.no_grad():
-        losses, _ = _forward_step(1.0, lambda _b: None, iter([batch]), model)
+        losses, _ = _forward_step(torch.ones(1), 0, lambda _b: None, iter([batch]), model)
     return losses
 
 

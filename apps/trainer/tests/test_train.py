@@ -413,3 +413,16 @@ def test_tiny_preset_with_mla_attention_learns(tmp_path: Path, cache: Path, head
     assert main(train_args(cache, header_slice, tmp_path, *mla, *short)) == 0
     valid = losses(tmp_path, "valid")
     assert valid[6] < valid[0] - 0.3, valid
+
+
+def test_tiny_preset_with_multi_token_prediction_learns(
+    cache: Path, header_slice: list[Path], tmp_path: Path
+) -> None:
+    """One MTP depth: the main loss and the depth's both fall; validation scores the main head."""
+    run_dir = tmp_path / "run"
+    extra = ("--training.steps", "5", "--training.eval_interval", "5", "--model.mtp_depth", "1")
+    assert main(train_args(cache, header_slice, run_dir, *extra)) == 0
+    train, valid = records(run_dir, "train"), records(run_dir, "valid")
+    assert train[5]["loss"] < train[1]["loss"] and train[5]["mtp/loss_1"] < train[1]["mtp/loss_1"]
+    assert "mtp/loss_2" not in train[5] and not any(k.startswith("mtp/") for k in valid[5])
+    assert valid[5]["loss"] < valid[0]["loss"]

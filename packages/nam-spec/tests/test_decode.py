@@ -107,6 +107,13 @@ def test_mamba3_decodes_as_the_full_forward(megatron_single_rank: None) -> None:
     _check(_decode(model, ids, None), _full(model, ids, None))
 
 
+def test_a_model_with_multi_token_prediction_decodes_with_its_main_head(megatron_single_rank: None) -> None:
+    config = tiny(seq_length=TOTAL + 3, mtp_depth=2)
+    model = _model(Layout.tile("AM", 2), config)
+    ids, _ = _inputs(config.vocab_size, 2, TOTAL, False)
+    _check(_decode(model, ids, None), _full(model, ids, None))
+
+
 def test_nam56r_tiny_preset_decodes_as_the_full_forward(megatron_single_rank: None) -> None:
     config = preset("nam56r-tiny", seq_length=16)
     assert PRESETS["nam56r-tiny"].embedding.ngram and PRESETS["nam56r-tiny"].embedding.structure

@@ -1,6 +1,6 @@
 """memory_plan at parallel layouts: its weights, gradient buffer and optimizer state against the
 real sharded tensors of a tiny model built over two gloo ranks (TP=2 with sequence parallelism,
-PP=2 with a tied embedding, PP=2 x 2 virtual stages, EP=2), its activations against what layers
+PP=2 with a tied embedding, PP=2 x 2 virtual stages, EP=2, PP=2 with multi-token prediction), its activations against what layers
 built at TP=2 keep for backward, how its activation terms scale with TP, SP and the pipeline
 schedule, and the one-line errors of combinations that cannot run."""
 
@@ -27,7 +27,7 @@ SMALL = preset("nam56r-small", recompute="none")  # widths that TP=2 divides, as
 SP2 = ParallelConfig(tensor=2, sequence_parallel=True)
 
 
-def _sharded_rank(parallel: ParallelConfig, untie_output: bool) -> dict:
+def _sharded_rank(parallel: ParallelConfig, untie_output: bool, mtp_depth: int) -> dict:
     """Build this rank's model chunk(s) in megatron's DDP and distributed Adam, take one step (zero
     gradients: it creates the state) and return the bytes of the real tensors."""
     import torch
@@ -43,7 +43,7 @@ def _sharded_rank(parallel: ParallelConfig, untie_output: bool) -> dict:
         expert_parallel=parallel.expert,
         seed=1,
     )
-    config = tiny(params_dtype="bfloat16", untie_output=untie_output, embedding=EXTRAS)
+    config = tiny(params_dtype="bfloat16", untie_output=untie_output, embedding=EXTRAS, mtp_depth=mtp_depth)
     plan = plan_stages(LAYOUT, parallel.pipeline, parallel.virtual_pipeline)
     chunks = [
         build_model(LAYOUT, config, parallel, plan=plan, vp_stage=v) for v in range(parallel.virtual_pipeline)
@@ -83,20 +83,26 @@ def _sharded_rank(parallel: ParallelConfig, untie_output: bool) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("parallel", "untie_output"),
+    ("parallel", "untie_output", "mtp_depth"),
     [
-        (SP2, True),
-        (ParallelConfig(pipeline=2), False),  # the last stage holds its own copy of the tied embedding
-        (ParallelConfig(pipeline=2, virtual_pipeline=2), True),
-        (ParallelConfig(expert=2), True),  # data parallel 2: dense state split in two, experts not
+        (SP2, True, 0),
+        (ParallelConfig(pipeline=2), False, 0),  # the last stage holds its own copy of the tied embedding
+        (ParallelConfig(pipeline=2, virtual_pipeline=2), True, 0),
+        (ParallelConfig(expert=2), True, 0),  # data parallel 2: dense state split in two, experts not
+        # multi-token prediction: the depths and a copy of the embedding (extras too) on the last
+        # stage, whose word embedding serves the tied output layer
+        (ParallelConfig(pipeline=2), False, 2),
+        (ParallelConfig(pipeline=2), True, 1),
     ],
-    ids=["tp2-sp", "pp2-tied", "pp2-vpp2", "ep2"],
+    ids=["tp2-sp", "pp2-tied", "pp2-vpp2", "ep2", "pp2-tied-mtp2", "pp2-mtp1"],
 )
-def test_static_bytes_equal_the_real_sharded_tensors(parallel: ParallelConfig, untie_output: bool) -> None:
-    ranks = run_ranks(_sharded_rank, 2, parallel, untie_output)
+def test_static_bytes_equal_the_real_sharded_tensors(
+    parallel: ParallelConfig, untie_output: bool, mtp_depth: int
+) -> None:
+    ranks = run_ranks(_sharded_rank, 2, parallel, untie_output, mtp_depth)
     data = 2 // (parallel.tensor * parallel.pipeline)
     plan = memory_plan(
-        tiny(params_dtype="bfloat16", untie_output=untie_output, embedding=EXTRAS),
+        tiny(params_dtype="bfloat16", untie_output=untie_output, embedding=EXTRAS, mtp_depth=mtp_depth),
         LAYOUT,
         parallel,
         micro_batch_size=1,

@@ -45,6 +45,8 @@ def report(
         f"expert {sizes.expert}; sequence parallel {'on' if cfg.parallel.sequence_parallel else 'off'}"
     )
     letters = "; ".join(LETTERS[k].summary(m) for k in LETTERS if layout.counts[k])
+    if m.mtp_depth:
+        letters += f"; multi-token prediction: {m.mtp_depth} depths, loss weight {m.mtp_loss_weight}"
     out(
         f"model     preset geometry: hidden {m.hidden_size}, vocab {m.vocab_size}, seq {m.seq_length}; "
         f"{letters}; {m.backend} backend"

@@ -104,6 +104,9 @@ class HybridEmbedding(LanguageModelEmbedding):
             tensor_parallel.set_tensor_model_parallel_attributes(self.ngram.weight, True, 0, 1)
         if structure is not None:
             self.structure = StructureEmbedding(structure, hidden, device=device, dtype=dtype)
+        if not main_replica:  # megatron's gradient norm counts a shared parameter once, on its main copy
+            for p in self.extra_parameters():
+                p.shared = True
 
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters this class adds to upstream's."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from nam_layout import Layout, StagePlan
 from nam_spec.config import ModelConfig, ParallelConfig
-from nam_spec.letters import LetterParams, letter
+from nam_spec.letters import MTP_LETTERS, LetterParams, letter
 
 
 def letter_params(config: ModelConfig, key: str) -> LetterParams:
@@ -37,6 +37,19 @@ def embedding_extra_params(config: ModelConfig) -> int:
     return total
 
 
+def mtp_depth_params(config: ModelConfig) -> LetterParams:
+    """One multi-token-prediction depth (nam_spec.mtp): its two norms, eh_proj (2h -> h, column-
+    parallel), the layers of MTP_LETTERS and their final norm; the embedding and output layer it
+    shares are not counted here (their matmul is, in ``ModelParams.matmul_active``)."""
+    h = config.hidden_size
+    layers = [letter_params(config, key) for key in MTP_LETTERS]
+    proj = 2 * h * h
+    total = 3 * h + proj + sum(p.total for p in layers)
+    active = 3 * h + proj + sum(p.active for p in layers)
+    matmul = proj + sum(p.matmul_active for p in layers)
+    return LetterParams(total, active, matmul, proj + sum(p.tensor_split for p in layers), 0)
+
+
 @dataclass(frozen=True)
 class ModelParams:
     per_letter: dict[str, LetterParams]  # one layer of each letter present
@@ -45,10 +58,13 @@ class ModelParams:
     embedding_extras: int  # n-gram and structure embeddings (not matmul weights of the formula)
     output: int
     final_norm: int
+    mtp_depth: int  # multi-token-prediction depths, each of ``mtp`` parameters
+    mtp: LetterParams
 
     @property
     def layers_total(self) -> int:
-        return sum(self.per_letter[k].total * n for k, n in self.counts.items())
+        layers = sum(self.per_letter[k].total * n for k, n in self.counts.items())
+        return layers + self.mtp_depth * self.mtp.total
 
     @property
     def outside_layers(self) -> int:
@@ -61,13 +77,15 @@ class ModelParams:
     @property
     def active(self) -> int:
         layers = sum(self.per_letter[k].active * n for k, n in self.counts.items())
-        return layers + self.outside_layers
+        return layers + self.mtp_depth * self.mtp.active + self.outside_layers
 
     @property
     def matmul_active(self) -> int:
-        """Every active matmul weight including the output layer, not the embedding lookups."""
+        """Every active matmul weight including the output layer (once more per MTP depth, which
+        runs it again), not the embedding lookups."""
         layers = sum(self.per_letter[k].matmul_active * n for k, n in self.counts.items())
-        return layers + (self.output or self.embedding)  # a tied output layer is still a matmul
+        output = self.output or self.embedding  # a tied output layer is still a matmul
+        return layers + output + self.mtp_depth * (self.mtp.matmul_active + output)
 
 
 def model_params(config: ModelConfig, layout: Layout) -> ModelParams:
@@ -80,6 +98,8 @@ def model_params(config: ModelConfig, layout: Layout) -> ModelParams:
         embedding_extras=embedding_extra_params(config),
         output=emb if config.untie_output else 0,
         final_norm=config.hidden_size,
+        mtp_depth=config.mtp_depth,
+        mtp=mtp_depth_params(config),
     )
 
 
@@ -104,7 +124,8 @@ def rank_params(
     each letter declares; the vocabulary-parallel word embedding and the extras (n-gram tables
     split by rows, the rest replicated) with the first chunk; the final norm and the vocabulary-
     parallel output layer with the last, which holds its own copy of a tied embedding unless it is
-    the first chunk too."""
+    the first chunk too; with multi-token prediction the last also holds the depths and, unless it
+    is the first, a copy of the embedding with its extras."""
     tp, last = parallel.tensor, len(plan.chunks) - 1
     vocab_shard = config.vocab_size * config.hidden_size // tp
     dense = expert = 0
@@ -113,11 +134,16 @@ def rank_params(
         for key in plan.chunk_kinds(pipeline_rank, virtual):
             layer_dense, layer_expert = letter_params(config, key).local(parallel)
             dense, expert = dense + layer_dense, expert + layer_expert
+        tables = ngram_table_params(config)
+        embedding = vocab_shard + embedding_extra_params(config) - tables + tables // tp
         if chunk == 0:
-            tables = ngram_table_params(config)
-            dense += vocab_shard + embedding_extra_params(config) - tables + tables // tp
+            dense += embedding
         if chunk == last:
             dense += config.hidden_size + (vocab_shard if config.untie_output or last > 0 else 0)
+            if config.mtp_depth:
+                dense += config.mtp_depth * mtp_depth_params(config).local(parallel)[0]
+                if last > 0:  # the embedding's copy, whose word embedding a tied output layer uses
+                    dense += embedding - (0 if config.untie_output else vocab_shard)
     return RankParams(dense, expert)
 
 
@@ -126,5 +152,8 @@ def model_flops_per_token(config: ModelConfig, layout: Layout) -> float:
     beyond its weights (causal attention: 6 x seq x heads x head_dim per A layer). Scans are not
     counted (DESIGN.md)."""
     p = model_params(config, layout)
-    extra = sum(letter(k).extra_flops_per_token(config) * n for k, n in p.counts.items())
+    counts = dict(p.counts)
+    for key in MTP_LETTERS:  # each depth's layers
+        counts[key] = counts.get(key, 0) + config.mtp_depth
+    extra = sum(letter(k).extra_flops_per_token(config) * n for k, n in counts.items())
     return 6.0 * p.matmul_active + extra

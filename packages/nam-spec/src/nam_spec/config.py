@@ -146,6 +146,10 @@ class ModelConfig:
     # one policy for every letter, or letter -> policy (absent letters: none)
     recompute: Recompute | Mapping[str, Recompute] = "none"
     params_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, else fp32
+    # multi-token prediction (nam_spec.mtp): depths after the main head, 0 = off; their mean loss
+    # joins the main loss times this weight (megatron's mtp_loss_scaling_factor, its default 0.1)
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.1
 
     def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)

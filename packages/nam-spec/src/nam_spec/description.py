@@ -94,6 +94,8 @@ def describe(target: Any, config: ModelConfig | None = None) -> Description:
             extra["final_norm"] = sum(p.numel() for p in stack.final_norm.parameters())
             if target.output_layer.weight is not None:
                 extra["output"] = target.output_layer.weight.numel()
+        if target.mtp_process:
+            extra["mtp"] = sum(p.numel() for p in target.mtp.parameters())
     elif isinstance(target, Layout):
         if config is None:
             raise ValueError("describe(layout) needs the ModelConfig to count parameters")
@@ -120,6 +122,7 @@ def describe(target: Any, config: ModelConfig | None = None) -> Description:
             "embedding_extras": p.embedding_extras,
             "output": p.output,
             "final_norm": p.final_norm,
+            **({"mtp": p.mtp_depth * p.mtp.total} if p.mtp_depth else {}),
         }
     else:
         raise TypeError(f"describe() takes a NamModel or a Layout, got {type(target).__name__}")

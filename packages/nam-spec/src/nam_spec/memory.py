@@ -35,6 +35,8 @@ What is counted on one rank, in bytes, as ``torch.cuda.max_memory_allocated`` se
   cross entropy at its peak (the logits shard in the activation dtype plus their fp32 copy, which
   becomes the saved softmax); each further in-flight micro-batch of that chunk keeps its norm and
   saved softmax;
+- multi-token prediction (``activations mtp``, on the same rank): per depth, the layers of
+  ``MTP_LETTERS`` under their policies, its two norms and the output's kept tensors again;
 - transient: how far re-running one recomputed layer in backward goes beyond the output's peak;
 - allowance: a fixed :data:`WORKSPACE_BYTES` for what the formula does not follow (cuBLAS/cuBLASLt
   workspaces, which torch takes from its caching allocator; Triton and flash-attention scratch;
@@ -84,6 +86,7 @@ from typing import Any
 from nam_layout import Layout, LayoutError, StagePlan, plan_stages
 from nam_spec.accounting import rank_params
 from nam_spec.config import ModelConfig, ParallelConfig, Recompute, SpecConfigError
+from nam_spec.letters import MTP_LETTERS
 from nam_spec.letters import letter as letter_block
 from nam_spec.letters.base import activation_bytes, norm_bytes, sequence_shard
 from nam_spec.validation import validate
@@ -269,6 +272,14 @@ def memory_plan(
     }
     output_peak = output_bytes(config, micro_batch_size, parallel)
     output_kept = output_kept_bytes(config, micro_batch_size, parallel)
+    mtp_kept = config.mtp_depth * (
+        sum(
+            layer_activation_bytes(config, key, micro_batch_size, config.recompute_for(key), parallel)
+            for key in MTP_LETTERS
+        )
+        + 2 * norm_bytes(config, sequence_shard(config.seq_length * micro_batch_size, parallel))
+        + output_kept
+    )
     stages = []
     for rank in range(pp):
         params = rank_params(config, plan, parallel, rank)
@@ -280,12 +291,14 @@ def memory_plan(
         holds_output = plan.chunk_index(rank, vp - 1) == len(plan.chunks) - 1
         sizes = [sum(c.values()) for c in chunks]
         if holds_output:
-            sizes[-1] += output_kept
+            sizes[-1] += output_kept + mtp_kept
         held = _held_at_peak(pp, vp, rank, num_microbatches, sizes)
         present = [key for key in layer_bytes if any(key in c for c in chunks)]
         activations = {
             key: sum(h * c.get(key, 0) for h, c in zip(held, chunks, strict=True)) for key in present
         }
+        if holds_output and mtp_kept:
+            activations["mtp"] = held[-1] * mtp_kept
         output = output_peak + (held[-1] - 1) * output_kept if holds_output else 0
         # backward re-runs one recomputed layer at a time
         transient = max((layer_bytes[key][1] - layer_bytes[key][0] for key in present), default=0)

@@ -16,6 +16,8 @@ from nam_embed.hybrid_embedding import HybridEmbedding
 from nam_layout import Layout, StagePlan, plan_stages
 from nam_spec.backends import Backend, resolve_backend
 from nam_spec.config import ModelConfig, ParallelConfig
+from nam_spec.letters import MTP_LETTERS
+from nam_spec.mtp import MtpDepth, MultiTokenPrediction, shift_left
 from nam_spec.specs import layer_specs
 from nam_spec.stack import NamStack
 from nam_spec.transformer_config import transformer_config
@@ -25,7 +27,10 @@ from nam_spec.validation import validate
 class NamModel(LanguageModule):
     """A NAM language model chunk: forward(input_ids, position_ids, labels) -> per-token loss [b, s]
     (or logits [b, s, vocab/tp] without labels; the hidden states on stages before the last).
-    ``packed_seq_params`` (``nam_spec.documents.document_boundaries``): documents in the rows, which
+    With ``config.mtp_depth`` = D > 0 the last stage also holds the multi-token-prediction depths
+    (:mod:`nam_spec.mtp`) and, in training mode with labels, returns [1 + D, b, s]: the main
+    per-token loss, then depth k's (position i predicting label i + k); in eval mode only the main
+    head runs. ``packed_seq_params`` (``nam_spec.documents.document_boundaries``): documents in the rows, which
     every letter keeps apart (local backend)."""
 
     def __init__(
@@ -62,6 +67,9 @@ class NamModel(LanguageModule):
         chunk = plan.chunk_index(pp_rank, vp_stage)
         self.pre_process = chunk == 0 if pre_process is None else pre_process
         self.post_process = chunk == len(plan.chunks) - 1 if post_process is None else post_process
+        # megatron's LanguageModule reads it: the word embedding then has a copy here, set up and
+        # kept in step with the first stage's (initial all-reduce, finalize_model_grads)
+        self.mtp_process = self.post_process and config.mtp_depth > 0
         self.vp_stage = vp_stage
         self.model_config, self.layout, self.plan, self.parallel = config, layout, plan, parallel
         self.model_type = ModelType.encoder_or_decoder  # megatron's schedules read it
@@ -69,7 +77,7 @@ class NamModel(LanguageModule):
         self.share_embeddings_and_output_weights = not config.untie_output
         self.vocab_size, self.max_sequence_length = config.vocab_size, config.seq_length
         self.position_embedding_type = "rope"
-        if self.pre_process:
+        if self.pre_process or self.mtp_process:
             self.embedding = HybridEmbedding(
                 tc,
                 config.vocab_size,
@@ -78,6 +86,7 @@ class NamModel(LanguageModule):
                 tp_group=self.tp_group,
                 ngram=config.embedding.ngram_config(),
                 structure=config.embedding.structure_config(),
+                main_replica=self.pre_process,
             )
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.head_dim,
@@ -86,19 +95,41 @@ class NamModel(LanguageModule):
             use_cpu_initialization=tc.use_cpu_initialization,
         )
         kinds = plan.chunk_kinds(pp_rank, vp_stage)
-        letters = set(kinds)
-        self.decoder = NamStack(
-            tc,
-            kinds,
-            plan.offset(pp_rank, vp_stage),
-            layer_specs(self.backend, config),
-            {k: transformer_config(config, layout, parallel, k) for k in letters},
-            {k: config.recompute_for(k) for k in letters},
-            self.backend.norm,
-            pg_collection,
-            pre_process=self.pre_process,
-            post_process=self.post_process,
-        )
+        letters = set(kinds) | (set(MTP_LETTERS) if self.mtp_process else set())
+        specs = layer_specs(self.backend, config)
+        layer_configs = {k: transformer_config(config, layout, parallel, k) for k in letters}
+        recompute = {k: config.recompute_for(k) for k in letters}
+
+        def stack(kinds: str, offset: int, pre_process: bool) -> NamStack:
+            return NamStack(
+                tc,
+                kinds,
+                offset,
+                specs,
+                layer_configs,
+                recompute,
+                self.backend.norm,
+                pg_collection,
+                pre_process=pre_process,
+                post_process=self.post_process,
+            )
+
+        self.decoder = stack(kinds, plan.offset(pp_rank, vp_stage), self.pre_process)
+        if self.mtp_process:
+            # the depths' layers are numbered on after the model's (unique hook and layer numbers)
+            width = len(MTP_LETTERS)
+            self.mtp = MultiTokenPrediction(
+                tc,
+                [
+                    MtpDepth(
+                        tc,
+                        stack(MTP_LETTERS, layout.depth + k * width, True),
+                        self.backend.norm,
+                        pg_collection,
+                    )
+                    for k in range(config.mtp_depth)
+                ],
+            )
         if self.post_process:
             self.output_layer = ColumnParallelLinear(
                 tc.hidden_size,
@@ -108,11 +139,19 @@ class NamModel(LanguageModule):
                 bias=False,
                 skip_bias_add=False,
                 gather_output=False,
-                skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
+                skip_weight_param_allocation=(self.pre_process or self.mtp_process)
+                and self.share_embeddings_and_output_weights,
                 tp_group=self.tp_group,
             )
         if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
+
+    def allreduce_embedding_copy_grads(self) -> None:
+        """Sum the gradients of nam-embed's extras over the stages that hold the embedding (the
+        first, and the last's copy for multi-token prediction): megatron's finalize_model_grads
+        sums the word embedding's alone. Call it after that, on every chunk."""
+        if (self.pre_process or self.mtp_process) and self._is_in_embd_group() and self.embd_group.size() > 1:
+            self.embedding.allreduce_extra_grads(self.embd_group)
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
         if isinstance(input_tensor, list):
@@ -149,7 +188,25 @@ class NamModel(LanguageModule):
         logits, _ = self.output_layer(hidden, weight=weight)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        return self.compute_language_model_loss(labels, logits)
+        loss = self.compute_language_model_loss(labels, logits)
+        if not (self.mtp_process and self.training):
+            return loss
+        losses = [loss]
+        mtp_hidden = self.mtp(
+            hidden,
+            input_ids,
+            position_ids,
+            embedding_inputs,
+            self.embedding,
+            attention_mask,
+            rotary,
+            packed_seq_params,
+        )
+        for h in mtp_hidden:
+            labels = shift_left(labels)
+            logits, _ = self.output_layer(h, weight=weight)
+            losses.append(self.compute_language_model_loss(labels, logits))
+        return torch.stack(losses)
 
 
 def build_model(

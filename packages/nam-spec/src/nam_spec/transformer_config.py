@@ -68,5 +68,9 @@ def transformer_config(
         persist_layer_norm=False,
         recompute_granularity="selective" if modules else None,
         recompute_modules=modules,
+        # read by megatron's embedding set-up and finalize_model_grads (the copy on the last stage)
+        # and its schedules; nam-spec's model builds the depths itself (nam_spec.mtp)
+        mtp_num_layers=config.mtp_depth or None,
+        mtp_loss_scaling_factor=config.mtp_loss_weight,
         **kw,
     )

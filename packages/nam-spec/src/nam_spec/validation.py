@@ -17,7 +17,7 @@ from nam_spec.config import (
     ParallelConfig,
     SpecConfigError,
 )
-from nam_spec.letters import LETTERS, SPEC_LETTERS
+from nam_spec.letters import LETTERS, MTP_LETTERS, SPEC_LETTERS
 
 
 def _positive(value: object) -> bool:
@@ -44,6 +44,14 @@ def problems(config: ModelConfig, layout: Layout, parallel: ParallelConfig | Non
         out.append(
             f"parallel.expert_tensor must be >= 0 (0: the tensor size), got {parallel.expert_tensor!r}"
         )
+    depth, weight = config.mtp_depth, config.mtp_loss_weight
+    if not (isinstance(depth, int) and not isinstance(depth, bool) and 0 <= depth < config.seq_length):
+        out.append(
+            f"model.mtp_depth {depth!r} must be an integer from 0 (off) to model.seq_length - 1 = "
+            f"{config.seq_length - 1} (depth k predicts the token k + 1 ahead within the row)"
+        )
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < float("inf"):
+        out.append(f"model.mtp_loss_weight {weight!r} must be a finite number >= 0")
     if out:  # the letters' arithmetic needs sane sizes
         return out
     if config.backend not in BACKENDS:
@@ -86,7 +94,7 @@ def problems(config: ModelConfig, layout: Layout, parallel: ParallelConfig | Non
             f"model.seq_length {config.seq_length} is not divisible by parallel.tensor {parallel.tensor} "
             "(sequence parallelism splits the sequence across tensor ranks)"
         )
-    for key in dict.fromkeys(layout.kinds):
+    for key in dict.fromkeys(layout.kinds + (MTP_LETTERS if config.mtp_depth else "")):
         if key in LETTERS:
             out.extend(LETTERS[key].problems(config, parallel))
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from nam_layout import Layout
@@ -121,6 +122,8 @@ def build_run(
     tc = models[0].config  # the one the schedules read
     tc.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
     tc.finalize_model_grads_func = finalize_model_grads  # data-parallel reduce, expert-bias update
+    if build is None and model_cfg.mtp_depth:
+        tc.finalize_model_grads_func = partial(finalize_with_embedding_copies, models)
     no_decay = ParamKey(
         with_name_predicate=ParamWithNamePredicate(
             name="nam_spec_no_weight_decay", fn=lambda param, name: no_weight_decay(name, param)
@@ -160,6 +163,16 @@ def build_run(
     # warm-up rate, not at init_lr = 0, and the last step at min_lr.
     scheduler.step(1)
     return Run(world, model_cfg, checked.layout, chunks, optimizer, scheduler)
+
+
+def finalize_with_embedding_copies(models: list[Any], *args: Any, **kwargs: Any) -> None:
+    """megatron's finalize_model_grads, then the sum of the embedding extras' gradients over the
+    first stage and the last stage's copy (multi-token prediction), so the copies step alike."""
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(*args, **kwargs)
+    for model in models:
+        model.allreduce_embedding_copy_grads()
 
 
 def learning_rate(run: Run) -> float:

@@ -2,7 +2,8 @@
 TensorBoard) on rank 0, the progress line, and notes between progress lines.
 
 A train record holds loss, lr, skipped_steps, tokens_per_s, tflops, then where they apply
-grad_norm, mfu and peak_memory_gib (GPU), then plasticity/* and moe/* metrics; a validation
+grad_norm, mfu and peak_memory_gib (GPU), mtp/loss_<k> per multi-token-prediction depth k, then
+plasticity/* and moe/* metrics; a validation
 record holds loss and ppl. MoE metrics are collectives: every rank calls `train` and `validation`.
 """
 
@@ -70,6 +71,7 @@ class StepMetrics:
             **({"mfu": tflops / PEAK_TFLOPS} if self.on_gpu else {}),
             # the measured peak that --dry-run's memory estimate is checked against
             **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if self.on_gpu else {}),
+            **{f"mtp/loss_{k}": v for k, v in enumerate(result.mtp_losses, 1)},
             **extra,
         }
         if self.log is not None:

@@ -20,6 +20,12 @@ LETTERS: dict[str, Letter] = {
     for block in (Attention(), Experts(), Mamba(), M2RNN(), DenseMLP(), LatentAttentionLetter())
 }
 SPEC_LETTERS = "".join(LETTERS)  # "AEMR-L"
+# The layers of one multi-token-prediction depth (nam_spec.mtp): an attention layer and a dense MLP,
+# the transformer block of DeepSeek-V3's MTP module and megatron's hybrid MTP pattern "*-". The
+# family's own letters would be no better a choice: NAM56R's first kind alone (A) has no FFN, an
+# E layer would join the MoE routing statistics and aux losses, M and R add scan state to a head
+# that looks k tokens ahead of a representation which already summarises the past.
+MTP_LETTERS = Attention.letter + DenseMLP.letter
 
 
 def letter(key: str) -> Letter:
@@ -30,4 +36,4 @@ def letter(key: str) -> Letter:
         raise KeyError(f"nam-spec has no block for letter {key!r}; it builds {' '.join(LETTERS)}") from None
 
 
-__all__ = ["LETTERS", "SPEC_LETTERS", "Letter", "LetterParams", "letter"]
+__all__ = ["LETTERS", "MTP_LETTERS", "SPEC_LETTERS", "Letter", "LetterParams", "letter"]
