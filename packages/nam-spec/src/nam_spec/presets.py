@@ -34,13 +34,15 @@ PRESETS: dict[str, ModelConfig] = {
     # run_profiles.py h200_dsa_9_4_m, recipes/megatron_args.py), with what this stack builds:
     # 52 layers of AEMEAEMEAEMR with MLA in all 13 attention layers (family NAM56R-MLA), hidden
     # 4096, 32 heads, vocab 131072, sequence 4096; MLA q/kv ranks 64, qk 64 + rope 64, v 64;
-    # MoE 16 experts top-4, FFN 896 + shared 1024; Mamba state 128, 8 groups; n-gram hash (2,3-grams,
-    # 8 heads, 500k rows, dim 16) and structure embeddings; bf16, selective recompute.
+    # MoE 16 experts top-4, FFN 896 + shared 1024; Mamba-3 (SISO) with state 128, 8 groups; an MTP
+    # head of depth 2; n-gram hash (2,3-grams, 8 heads, 500k rows, dim 16) and structure
+    # embeddings; bf16, selective recompute.
     # Still missing against the seed: DeepSeek sparse attention on 9 of the 13 MLA layers (indexer
-    # top-k 256; out of scope here), Mamba-3 MIMO (rank 4, chunk 16) in place of our Mamba-2 M
-    # layers (Mamba-2 keeps chunk 128), the MTP head of depth 2, and the seed's R layers, which are
-    # Mamba-family blocks there and M2RNN here. The seed's dense FFN 21504 is kept though no '-'
-    # layer uses it; its RoPE base and router details are not taken (ours: 10000, sigmoid).
+    # top-k 256; out of scope here); Mamba-3 MIMO (rank 4, chunk 16: TileLang kernels, not on our
+    # machines), so the M layers are Mamba-3 SISO at mamba-ssm's chunk 64; the seed's R layers,
+    # which are Mamba-family blocks there and M2RNN here. The seed's dense FFN 21504 is kept though
+    # only the MTP depths' '-' layers use it; its RoPE base and router details are not taken (ours:
+    # 10000, sigmoid).
     "cppmega-nam56r": ModelConfig(
         family="NAM56R-MLA",
         hidden_size=4096,
@@ -57,8 +59,9 @@ PRESETS: dict[str, ModelConfig] = {
             v_head_dim=64,
         ),
         moe=MoEConfig(num_experts=16, top_k=4, ffn_hidden_size=896, shared_ffn_hidden_size=1024),
-        mamba=MambaConfig(d_state=128, head_dim=64, ngroups=8, expand=2),
+        mamba=MambaConfig(kind="mamba3", d_state=128, head_dim=64, ngroups=8, expand=2, chunk_size=64),
         embedding=EmbeddingConfig(ngram=True, structure=True),
+        mtp_depth=2,
         recompute="selective",
         params_dtype="bfloat16",
     ),
