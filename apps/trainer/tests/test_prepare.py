@@ -274,12 +274,18 @@ def _rows(data: PreparedData) -> list[list[int]]:
 
 
 def test_two_workers_give_the_rows_of_one(
-    prepared: PreparedData, header_slice: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prepared: PreparedData,
+    header_slice: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(units, "UNIT_BYTES", 10_000)  # several units from six headers
     data, _ = _run(tmp_path / "cache", header_slice, "--data.workers", "2")
     assert len(units.plan_units(0, "text", header_documents(header_slice), frozenset(), 0)) >= 3
     assert _rows(data) == _rows(prepared) and _bytes(data) == _bytes(prepared)
+    said = capfd.readouterr().err  # the workers' own stderr: megatron and torch speak at their import there
+    assert not any(n in said for n in ("Apex", "No CUDA runtime", "Could not determine rank")), said
 
 
 def header_documents(files: list[Path]) -> list:
