@@ -32,6 +32,7 @@ REGISTRY: dict[str, str] = {
     "ceilings": "bench.ceilings",
     "embed": "bench.embed",
     "generate": "bench.generate",
+    "prepare": "bench.prepare",
     "mamba": "bench.mamba",
     "m2rnn": "bench.m2rnn",
     "plasticity": "bench.plasticity",
