@@ -35,8 +35,9 @@ assert len(IndexedDataset(prefix)) == 1
 
 
 def test_library_noise_is_gone_and_other_messages_stay() -> None:
+    # without RANK, so megatron's rank notice is said
     env = {
-        **{k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")},  # so the rank notice is said
+        **{k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")},
         "CUDA_VISIBLE_DEVICES": "",
         "PYTHONDONTWRITEBYTECODE": "1",
     }  # compile, so SyntaxWarnings are said
