@@ -288,6 +288,21 @@ def test_two_workers_give_the_rows_of_one(
     assert not any(n in said for n in ("Apex", "No CUDA runtime", "Could not determine rank")), said
 
 
+def test_workers_refuse_a_main_script_read_from_stdin() -> None:
+    """Spawned workers import the main script again: from ``python -`` they would die at start and be
+    restarted forever; the pool is not started and one line says why."""
+    script = (
+        "from nam_trainer.data.workers import Workers\nwith Workers(2) as w:\n    list(w.imap(abs, [-1]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    assert "data.workers = 2: worker processes import the main script again, and '<stdin>' is no file" in (
+        done.stderr
+    )
+
+
 def header_documents(files: list[Path]) -> list:
     from nam_trainer.config.schema import SourceConfig
     from nam_trainer.data.corpus import scan_corpus

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.pool import Pool
 from types import TracebackType
@@ -44,8 +45,21 @@ class Workers:
         if self.count == 1:
             return map(fn, items)
         if self._pool is None:
+            _check_importable_main(self.count)
             self._pool = multiprocessing.get_context("spawn").Pool(self.count, initializer=_start_worker)
         return self._pool.imap(fn, items, chunksize=1)
+
+
+def _check_importable_main(count: int) -> None:
+    """A spawned child first runs the parent's main script again; one read from stdin (``python -``)
+    has no file, so every child would die at start and the pool restart them forever."""
+    main = sys.modules["__main__"]
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is None and path is not None and not os.path.isfile(path):
+        raise RuntimeError(
+            f"data.workers = {count}: worker processes import the main script again, and {path!r} is "
+            "no file (a script piped to python -); run it from a file, or set data.workers = 1"
+        )
 
 
 def _start_worker() -> None:
