@@ -32,6 +32,7 @@ REGISTRY: dict[str, str] = {
     "ceilings": "bench.ceilings",
     "embed": "bench.embed",
     "generate": "bench.generate",
+    "prepare": "bench.prepare",
     "mamba": "bench.mamba",
     "mamba3": "bench.mamba3",
     "mla": "bench.mla",

@@ -107,6 +107,35 @@ def test_bad_jsonl_names_file_and_line(tmp_path: Path, line: str, message: str) 
         load_corpus([str(f)])
 
 
+def test_damaged_record_files_are_skipped_and_counted(tmp_path: Path) -> None:
+    """Cut or garbled .gz, .zst and .parquet files are "unreadable files", as a bad plain file is;
+    a .zst of several frames (zstd -T, concatenated dumps) is read whole."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    lines = "".join(json.dumps({"text": f"int v{i}; // {i * 7919}"}) + "\n" for i in range(2000)).encode()
+    half = lines.index(b"\n", len(lines) // 2) + 1
+    zstd = zstandard.ZstdCompressor()
+    (tmp_path / "frames.jsonl.zst").write_bytes(zstd.compress(lines[:half]) + zstd.compress(lines[half:]))
+    pq.write_table(pa.table({"text": [f"int p{i};" for i in range(2000)]}), tmp_path / "whole.parquet")
+    for name, data in {
+        "cut.jsonl.gz": gzip.compress(lines),
+        "cut.jsonl.zst": zstd.compress(lines),
+        "cut.parquet": (tmp_path / "whole.parquet").read_bytes(),
+    }.items():
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbled.jsonl.gz").write_bytes(b"\x1f\x8b" + bytes(range(256)))
+    (tmp_path / "garbled.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(256)))
+    corpus = load_corpus([str(tmp_path)])
+    assert corpus.skipped == {"unreadable files": 5}
+    names = [d.name for d in corpus.documents]
+    assert len(names) == 4000 and names[1999].endswith("frames.jsonl.zst:2000")
+    assert {Path(d.path).name for d in corpus.documents} == {"frames.jsonl.zst", "whole.parquet"}
+
+
 def test_fingerprint_sees_edits_and_renames() -> None:
     base = [_doc("a", "x"), _doc("b", "y")]
     assert fingerprint(base) == fingerprint([_doc("a", "x"), _doc("b", "y")])

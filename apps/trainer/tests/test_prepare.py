@@ -274,12 +274,33 @@ def _rows(data: PreparedData) -> list[list[int]]:
 
 
 def test_two_workers_give_the_rows_of_one(
-    prepared: PreparedData, header_slice: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prepared: PreparedData,
+    header_slice: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(units, "UNIT_BYTES", 10_000)  # several units from six headers
     data, _ = _run(tmp_path / "cache", header_slice, "--data.workers", "2")
     assert len(units.plan_units(0, "text", header_documents(header_slice), frozenset(), 0)) >= 3
     assert _rows(data) == _rows(prepared) and _bytes(data) == _bytes(prepared)
+    said = capfd.readouterr().err  # the workers' own stderr: megatron and torch speak at their import there
+    assert not any(n in said for n in ("Apex", "No CUDA runtime", "Could not determine rank")), said
+
+
+def test_workers_refuse_a_main_script_read_from_stdin() -> None:
+    """Spawned workers import the main script again: from ``python -`` they would die at start and be
+    restarted forever; the pool is not started and one line says why."""
+    script = (
+        "from nam_trainer.data.workers import Workers\nwith Workers(2) as w:\n    list(w.imap(abs, [-1]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    assert "data.workers = 2: worker processes import the main script again, and '<stdin>' is no file" in (
+        done.stderr
+    )
 
 
 def header_documents(files: list[Path]) -> list:

@@ -23,19 +23,28 @@ import megatron.core.distributed.distributed_data_parallel as ddp
 ddp.logger.warning("DistributedDataParallel: full_param_layout not provided with use_distributed_optimizer=True.")
 ddp.logger.warning("another DDP warning")
 warnings.warn("our own warning")
+import os, tempfile, numpy, torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+prefix = os.path.join(tempfile.mkdtemp(), "rows")  # opening one says the rank notice, outside torchrun
+builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.int32)
+builder.add_item(torch.arange(4, dtype=torch.int32))
+builder.end_document()
+builder.finalize(prefix + ".idx")
+assert len(IndexedDataset(prefix)) == 1
 """
 
 
 def test_library_noise_is_gone_and_other_messages_stay() -> None:
+    # without RANK, so megatron's rank notice is said
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")},
         "CUDA_VISIBLE_DEVICES": "",
         "PYTHONDONTWRITEBYTECODE": "1",
     }  # compile, so SyntaxWarnings are said
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr
     assert "another DDP warning" in done.stderr and "our own warning" in done.stderr
-    for said in ("Apex", "invalid escape sequence", "No CUDA runtime", "full_param_layout"):
+    for said in ("Apex", "invalid escape sequence", "No CUDA runtime", "full_param_layout", "determine rank"):
         assert said not in done.stderr, done.stderr
 
 

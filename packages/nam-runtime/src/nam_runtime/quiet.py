@@ -74,8 +74,9 @@ NOISE: tuple[Noise, ...] = (
     Noise(
         r"megatron\.core\._rank_utils",
         r"Could not determine rank from torch\.distributed",
-        "megatron-core 0.19 at import, before any process group exists; a one-process run has no "
-        "RANK, and the rank it defaults to is the right one",
+        "megatron-core 0.19's log_single_rank wherever no process group exists and RANK is unset: "
+        "at import, and each time an IndexedDataset is opened (nam-train data packing its units, "
+        "the packed splits, eval's data) in a one-process run; rank 0, its default, is the right one",
         UserWarning,
     ),
     Noise(

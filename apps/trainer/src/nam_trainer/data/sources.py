@@ -17,7 +17,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from nam_trainer.config.schema import SourceConfig
 
@@ -115,11 +115,57 @@ def _open_jsonl(path: Path) -> IO[str]:
     if path.name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     if path.name.endswith(".zst"):
+        return io.TextIOWrapper(io.BufferedReader(_ZstdFrames(path)), encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A zstd file's bytes, frame after frame, failing as gzip does on damage: bad data is an OSError
+    and a file that ends inside a frame an EOFError (zstandard's stream_reader returns the bytes up
+    to a cut as if the file ended there, so a truncated dump would lose its tail silently)."""
+
+    def __init__(self, path: Path) -> None:
         import zstandard
 
-        raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
-        return io.TextIOWrapper(raw, encoding="utf-8")
-    return path.open(encoding="utf-8")
+        self._file = path.open("rb")
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._error = zstandard.ZstdError
+        self._frame: Any = None  # the frame being decompressed; None between frames
+        self._out, self._at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._at == len(self._out):
+            data = self._file.read(1 << 16)
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("the zstd file ends inside a frame (truncated)")
+                return 0
+            self._out, self._at = self._decompress(data), 0
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = self._out[self._at : self._at + n]
+        self._at += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._decompressor.decompressobj()
+            try:
+                out.append(self._frame.decompress(data))
+            except self._error as err:
+                raise OSError(f"not zstd data ({err})") from err
+            if not self._frame.eof:
+                break
+            data, self._frame = self._frame.unused_data, None
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _parquet(path: Path, column: str) -> Iterator[tuple[int, str]]:

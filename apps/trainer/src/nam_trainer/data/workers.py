@@ -3,17 +3,23 @@
 
 Spawn, not fork: the caller has torch (and its threads) loaded, which a forked child must not
 inherit. Each worker keeps to one thread (tokenizers' and torch's pools would oversubscribe the
-cores the workers already share out). Results come back in task order whatever finishes first.
+cores the workers already share out) and silences the library notices nam_runtime.quiet lists, as
+nam-train's own process does: a spawned child starts without its filters and would print torch's
+and megatron's import-time notices once per worker. Results come back in task order whatever
+finishes first.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.pool import Pool
 from types import TracebackType
 from typing import Any
+
+from nam_runtime.quiet import quiet
 
 
 class Workers:
@@ -39,13 +45,27 @@ class Workers:
         if self.count == 1:
             return map(fn, items)
         if self._pool is None:
-            self._pool = multiprocessing.get_context("spawn").Pool(self.count, initializer=_one_thread)
+            _check_importable_main(self.count)
+            self._pool = multiprocessing.get_context("spawn").Pool(self.count, initializer=_start_worker)
         return self._pool.imap(fn, items, chunksize=1)
 
 
-def _one_thread() -> None:
+def _check_importable_main(count: int) -> None:
+    """A spawned child first runs the parent's main script again; one read from stdin (``python -``)
+    has no file, so every child would die at start and the pool restart them forever."""
+    main = sys.modules["__main__"]
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is None and path is not None and not os.path.isfile(path):
+        raise RuntimeError(
+            f"data.workers = {count}: worker processes import the main script again, and {path!r} is "
+            "no file (a script piped to python -); run it from a file, or set data.workers = 1"
+        )
+
+
+def _start_worker() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["OMP_NUM_THREADS"] = "1"
+    quiet()  # before build_unit imports megatron, which speaks at import
     import torch
 
     torch.set_num_threads(1)
