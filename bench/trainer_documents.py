@@ -31,7 +31,7 @@ def with_documents(batches: list[dict], boundaries: bool, seed: int = 0) -> list
     ``packed_seq_params`` (cu_seqlens on the batches' device)."""
     import torch
 
-    from nam_spec.documents import document_boundaries
+    from nam_spec.documents import document_boundaries, has_boundaries
 
     out = []
     for i, batch in enumerate(batches):
@@ -43,7 +43,7 @@ def with_documents(batches: list[dict], boundaries: bool, seed: int = 0) -> list
         position_ids = flat - cu[torch.searchsorted(cu[1:], flat, right=True)]
         device = batch["input_ids"].device
         changed = {**batch, "position_ids": position_ids.view(b, s).to(device)}
-        if boundaries:
+        if boundaries and has_boundaries(ids):  # as the trainer's collate decides
             changed["packed_seq_params"] = document_boundaries(ids, device)
         out.append(changed)
     return out
@@ -71,12 +71,13 @@ def _bench(report: Report, world: Any) -> None:
         run = build_run(checked, world)
         c, layout = run.model, run.layout
         batches = with_documents(make_batches(c, MICRO_BATCH, MICROBATCHES, with_extras=True), boundaries)
-        segments = (
-            sum(int(b["packed_seq_params"].cu_seqlens_q.numel()) - 1 for b in batches) if boundaries else 0
+        segments = sum(
+            int(b["packed_seq_params"].cu_seqlens_q.numel()) - 1 for b in batches if "packed_seq_params" in b
         )
         if boundaries:
             log(
-                f"{segments} document segments in {MICROBATCHES} micro-batches of {MICRO_BATCH} x {c.seq_length}"
+                f"{segments} document segments in the {sum('packed_seq_params' in b for b in batches)} of "
+                f"{MICROBATCHES} micro-batches ({MICRO_BATCH} x {c.seq_length}) that hold a boundary"
             )
         results[name] = run_model(
             report,

@@ -16,7 +16,7 @@ from nam_layout import Layout
 from nam_runtime import dist
 from nam_runtime.testing import run_ranks
 from nam_spec.config import ParallelConfig
-from nam_spec.documents import document_boundaries, segment_ids
+from nam_spec.documents import document_boundaries, has_boundaries, segment_ids
 
 SEQ = 16
 # row 1 starts with the document row 0 ends with: a row start is a boundary all the same
@@ -60,6 +60,14 @@ def test_boundaries_of_a_micro_batch() -> None:
         document_boundaries(DOCS[0])
     with pytest.raises(ValueError, match="covers 32 tokens but the micro-batch has 1 x 16 = 16"):
         segment_ids(params, 1, SEQ, torch.device("cpu"))
+
+
+def test_has_boundaries() -> None:
+    assert has_boundaries(DOCS)
+    one_each = torch.tensor([[3, 3, 3, 3], [7, 7, 7, 7]])
+    assert not has_boundaries(one_each)  # each row one piece of one document: plain causal is exact
+    assert has_boundaries(torch.tensor([[3, 3, 4, 4], [7, 7, 7, 7]]))  # a start inside a row
+    assert has_boundaries(torch.tensor([[3, 3, 3, 3], [7, 7, -1, -1]]))  # pad tokens
 
 
 def _losses_and_input_grads(

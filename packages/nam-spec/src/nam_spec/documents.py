@@ -36,6 +36,14 @@ def document_boundaries(
     return PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=s, max_seqlen_kv=s)
 
 
+def has_boundaries(document_ids: torch.Tensor) -> bool:
+    """Whether any row of ``document_ids`` [b, s] holds a document start after its first token or a
+    pad token. When none does, every row is one piece of one document, plain causal attention and
+    unbroken scans are already exact, and the faster causal kernels can run (the trainer then passes
+    no boundaries). Reads the ids: call it on their CPU copy."""
+    return bool((document_ids[:, 1:] != document_ids[:, :-1]).any() or (document_ids < 0).any())
+
+
 def segment_ids(params: PackedSeqParams, b: int, s: int, device: torch.device) -> torch.Tensor:
     """Segment index per token [b, s] (int32, non-decreasing along each row) of ``params``,
     the micro-batch's b rows of s tokens; what nam-mixers take as ``seq_idx``."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nam_spec.documents import document_boundaries
+from nam_spec.documents import document_boundaries, has_boundaries
 from nam_trainer.data import PackedSplit
 
 
@@ -107,7 +107,7 @@ def collate(
         batch["structure"] = {
             name: torch.stack([it["structure"][name] for it in items]) for name in splits[0].channels
         }
-    if document_masking:
+    if document_masking and has_boundaries(batch["document_ids"]):
         batch["packed_seq_params"] = document_boundaries(batch["document_ids"], device)
     return _to(batch, device)
 
