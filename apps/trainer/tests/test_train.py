@@ -136,10 +136,9 @@ def _follows(one: Path, other: Path, rel: float) -> None:
     [
         # data-parallel 2, the distributed optimizer sharded over both: fp32 sums in another order
         pytest.param((), 1e-4, id="dp2"),
-        # Each pipeline rank initialises its layers from the same seed (megatron offsets it by the
-        # pipeline rank), so the initial weights differ from one process's. PP=2 x VPP=2 from the
-        # same weights as one process: test_reshard.py, bit for bit
-        pytest.param(("--parallel.pipeline", "2"), 1e-2, id="pp2"),
+        # Pipeline layouts are not here: megatron seeds each pipeline rank's initialisation apart, so
+        # their curves start from other weights. test_reshard.py starts PP=2 and PP=2 x VPP=2 from a
+        # one-process checkpoint and checks their steps bit for bit instead.
     ],
 )
 def test_two_processes_follow_the_one_process_curve(
@@ -371,7 +370,7 @@ def test_a_changed_tokenizer_or_data_is_refused_before_the_model_is_built(
     same_tokenizer = (*other_split, "--tokenizer.path", old_tokenizer)
     assert main(train_args(cache, header_slice, run_dir, *same_tokenizer)) == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert "trained on other data (train documents differ, validation documents differ" in err
+    assert "trained on other data (the documents differ" in err
     assert "checkpoint.allow_new_data = true" in err
 
     monkeypatch.setattr(loop, "build_run", real_build)
