@@ -104,6 +104,20 @@ NOISE: tuple[Noise, ...] = (
         "parameter layout; DDP computes the same layout itself",
     ),
     Noise(
+        r"torch\.distributed\.checkpoint\.",
+        r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to",
+        "torch 2.11's distributed checkpoint when it saves or loads without a process group (nam-train "
+        "eval and generate load a checkpoint at one process): one process is the intent",
+        UserWarning,
+    ),
+    Noise(
+        r"torch\.distributed\.checkpoint\.",
+        r"The argument order of load has been changed",
+        "torch 2.11's notice to callers of its checkpoint load that pass the storage reader by "
+        "position, as megatron-core 0.19's dist_checkpointing does; said on every load",
+        UserWarning,
+    ),
+    Noise(
         "megatron.core.dist_checkpointing.strategies.torch",
         r"MCore's async save is deprecated",
         "said by megatron-core 0.19 when its default save strategy is built, though checkpoints "
