@@ -63,6 +63,7 @@ def init_world(checked: Checked) -> World:
             tensor_parallel=p.tensor,
             pipeline_parallel=p.pipeline,
             expert_parallel=p.expert,
+            expert_tensor_parallel=p.expert_tensor_size,  # the groups nam-spec splits the experts over
             data_parallel=checked.sizes.data,
             seed=checked.config.training.seed,
         )
