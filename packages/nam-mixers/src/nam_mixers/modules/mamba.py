@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nam_mixers.modules.ssm_common import check_positive_ints, check_seq_idx, dt_bias_init
 from nam_mixers.ops.conv import causal_conv1d_step, causal_conv1d_torch, conv_state
 from nam_mixers.ops.ssd import CORES, SSDShape, SSDWeights, check_available, gated_rmsnorm_torch, resolve_path
 from nam_mixers.ops.ssd.step import ssd_final_state, ssd_step
@@ -61,16 +62,15 @@ class MambaCore(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("nheads", nheads),
-            ("headdim", headdim),
-            ("d_state", d_state),
-            ("ngroups", ngroups),
-            ("conv_width", conv_width),
-            ("chunk_size", chunk_size),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MambaCore: {name} must be a positive int, got {value!r}")
+        check_positive_ints(
+            "MambaCore",
+            nheads=nheads,
+            headdim=headdim,
+            d_state=d_state,
+            ngroups=ngroups,
+            conv_width=conv_width,
+            chunk_size=chunk_size,
+        )
         if nheads % ngroups:
             raise ValueError(f"MambaCore: nheads ({nheads}) must be a multiple of ngroups ({ngroups})")
         if not 0 < dt_min <= dt_max:
@@ -114,11 +114,9 @@ class MambaCore(nn.Module):
         bound = 1 / math.sqrt(width)  # torch's Conv1d default for a depthwise kernel (fan-in = width)
         self.conv_weight.uniform_(-bound, bound)
         self.conv_bias.uniform_(-bound, bound)
-        # dt log-uniform in [dt_min, dt_max]; dt_bias is its softplus inverse
-        u = torch.rand(self.shape.nheads, device=self.dt_bias.device, dtype=torch.float64)
-        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log.copy_(torch.empty_like(u).uniform_(a_lo, a_hi).log())
+        dt_bias = dt_bias_init(self.shape.nheads, dt_min, dt_max, dt_floor, self.dt_bias.device)
+        self.dt_bias.copy_(dt_bias)
+        self.A_log.copy_(torch.empty_like(dt_bias).uniform_(a_lo, a_hi).log())
         self.D.fill_(1.0)
         self.norm_weight.fill_(1.0)
 
@@ -133,7 +131,7 @@ class MambaCore(nn.Module):
             )
         path = resolve_path(self._path, zxbcdt.device)
         if seq_idx is not None:
-            seq_idx = _check_seq_idx(seq_idx, zxbcdt, ordered_check=path == "reference")
+            seq_idx = check_seq_idx(seq_idx, zxbcdt, ordered_check=path == "reference")
         w = SSDWeights(self.conv_weight, self.conv_bias, self.dt_bias, self.A_log, self.D, self.norm_weight)
         return CORES[path](zxbcdt, w, s, seq_idx)
 
@@ -183,24 +181,6 @@ class MambaCore(nn.Module):
             f"nheads={s.nheads}, headdim={s.headdim}, d_state={s.d_state}, ngroups={s.ngroups}, "
             f"chunk_size={s.chunk_size}, path={self._path!r}"
         )
-
-
-def _check_seq_idx(seq_idx: torch.Tensor, zxbcdt: torch.Tensor, ordered_check: bool) -> torch.Tensor:
-    """seq_idx as the kernels want it (int32, contiguous). Whether it is non-decreasing is checked
-    on the reference path only: on the kernel paths that check would cost a device sync per layer."""
-    if seq_idx.shape != zxbcdt.shape[:2] or seq_idx.dtype.is_floating_point or seq_idx.is_complex():
-        raise ValueError(
-            f"MambaMixer: seq_idx must be an integer tensor [batch, seq] = {tuple(zxbcdt.shape[:2])}, "
-            f"got {seq_idx.dtype} {tuple(seq_idx.shape)}"
-        )
-    if seq_idx.device != zxbcdt.device:
-        raise ValueError(f"MambaMixer: seq_idx is on {seq_idx.device}, the input on {zxbcdt.device}")
-    if ordered_check and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
-        raise ValueError(
-            "MambaMixer: seq_idx must be non-decreasing along each row (one contiguous run of "
-            "tokens per document)"
-        )
-    return seq_idx.to(torch.int32).contiguous()
 
 
 class MambaMixer(nn.Module):

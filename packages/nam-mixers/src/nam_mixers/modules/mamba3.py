@@ -13,12 +13,10 @@ named paths (ops/mamba3): 'triton' (mamba-ssm's kernels) or 'reference' (plain P
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from nam_mixers.modules.mamba import _check_seq_idx
+from nam_mixers.modules.ssm_common import check_positive_ints, check_seq_idx, dt_bias_init
 from nam_mixers.ops.mamba3 import (
     CORES,
     Mamba3Shape,
@@ -56,15 +54,14 @@ class Mamba3Core(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("nheads", nheads),
-            ("headdim", headdim),
-            ("d_state", d_state),
-            ("ngroups", ngroups),
-            ("chunk_size", chunk_size),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Mamba3Core: {name} must be a positive int, got {value!r}")
+        check_positive_ints(
+            "Mamba3Core",
+            nheads=nheads,
+            headdim=headdim,
+            d_state=d_state,
+            ngroups=ngroups,
+            chunk_size=chunk_size,
+        )
         if nheads % ngroups:
             raise ValueError(f"Mamba3Core: nheads ({nheads}) must be a multiple of ngroups ({ngroups})")
         if rope_fraction not in (0.5, 1.0):  # mamba-ssm's Mamba3 accepts these two
@@ -109,9 +106,7 @@ class Mamba3Core(nn.Module):
         """As mamba-ssm's Mamba3: dt log-uniform in [dt_min, dt_max] (dt_bias its softplus inverse),
         B/C biases 1, norm weights 1, D 1."""
         dt_min, dt_max, dt_floor = self._init
-        u = torch.rand(self.shape.nheads, device=self.dt_bias.device, dtype=torch.float64)
-        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias.copy_(dt_bias_init(self.shape.nheads, dt_min, dt_max, dt_floor, self.dt_bias.device))
         for p in (self.B_bias, self.C_bias, self.B_norm_weight, self.C_norm_weight, self.D):
             p.fill_(1.0)
 
@@ -140,7 +135,7 @@ class Mamba3Core(nn.Module):
         self._check(zxbcdt, angles)
         path = resolve_path(self._path, zxbcdt.device)
         if seq_idx is not None:
-            seq_idx = _check_seq_idx(seq_idx, zxbcdt, ordered_check=path == "reference")
+            seq_idx = check_seq_idx(seq_idx, zxbcdt, ordered_check=path == "reference")
         return CORES[path](zxbcdt, angles, self._weights(), self.shape, seq_idx)
 
     def prefill(
