@@ -79,6 +79,25 @@ def mark_tensor_parallel(*params: torch.nn.Parameter) -> None:
 
 
 @torch.no_grad()
+def mark_core_parameters(
+    core: torch.nn.Module, replicated: tuple[str, ...], group: torch.distributed.ProcessGroup
+) -> None:
+    """A mixer core's parameters under TP: those named in ``replicated`` (shared by all heads) held
+    whole on every rank, the rest split by heads."""
+    for name, p in core.named_parameters():
+        if name in replicated:
+            replicate_across_tp(p, group)
+        else:
+            mark_tensor_parallel(p)
+
+
+def replicate_across_tp(p: torch.nn.Parameter, group: torch.distributed.ProcessGroup) -> None:
+    """A parameter every TP rank holds whole: the same values everywhere, and (flagged like
+    megatron's sequence-parallel norms) its gradient all-reduced over TP ranks."""
+    p.sequence_parallel = True
+    broadcast_from_first_rank(p, group)
+
+
 def broadcast_from_first_rank(p: torch.Tensor, group: torch.distributed.ProcessGroup) -> None:
     """Make a replicated parameter identical on all TP ranks (not on meta: there is no data)."""
     if group.size() > 1 and p.device.type != "meta":

@@ -28,7 +28,7 @@ from megatron.core.transformer.utils import (
 from torch import nn
 
 from nam_mixers import M2RNNCore
-from nam_spec.adapters.layer import broadcast_from_first_rank, mark_tensor_parallel, seq_idx_from_packed
+from nam_spec.adapters.layer import mark_core_parameters, replicate_across_tp, seq_idx_from_packed
 from nam_spec.adapters.projected import ProjectedCoreAdapter
 from nam_spec.devices import param_device
 
@@ -70,14 +70,8 @@ class M2RNNAdapter(ProjectedCoreAdapter):
                 path=path,
                 **kw,
             )
-        for name, p in self.core.named_parameters():
-            if name in _REPLICATED:
-                p.sequence_parallel = True
-                broadcast_from_first_rank(p, self.tp_group)  # the shared q/k head is one head
-            else:
-                mark_tensor_parallel(p)
-        self.qk_weight.sequence_parallel = True
-        broadcast_from_first_rank(self.qk_weight, self.tp_group)
+        mark_core_parameters(self.core, _REPLICATED, self.tp_group)  # the shared q/k head is one head
+        replicate_across_tp(self.qk_weight, self.tp_group)
 
     def plasticity_parts(self) -> dict[str, Any]:
         """nam-plasticity's plasticity-parts protocol: the shared q/k projection is [q, k]

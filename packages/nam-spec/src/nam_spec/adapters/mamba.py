@@ -34,7 +34,12 @@ from megatron.core.transformer.utils import (
 from torch import nn
 
 from nam_mixers import Mamba3Core, MambaCore
-from nam_spec.adapters.layer import broadcast_from_first_rank, mark_tensor_parallel, seq_idx_from_packed
+from nam_spec.adapters.layer import (
+    mark_core_parameters,
+    mark_tensor_parallel,
+    replicate_across_tp,
+    seq_idx_from_packed,
+)
 from nam_spec.adapters.projected import ProjectedCoreAdapter
 from nam_spec.devices import param_device
 
@@ -176,14 +181,8 @@ class Mamba3Adapter(ProjectedCoreAdapter):
         self.angle_weight = nn.Parameter(torch.empty(self.core.shape.n_angles, config.hidden_size, **kw))
         if config.perform_initialization:
             config.init_method(self.angle_weight)
-        for name, p in self.core.named_parameters():
-            if name in _MAMBA3_REPLICATED:
-                p.sequence_parallel = True
-                broadcast_from_first_rank(p, self.tp_group)
-            else:
-                mark_tensor_parallel(p)
-        self.angle_weight.sequence_parallel = True
-        broadcast_from_first_rank(self.angle_weight, self.tp_group)
+        mark_core_parameters(self.core, _MAMBA3_REPLICATED, self.tp_group)
+        replicate_across_tp(self.angle_weight, self.tp_group)
 
     def _parts(self) -> list[tuple[str, int]]:
         di, gn, nh = self.d_inner_local, self.ngroups_local * self.d_state, self.nheads_local
