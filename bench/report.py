@@ -96,19 +96,21 @@ class Report:
             "failures": self.failures,
         }
 
-    def table(self) -> str:
+    def table(self, bench: str | None = None) -> str:
+        """The checks and rows of one benchmark, or of all of them."""
         lines = [f"# commit {self.commit}  date {self.date}  device {self.device}"]
-        for bench, tb in self.failures.items():
-            lines.append(f"FAILED {bench}:\n{tb}")
+        for name, tb in self.failures.items():
+            if bench in (None, name):
+                lines.append(f"FAILED {name}:\n{tb}")
         lines.append(f"{'bench':<10} {'check':<48} {'error':>10} {'tol':>9}  ok")
-        for c in self.checks:
+        for c in (c for c in self.checks if bench in (None, c.bench)):
             lines.append(
                 f"{c.bench:<10} {c.name:<48} {c.error:>10.2e} {c.tol:>9.1e}  {'yes' if c.ok else 'NO'}"
             )
         lines.append(
             f"{'bench':<10} {'case':<48} {'ms':>9} {'floor ms':>9} {'x floor':>8} {'peak GiB':>9}  extra"
         )
-        for r in self.rows:
+        for r in (r for r in self.rows if bench in (None, r.bench)):
             ratio = r.ms / r.floor_ms if r.ms and r.floor_ms else None
             extra = " ".join(f"{k}={_fmt(v)}" for k, v in r.extra.items())
             lines.append(

@@ -14,9 +14,11 @@ benchmarks still run.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; registered: {sorted(REGISTRY)}")
 
+    # A run cut off by `timeout` (SIGTERM) shows where every thread was.
+    faulthandler.register(signal.SIGTERM, chain=True)
     report = Report(commit=_commit())
     for name in args.names or list(REGISTRY):
         report.begin(name)
@@ -79,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(REGISTRY[name]).main(report)
         except Exception:  # one broken benchmark must not hide the others' numbers
             report.fail(name, traceback.format_exc())
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+        # After each benchmark, so a run cut off later keeps the numbers already measured.
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report.as_dict(), indent=2))
+        print(report.table(name), flush=True)
     print(report.table())
     return 0 if report.ok else 1
 

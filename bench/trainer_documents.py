@@ -15,7 +15,6 @@ the formula, initial loss, finite losses) run for both.
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 from bench.document_lengths import load_lengths, packed_document_ids
@@ -50,48 +49,69 @@ def with_documents(batches: list[dict], boundaries: bool, seed: int = 0) -> list
 
 
 def main(report: Report) -> None:
-    log("initialising one rank")
-    with one_rank_world() as world:
-        _bench(report, world)
+    import multiprocessing as mp
 
-
-def _bench(report: Report, world: Any) -> None:
-    import torch
-
-    from nam_spec.accounting import model_params
-    from nam_trainer.train.setup import build_run
-
-    checked = preset()
+    # Each case in a fresh process: a second build in one process found ~19.5 GiB of the first
+    # still allocated, which counted in its peak and left it short of memory.
     results = {}
+    ctx = mp.get_context("spawn")
     for name, boundaries in (("documents off", False), ("documents on", True)):
-        # what an earlier build still holds counts in this build's peak: report it beside the peak
-        held = torch.cuda.memory_allocated() / 2**30
-        log(f"building ours on the GPU ({name}); {held:.2f} GiB still allocated before it")
-        report.row(f"ours {name}: allocated before the build", gib=held)
-        run = build_run(checked, world)
-        c, layout = run.model, run.layout
-        batches = with_documents(make_batches(c, MICRO_BATCH, MICROBATCHES, with_extras=True), boundaries)
-        segments = sum(
-            int(b["packed_seq_params"].cu_seqlens_q.numel()) - 1 for b in batches if "packed_seq_params" in b
-        )
-        if boundaries:
-            log(
-                f"{segments} document segments in the {sum('packed_seq_params' in b for b in batches)} of "
-                f"{MICROBATCHES} micro-batches ({MICRO_BATCH} x {c.seq_length}) that hold a boundary"
-            )
-        results[name] = run_model(
-            report,
-            f"ours {name}",
-            run,
-            layout,
-            batches,
-            formula_params=model_params(c, layout).total,
-            params_tol=0.0,
-        )
-        del run, batches
-        gc.collect()
-        torch.cuda.empty_cache()
+        queue = ctx.Queue()
+        child = ctx.Process(target=_case, args=(report.commit, name, boundaries, queue))
+        child.start()
+        checks, rows, result = queue.get()
+        child.join()
+        report.checks += checks
+        report.rows += rows
+        if result is None:
+            raise RuntimeError(f"the {name} case failed (its traceback is above)")
+        results[name] = result
     ratio = results["documents on"]["ms"] / results["documents off"]["ms"]
     report.row(f"documents on / off step time (goal < {GOAL})", ratio=ratio)
     report.check(f"documents on / off step time - {GOAL}", max(ratio - GOAL, 0.0), 0.0)
     log(f"step with document boundaries / without = {ratio:.3f} (goal < {GOAL})")
+
+
+def _case(commit: str, name: str, boundaries: bool, queue: Any) -> None:
+    """One case on a fresh one-rank world; sends back its checks, rows and run_model's result."""
+    import traceback
+
+    report = Report(commit=commit)
+    report.begin("trainer_documents")
+    result = None
+    try:
+        log(f"initialising one rank ({name})")
+        with one_rank_world() as world:
+            result = _bench(report, world, name, boundaries)
+    except Exception:
+        traceback.print_exc()
+    queue.put((report.checks, report.rows, result))
+
+
+def _bench(report: Report, world: Any, name: str, boundaries: bool) -> dict[str, Any]:
+    from nam_spec.accounting import model_params
+    from nam_trainer.train.setup import build_run
+
+    checked = preset()
+    log(f"building ours on the GPU ({name})")
+    run = build_run(checked, world)
+    c, layout = run.model, run.layout
+    batches = with_documents(make_batches(c, MICRO_BATCH, MICROBATCHES, with_extras=True), boundaries)
+    if boundaries:
+        segments = sum(
+            int(b["packed_seq_params"].cu_seqlens_q.numel()) - 1 for b in batches if "packed_seq_params" in b
+        )
+        log(
+            f"{segments} document segments in the {sum('packed_seq_params' in b for b in batches)} of "
+            f"{MICROBATCHES} micro-batches ({MICRO_BATCH} x {c.seq_length}) that hold a boundary"
+        )
+    result = run_model(
+        report,
+        f"ours {name}",
+        run,
+        layout,
+        batches,
+        formula_params=model_params(c, layout).total,
+        params_tol=0.0,
+    )
+    return {k: v for k, v in result.items() if isinstance(v, int | float | str)}
