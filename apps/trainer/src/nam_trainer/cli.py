@@ -180,16 +180,7 @@ def _main(argv: Sequence[str] | None) -> int:
         checked = check(config, args.world_size)
         if args.command == "data":
             usable_dir(config.data.cache_dir, "data.cache_dir")
-            data = prepare_data(config)
-            for i, source in enumerate(data.info["sources"]):
-                for split in ("train", "validation"):
-                    if split in source:
-                        facts = source[split]
-                        print(
-                            f"source {i} {split}: {facts['documents']} documents, {facts['tokens']:,} tokens, "
-                            f"{facts['rows']} rows"
-                        )
-            print(f"cache: {data.entry}")
+            print(f"cache: {prepare_data(config).entry}")
             return 0
         if args.dry_run:
             layers = [f"preset {args.preset}", *(f"config {c}" for c in args.config)]

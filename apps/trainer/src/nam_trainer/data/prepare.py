@@ -161,6 +161,10 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> PreparedDat
         entry = load_or_build(root, "packed", key_inputs, builder.build, log)
     shutil.rmtree(work_dir, ignore_errors=True)  # the units of a finished build
     info = read_manifest(entry)["info"]
+    for i, facts in enumerate(info["sources"]):  # once, whether just built or found in the cache
+        for split in (s for s in SPLITS if s in facts):
+            f = facts[split]
+            log(f"data: source {i} {split}: {f['documents']} documents, {f['tokens']:,} tokens, {f['rows']} rows")
     channels = CHANNELS if data.structure == "cpp" else ()
     sources = tuple(
         SourceData(
@@ -241,9 +245,6 @@ class _RowsBuild:
                 (out / f"{split}-{i}.documents").write_text("".join(d.name + "\n" for d in docs))
                 tokens = sum(facts[u.index][split]["tokens"] for u in units if u.source == i)
                 summary[split] = {"documents": len(docs), "tokens": tokens, "rows": writer.rows}
-                self.log(
-                    f"data: source {i} {split}: {len(docs)} documents, {tokens:,} tokens, {writer.rows} rows"
-                )
             sources.append(summary)
         return {
             "corpus": self.plan.corpus.origin,
