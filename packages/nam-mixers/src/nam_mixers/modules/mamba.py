@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nam_mixers.modules.ssm_common import check_positive_ints, check_seq_idx, dt_bias_init
+from nam_mixers.modules.ssm_common import (
+    CorePath,
+    KernelPath,
+    check_positive_ints,
+    check_seq_idx,
+    dt_bias_init,
+)
 from nam_mixers.ops.conv import causal_conv1d_step, causal_conv1d_torch, conv_state
 from nam_mixers.ops.ssd import CORES, SSDShape, SSDWeights, check_available, gated_rmsnorm_torch, resolve_path
 from nam_mixers.ops.ssd.step import ssd_final_state, ssd_step
@@ -37,12 +43,15 @@ class MambaState:
     ssm: torch.Tensor
 
 
-class MambaCore(nn.Module):
+class MambaCore(KernelPath, nn.Module):
     """Everything between the projections: in_proj output [b, l, d_in_proj] -> [b, l, d_inner].
 
     `nheads` and `ngroups` are the heads and groups this module holds (the local ones under tensor
     parallelism); the group-wise norm makes the result independent of that split.
     """
+
+    _check_available = staticmethod(check_available)
+    _resolve_path = staticmethod(resolve_path)
 
     def __init__(
         self,
@@ -91,21 +100,6 @@ class MambaCore(nn.Module):
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True  # read by optimizer parameter grouping, as in mamba-ssm
         self.reset_parameters()
-
-    @property
-    def path(self) -> str:
-        """The requested path: 'auto', 'fused', 'split' or 'reference'."""
-        return self._path
-
-    @path.setter
-    def path(self, value: str) -> None:
-        check_available(value)  # an unknown or unavailable path fails here, naming what is missing
-        self._path = value
-
-    @property
-    def resolved_path(self) -> str:
-        """The path a forward runs for tensors on this module's device ('auto' resolved)."""
-        return resolve_path(self._path, self.dt_bias.device)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -183,7 +177,7 @@ class MambaCore(nn.Module):
         )
 
 
-class MambaMixer(nn.Module):
+class MambaMixer(CorePath, nn.Module):
     """The Mamba-2 SSD mixer on [batch, seq, hidden]: in_proj -> MambaCore -> out_proj.
 
     d_inner = expand * hidden_size = nheads * headdim. `path` picks the execution path ('auto',
@@ -229,18 +223,6 @@ class MambaMixer(nn.Module):
             hidden_size, self.core.shape.d_in_proj, bias=bias, device=device, dtype=dtype
         )
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=bias, device=device, dtype=dtype)
-
-    @property
-    def path(self) -> str:
-        return self.core.path
-
-    @path.setter
-    def path(self, value: str) -> None:
-        self.core.path = value
-
-    @property
-    def resolved_path(self) -> str:
-        return self.core.resolved_path
 
     def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states [b, l, hidden]; seq_idx [b, l] document index per token for packed rows

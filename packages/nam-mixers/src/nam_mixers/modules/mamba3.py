@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nam_mixers.modules.ssm_common import check_positive_ints, check_seq_idx, dt_bias_init
+from nam_mixers.modules.ssm_common import (
+    CorePath,
+    KernelPath,
+    check_positive_ints,
+    check_seq_idx,
+    dt_bias_init,
+)
 from nam_mixers.ops.mamba3 import (
     CORES,
     Mamba3Shape,
@@ -31,10 +37,13 @@ from nam_mixers.ops.mamba3 import (
 )
 
 
-class Mamba3Core(nn.Module):
+class Mamba3Core(KernelPath, nn.Module):
     """Everything between the projections: (zxbcdt [b, l, d_in_proj], angles [b, l, n_angles]) ->
     [b, l, d_inner]. `nheads` and `ngroups` are the heads and B/C groups this module holds (the local
     ones under tensor parallelism)."""
+
+    _check_available = staticmethod(check_available)
+    _resolve_path = staticmethod(resolve_path)
 
     def __init__(
         self,
@@ -86,20 +95,6 @@ class Mamba3Core(nn.Module):
         for p in (self.dt_bias, self.D):
             p._no_weight_decay = True  # read by optimizer parameter grouping, as in mamba-ssm
         self.reset_parameters()
-
-    @property
-    def path(self) -> str:
-        """The requested path: 'auto', 'triton' or 'reference'."""
-        return self._path
-
-    @path.setter
-    def path(self, value: str) -> None:
-        check_available(value)
-        self._path = value
-
-    @property
-    def resolved_path(self) -> str:
-        return resolve_path(self._path, self.dt_bias.device)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -167,7 +162,7 @@ class Mamba3Core(nn.Module):
         )
 
 
-class Mamba3Mixer(nn.Module):
+class Mamba3Mixer(CorePath, nn.Module):
     """The Mamba-3 SISO mixer on [batch, seq, hidden]: in_proj and angle_proj -> Mamba3Core -> out_proj."""
 
     def __init__(
@@ -207,18 +202,6 @@ class Mamba3Mixer(nn.Module):
         self.in_proj = nn.Linear(hidden_size, self.core.shape.d_in_proj, bias=False, **kw)
         self.angle_proj = nn.Linear(hidden_size, self.core.shape.n_angles, bias=False, **kw)
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=False, **kw)
-
-    @property
-    def path(self) -> str:
-        return self.core.path
-
-    @path.setter
-    def path(self, value: str) -> None:
-        self.core.path = value
-
-    @property
-    def resolved_path(self) -> str:
-        return self.core.resolved_path
 
     def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states [b, l, hidden]; seq_idx [b, l] document index per token for packed rows, or None."""

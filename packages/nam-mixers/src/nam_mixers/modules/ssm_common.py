@@ -1,9 +1,11 @@
-"""What the Mamba-2 and Mamba-3 cores share: argument checks, the dt bias initialisation and the
-document index (seq_idx) their kernels take."""
+"""What the Mamba-2 and Mamba-3 cores share: argument checks, the dt bias initialisation, the
+document index (seq_idx) their kernels take and the choice of kernel path."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -40,3 +42,45 @@ def check_seq_idx(seq_idx: torch.Tensor, zxbcdt: torch.Tensor, ordered_check: bo
             "tokens per document)"
         )
     return seq_idx.to(torch.int32).contiguous()
+
+
+class KernelPath:
+    """``path`` (the requested one, checked when set) and ``resolved_path`` (the one a forward runs
+    on this module's device, 'auto' resolved) of a core, by its ops package's two functions, which
+    the core names as static methods."""
+
+    _check_available: ClassVar[Callable[[str], None]]
+    _resolve_path: ClassVar[Callable[[str, torch.device], str]]
+    _path: str
+    dt_bias: torch.Tensor
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        self._check_available(value)  # an unknown or unavailable path fails here, naming what is missing
+        self._path = value
+
+    @property
+    def resolved_path(self) -> str:
+        return self._resolve_path(self._path, self.dt_bias.device)
+
+
+class CorePath:
+    """A mixer's ``path`` and ``resolved_path``: those of its core."""
+
+    core: KernelPath
+
+    @property
+    def path(self) -> str:
+        return self.core.path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        self.core.path = value
+
+    @property
+    def resolved_path(self) -> str:
+        return self.core.resolved_path
