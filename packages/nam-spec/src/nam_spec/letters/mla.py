@@ -65,11 +65,16 @@ class LatentAttentionLetter(Attention):
             ),
         )
 
+    def core(self, layer: torch.nn.Module) -> torch.nn.Module:
+        return layer.self_attention  # the whole MLA: its decode state is the latents, not keys
+
     def decode_core(self, core: torch.nn.Module, context: Any) -> torch.nn.Module:
-        raise ValueError(
-            "incremental decoding of L (multi-latent attention) layers is not implemented: MLA applies "
-            "its RoPE from position 0 of each call; decode a model whose attention layers are A"
-        )
+        from nam_spec.decode.cores import LatentKVCache
+
+        return LatentKVCache(core, context)
+
+    def spec_core(self, spec: Any) -> Any:
+        return spec.submodules.self_attention.module
 
     def layer_config(self, config: ModelConfig) -> tuple[type, dict[str, Any]]:
         from megatron.core.transformer.transformer_config import MLATransformerConfig
