@@ -27,8 +27,8 @@ class DecodeContext:
 
 class KVCacheAttention(nn.Module):
     """Core attention (query [sq, b, np, hn], key [sk, b, ng, hn], value [sk, b, ng, hv] -> [sq, b,
-    np * hv]) over the keys and values of every token so far, kept per layer. A query sees the keys of its own
-    document only: block-causal in the prefill, the last document's keys in a step."""
+    np * hv]) over the keys and values of every token so far, kept per layer. A query sees the keys
+    of its own document only: block-causal in the prefill, the last document's keys in a step."""
 
     def __init__(self, core: nn.Module, context: DecodeContext) -> None:
         super().__init__()
@@ -65,9 +65,10 @@ class KVCacheAttention(nn.Module):
 
 class LatentKVCache(nn.Module):
     """Multi-latent attention (the L letter's adapters.LatentAttention: hidden [s, b, h] -> (output,
-    bias)) keeping per token only its normed latent and rotated shared key: r_kv + d_rope numbers
-    (the latent twice, as key part and value, in the KVCacheAttention it reuses) instead of every
-    head's key and value. Runs the absorbed form, RoPE at the tokens' positions in the context."""
+    bias)) keeping per token only its normed latent and rotated shared key instead of every head's
+    key and value: 2 r_kv + d_rope numbers against n (d_qk + d_v) (the KVCacheAttention it reuses
+    holds the latent twice, in the key and as the value). Runs the absorbed form with RoPE at the
+    positions the context gives."""
 
     def __init__(self, attention: nn.Module, context: DecodeContext) -> None:
         super().__init__()

@@ -7,7 +7,8 @@
 The prefill runs every prompt in one parallel forward (left-padded to the longest; the padding is
 a document of its own, so no state, key or n-gram crosses into a prompt), and each layer's
 stand-in core (``Letter.decode_core``: the KV cache of attention, the latent cache of multi-latent
-attention, the conv inputs and scan state of the mixers; MLP and experts keep nothing) keeps its state. A step embeds one token per row and runs each layer on it alone.
+attention, the conv inputs and scan state of the mixers; MLP and experts keep nothing) keeps its
+state. A step embeds one token per row and runs each layer on it alone.
 
 What the embedding needs of the past it recomputes from a window: the n-gram hash from the last
 ``max order`` tokens with their positions in the document (so its restart rule is the forward's),
