@@ -403,8 +403,13 @@ def test_bit_flips_in_the_newest_checkpoint_resume_from_the_previous_one(
     ]
 
 
-def test_tiny_preset_with_mla_attention_learns(tmp_path: Path, cache: Path, header_slice: list[Path]) -> None:
-    """nam56r-tiny on the NAM56R-MLA family: its 13 attention layers are L (multi-latent)."""
+def test_tiny_preset_with_mla_attention_learns_and_generates(
+    tmp_path: Path, cache: Path, header_slice: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """nam56r-tiny on the NAM56R-MLA family: its 13 attention layers are L (multi-latent); nam-train
+    generate decodes the checkpoint (L's latent cache)."""
+    from nam_runtime import dist
+
     mla = ["--model.family", "NAM56R-MLA", "--model.attention.q_lora_rank", "32"]
     mla += ["--model.attention.kv_lora_rank", "16", "--model.attention.qk_head_dim", "16"]
     mla += ["--model.attention.qk_pos_emb_head_dim", "8", "--model.attention.v_head_dim", "16"]
@@ -412,6 +417,14 @@ def test_tiny_preset_with_mla_attention_learns(tmp_path: Path, cache: Path, head
     assert main(train_args(cache, header_slice, tmp_path, *mla, *short)) == 0
     valid = losses(tmp_path, "valid")
     assert valid[6] < valid[0] - 0.3, valid
+    capsys.readouterr()
+    generate = ["generate", "--checkpoint", str(tmp_path), "--prompt", "#include <", "--max-new-tokens", "4"]
+    try:
+        assert main([*generate, "--temperature", "0"]) == 0
+    finally:
+        dist.teardown()  # generate's loader keeps the world it set up
+    out = capsys.readouterr().out
+    assert out.startswith("#include <") and len(out) > len("#include <\n")
 
 
 def test_tiny_preset_with_multi_token_prediction_learns(

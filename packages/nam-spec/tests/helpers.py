@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from nam_spec.config import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig
+from nam_layout import Layout
+from nam_spec.config import AttentionConfig, M2RNNConfig, MambaConfig, ModelConfig, MoEConfig, ParallelConfig
 
 MAMBA3 = MambaConfig(kind="mamba3", d_state=8, head_dim=8, ngroups=2, chunk_size=4, path="reference")
 
@@ -33,6 +34,24 @@ def tiny(**changes: object) -> ModelConfig:
         backend="local",
     )
     return config.replace(**changes) if changes else config
+
+
+def latent_layer(config: ModelConfig, parallel: ParallelConfig | None = None) -> torch.nn.Module:
+    """One L layer (multi-latent attention) on the local backend, its norms away from 1 so that a
+    missing norm shows."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from nam_spec.backends import local_backend
+    from nam_spec.letters import LETTERS
+    from nam_spec.transformer_config import transformer_config
+
+    tc = transformer_config(config, Layout.tile("L", 1), parallel, letter="L")
+    layer = build_module(LETTERS["L"].spec(local_backend(), config), config=tc, layer_number=1)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "layernorm" in name:
+                p.uniform_(0.5, 1.5)
+    return layer
 
 
 def saved_bytes(layer: torch.nn.Module, x: torch.Tensor, **kwargs: object) -> int:

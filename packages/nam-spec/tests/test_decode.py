@@ -79,25 +79,12 @@ def _check(out: list[torch.Tensor], full: torch.Tensor, prompt: int = PROMPT) ->
         )
 
 
-# Multi-latent attention has no decode state yet (its letter refuses, tested below).
-NO_DECODE = ("L",)
-
-
-@pytest.mark.parametrize("key", [k for k in SPEC_LETTERS if k not in NO_DECODE])
+@pytest.mark.parametrize("key", SPEC_LETTERS)
 def test_each_letter_decodes_as_the_full_forward(key: str, megatron_single_rank: None) -> None:
     config = tiny(seq_length=TOTAL + 3)
     model = _model(Layout.tile(key, 2), config)
     ids, _ = _inputs(config.vocab_size, 2, TOTAL, False)
     _check(_decode(model, ids, None), _full(model, ids, None))
-
-
-@pytest.mark.parametrize("key", NO_DECODE)
-def test_a_letter_without_decode_state_is_refused(key: str, megatron_single_rank: None) -> None:
-    config = tiny(seq_length=TOTAL + 3)
-    model = _model(Layout.tile(key, 2), config)
-    ids, _ = _inputs(config.vocab_size, 2, TOTAL, False)
-    with pytest.raises(ValueError, match=r"incremental decoding of L .* is not implemented"):
-        _decode(model, ids, None)
 
 
 def test_mamba3_decodes_as_the_full_forward(megatron_single_rank: None) -> None:
@@ -126,7 +113,7 @@ def test_a_document_start_inside_the_prompt(megatron_single_rank: None) -> None:
     """Documents [0, 0, 0, 1, 1 | 1 1 1 1]: the forward over the packed row (block-causal, states
     and n-grams restarting) is what prefill + steps reproduce."""
     config = tiny(seq_length=TOTAL + 3, embedding=EmbeddingConfig(ngram=True, ngram_table_size=31))
-    model = _model(Layout.tile("AEMR-", 5), config)
+    model = _model(Layout.tile("AEMR-L", 6), config)
     ids, _ = _inputs(config.vocab_size, 1, TOTAL, False)
     start = 3
     documents = (torch.arange(TOTAL) >= start).long()[None]
@@ -144,7 +131,7 @@ def test_a_document_start_inside_the_prompt(megatron_single_rank: None) -> None:
 
 def test_prompts_of_different_lengths_in_one_batch(megatron_single_rank: None) -> None:
     config = tiny(seq_length=TOTAL + 3, embedding=EmbeddingConfig(ngram=True, ngram_table_size=31))
-    model = _model(Layout.tile("AEMR-", 5), config)
+    model = _model(Layout.tile("AEMR-L", 6), config)
     ids, _ = _inputs(config.vocab_size, 2, TOTAL, False)
     short, long_ = ids[0, 2:], ids[1]  # 7 and 9 tokens; prompts of 3 and 5
     with Decoder(model) as decoder:

@@ -19,6 +19,7 @@ from nam_spec.config import ParallelConfig
 from nam_spec.documents import document_boundaries, has_boundaries, segment_ids
 
 SEQ = 16
+TP_LAYOUT = Layout.tile("AEMR-L", 6)  # one layer of every letter
 # row 1 starts with the document row 0 ends with: a row start is a boundary all the same
 DOCS = torch.tensor([[3] * 5 + [4] * 7 + [5] * 4, [5] * 6 + [6] * 6 + [-1] * 4])
 # (row, start, end) of every segment, each pad token its own
@@ -138,7 +139,7 @@ def _tp2_rank(tmp: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from nam_spec.model import build_model
 
     dist.initialize(tensor_parallel=2, seed=1)
-    model = build_model(Layout.tile("AEMR-", 5), _config(), ParallelConfig(tensor=2, sequence_parallel=True))
+    model = build_model(TP_LAYOUT, _config(), ParallelConfig(tensor=2, sequence_parallel=True))
     ids, pos = _batch()
     out = _losses_and_input_grads(model, ids, pos, DOCS)
     (tmp / "ckpt").mkdir(exist_ok=True)
@@ -152,7 +153,7 @@ def _tp1_alone_rank(tmp: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from nam_spec.model import build_model
 
     dist.initialize(seed=99)  # other initial weights: everything must come from the checkpoint
-    model = build_model(Layout.tile("AEMR-", 5), _config())
+    model = build_model(TP_LAYOUT, _config())
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(tmp / "ckpt")))
     return _alone(model, _batch()[0])
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny
+from helpers import latent_layer, tiny
 
 from nam_layout import Layout
 from nam_spec.config import ModelConfig, ParallelConfig
@@ -56,27 +56,12 @@ def reference_layer(
     return x + out @ att.linear_proj.weight.T
 
 
-def _layer(config: ModelConfig) -> torch.nn.Module:
-    from megatron.core.transformer.spec_utils import build_module
-
-    from nam_spec.backends import local_backend
-    from nam_spec.transformer_config import transformer_config
-
-    tc = transformer_config(config, Layout.tile("L", 1), letter="L")
-    layer = build_module(LETTERS["L"].spec(local_backend(), config), config=tc, layer_number=1)
-    with torch.no_grad():  # norms away from 1 so that a missing norm shows
-        for name, p in layer.named_parameters():
-            if "layernorm" in name:
-                p.uniform_(0.5, 1.5)
-    return layer
-
-
 @pytest.mark.parametrize("documents", [False, True])
 def test_layer_matches_the_mla_math_forward_and_gradients(
     documents: bool, megatron_single_rank: None
 ) -> None:
     config = tiny()
-    layer = _layer(config)
+    layer = latent_layer(config)
     s, b = 8, 2
     x = torch.randn(s, b, config.hidden_size, requires_grad=True)
     docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [2, 2, 2, 2, 2, 3, 3, -1]])
@@ -98,7 +83,7 @@ def test_layer_matches_the_mla_math_forward_and_gradients(
 
 def test_formula_counts_the_built_tensors_and_tp_splits_what_it_declares(megatron_single_rank: None) -> None:
     config = tiny()
-    layer = _layer(config)
+    layer = latent_layer(config)
     counted = LETTERS["L"].params(config)
     assert counted.total == sum(p.numel() for p in layer.parameters())
     split = sum(p.numel() for p in layer.parameters() if getattr(p, "tensor_model_parallel", False))
@@ -116,8 +101,6 @@ def test_checks_name_each_dimension_tp_cannot_split() -> None:
     )
     found = LETTERS["L"].problems(bad, ParallelConfig(tensor=4))
     assert found == [
-        "parallel.tensor 4 with L (multi-latent attention) layers: megatron-core's column-parallel MLA "
-        "loses part of the rotary key's gradient at TP > 1; use parallel.tensor 1",
         "model.attention.num_heads 6 is not divisible by parallel.tensor 4 (L layers split the heads across tensor ranks)",
         "model.attention.q_lora_rank 18 is not divisible by parallel.tensor 4 (the query down projection is column-parallel)",
         "model.attention.kv_lora_rank + qk_pos_emb_head_dim = 9 + 5 is not divisible by parallel.tensor 4 "

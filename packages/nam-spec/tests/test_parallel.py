@@ -1,22 +1,23 @@
-"""Two gloo processes: TP=2 with sequence parallelism (E layers included) and PP=2 (one stage
-without E) give the loss of the single-process model with the same weights; the weights travel
-through megatron's dist_checkpointing, so the same runs prove that a checkpoint saved at TP=2
-(or split over two stages) loads at TP=1 and reproduces the outputs: per-token losses and logits
-for TP=2, the loss for PP=2."""
+"""Two gloo processes: TP=2 with sequence parallelism (E and L layers included) and PP=2 (one
+stage without E) give the loss of the single-process model with the same weights; the weights
+travel through megatron's dist_checkpointing, so the same runs prove that a checkpoint saved at
+TP=2 (or split over two stages) loads at TP=1 and reproduces the outputs: per-token losses and
+logits for TP=2, the loss for PP=2. An L layer alone at TP=2, with and without sequence
+parallelism, gives TP=1's output and every gradient (its shared rotary key is summed over ranks)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from helpers import tiny
+from helpers import latent_layer, tiny
 
 from nam_layout import Layout
 from nam_runtime import dist
 from nam_runtime.testing import run_ranks
 from nam_spec.config import ParallelConfig
 
-TP_LAYOUT = "AEMERM-"  # every letter but L (refused at TP > 1: letters/mla.py), two E layers
+TP_LAYOUT = "AEMERM-L"  # every letter, two E layers
 PP_LAYOUT = "AEM|R-M"  # stage 1 has no E layer
 # .norm: M and R pre-norms; q_/kv_layernorm: L's latent norms
 REPLICATED = (
@@ -112,6 +113,60 @@ def test_tp2_sequence_parallel_gradients_of_replicated_weights(tmp_path: Path) -
     assert tp2[0]["grads"].keys() == tp1["grads"].keys() and len(tp1["grads"]) >= 5
     for name, grad in tp1["grads"].items():  # replicated weights: the TP=2 partial grads sum to TP=1's
         torch.testing.assert_close(tp2[0]["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _split_dim(p: torch.nn.Parameter) -> int | None:
+    return p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+
+
+def _latent_rank(tmp: Path, tp: int) -> list[dict]:
+    """An L layer on one fixed input: at TP=1 it saves its weights; at TP=2 (SP off, then on) it
+    loads this rank's shard of them. Returns, per run, the output, the input gradient and the
+    parameter gradients of this rank (the SP-partial ones summed over TP, as finalize_model_grads
+    does) with the dimension each is split along (None: replicated)."""
+    from megatron.core import parallel_state
+
+    dist.initialize(tensor_parallel=tp, seed=1)
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    g = torch.Generator().manual_seed(3)
+    x_full, dout_full = (torch.randn(8, 2, 32, generator=g) for _ in range(2))
+    runs = []
+    for sp in (False, True) if tp > 1 else (False,):
+        layer = latent_layer(tiny(), ParallelConfig(tensor=tp, sequence_parallel=sp))
+        if tp == 1:
+            torch.save(layer.state_dict(), tmp / "latent.pt")
+        else:
+            full = torch.load(tmp / "latent.pt")
+            with torch.no_grad():
+                for name, p in layer.named_parameters():
+                    split = _split_dim(p)
+                    p.copy_(full[name] if split is None else full[name].chunk(tp, split)[rank])
+        x, dout = ((t.chunk(tp, 0)[rank] if sp else t).clone() for t in (x_full, dout_full))
+        x.requires_grad_(True)
+        out, _ = layer(x, attention_mask=None)
+        out.backward(dout)
+        grads = {}
+        for name, p in layer.named_parameters():
+            if getattr(p, "sequence_parallel", False):
+                torch.distributed.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
+            grads[name] = (p.grad, _split_dim(p))
+        runs.append({"sp": sp, "out": out.detach(), "x": x.grad, "grads": grads})
+    return runs
+
+
+def test_tp2_latent_attention_equals_tp1_output_and_gradients(tmp_path: Path) -> None:
+    ((tp1,),) = run_ranks(_latent_rank, 1, tmp_path, 1)
+    ranks = run_ranks(_latent_rank, 2, tmp_path, 2)
+    for run in zip(*ranks, strict=True):
+        sp = run[0]["sp"]
+        for key in ("out", "x"):  # under SP each rank holds half the sequence
+            got = torch.cat([r[key] for r in run]) if sp else run[0][key]
+            torch.testing.assert_close(got, tp1[key], rtol=1e-5, atol=1e-6, msg=f"{key}, SP {sp}")
+        assert run[0]["grads"].keys() == tp1["grads"].keys()
+        for name, (want, _) in tp1["grads"].items():
+            shards, split = [r["grads"][name][0] for r in run], run[0]["grads"][name][1]
+            got = shards[0] if split is None else torch.cat(shards, split)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name}, SP {sp}")
 
 
 def _pp2_rank(tmp: Path) -> float | None:

@@ -18,15 +18,17 @@ from torch import nn
 @dataclass
 class DecodeContext:
     """Shared by the stand-ins of one Decoder: the prefill's document index per token [b, s]
-    (non-decreasing along a row; left padding is a document of its own), None during steps."""
+    (non-decreasing along a row; left padding is a document of its own), None during steps; the
+    RoPE position of each token of the current call [b, s]."""
 
     seq_idx: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
 
 class KVCacheAttention(nn.Module):
-    """Core attention (query [sq, b, np, hn], key/value [sk, b, ng, hn] -> [sq, b, np * hn]) over the
-    keys and values of every token so far, kept per layer. A query sees the keys of its own
-    document only: block-causal in the prefill, the last document's keys in a step."""
+    """Core attention (query [sq, b, np, hn], key [sk, b, ng, hn], value [sk, b, ng, hv] -> [sq, b,
+    np * hv]) over the keys and values of every token so far, kept per layer. A query sees the keys
+    of its own document only: block-causal in the prefill, the last document's keys in a step."""
 
     def __init__(self, core: nn.Module, context: DecodeContext) -> None:
         super().__init__()
@@ -38,7 +40,7 @@ class KVCacheAttention(nn.Module):
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: Any, **__: Any
     ) -> torch.Tensor:
-        sq, b, np_, hn = query.shape
+        sq, _, np_, _ = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         docs = self.context.seq_idx
         if docs is not None:
@@ -58,7 +60,27 @@ class KVCacheAttention(nn.Module):
             scale=self.core.scale,
             enable_gqa=self.key.shape[1] != np_,
         )
-        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+        return out.permute(2, 0, 1, 3).flatten(2)
+
+
+class LatentKVCache(nn.Module):
+    """Multi-latent attention (the L letter's adapters.LatentAttention: hidden [s, b, h] -> (output,
+    bias)) keeping per token only its normed latent and rotated shared key instead of every head's
+    key and value: 2 r_kv + d_rope numbers against n (d_qk + d_v) (the KVCacheAttention it reuses
+    holds the latent twice, in the key and as the value). Runs the absorbed form with RoPE at the
+    positions the context gives."""
+
+    def __init__(self, attention: nn.Module, context: DecodeContext) -> None:
+        super().__init__()
+        self.attention, self.context = attention, context
+        self.cache = KVCacheAttention(attention.core_attention, context)  # its scale is the forward's
+
+    def forward(
+        self, hidden_states: torch.Tensor, *_: Any, **__: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        assert self.context.positions is not None
+        query, key, value = self.attention.absorbed_query_key_value(hidden_states, self.context.positions)
+        return self.attention.absorbed_output(self.cache(query, key, value))
 
 
 class RecurrentCore(nn.Module):

@@ -6,8 +6,9 @@
 
 The prefill runs every prompt in one parallel forward (left-padded to the longest; the padding is
 a document of its own, so no state, key or n-gram crosses into a prompt), and each layer's
-stand-in core (``Letter.decode_core``: the KV cache of attention, the conv inputs and scan state of
-the mixers; MLP and experts keep nothing) keeps its state. A step embeds one token per row and runs each layer on it alone.
+stand-in core (``Letter.decode_core``: the KV cache of attention, the latent cache of multi-latent
+attention, the conv inputs and scan state of the mixers; MLP and experts keep nothing) keeps its
+state. A step embeds one token per row and runs each layer on it alone.
 
 What the embedding needs of the past it recomputes from a window: the n-gram hash from the last
 ``max order`` tokens with their positions in the document (so its restart rule is the forward's),
@@ -139,6 +140,7 @@ class Decoder:
         window, with RoPE at ``rope`` [b, keep]; the logits of the last one [b, vocab]."""
         m = self.model
         hidden = m.embedding(input_ids=tokens, position_ids=positions, structure=structure or None)[-keep:]
+        self.context.positions = rope  # for the letters that make their own RoPE (L)
         freqs = m.rotary_pos_emb(int(rope.max()) + 1)[:, 0, 0]  # [positions, dim]
         hidden = m.decoder(hidden, None, freqs[rope].transpose(0, 1)[:, :, None], None)
         weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None

@@ -8,9 +8,10 @@
       out = proj(causal_attention([q_nope, q_rope], [k_nope, k_rope], v)), scale 1/sqrt(d_nope + d_rope)
 
 megatron-core's MLASelfAttention computes it (``adapters.latent_attention`` bridges our stack's
-RoPE and document-boundary conventions), with column-parallel down and up projections (megatron's
-local MLA spec: the down projections' outputs are gathered over TP, the up projections split the
-heads), row-parallel output, our RMSNorm for the latent norms and our SDPAttention core.
+RoPE and document-boundary conventions, and sums the shared rotary key's gradient over TP), with
+column-parallel down and up projections (megatron's local MLA spec: the down projections' outputs
+are gathered over TP, the up projections split the heads), row-parallel output, our RMSNorm for
+the latent norms and our SDPAttention core.
 """
 
 from __future__ import annotations
@@ -64,11 +65,16 @@ class LatentAttentionLetter(Attention):
             ),
         )
 
+    def core(self, layer: torch.nn.Module) -> torch.nn.Module:
+        return layer.self_attention  # the whole MLA: its decode state is the latents, not keys
+
     def decode_core(self, core: torch.nn.Module, context: Any) -> torch.nn.Module:
-        raise ValueError(
-            "incremental decoding of L (multi-latent attention) layers is not implemented: MLA applies "
-            "its RoPE from position 0 of each call; decode a model whose attention layers are A"
-        )
+        from nam_spec.decode.cores import LatentKVCache
+
+        return LatentKVCache(core, context)
+
+    def spec_core(self, spec: Any) -> Any:
+        return spec.submodules.self_attention.module
 
     def layer_config(self, config: ModelConfig) -> tuple[type, dict[str, Any]]:
         from megatron.core.transformer.transformer_config import MLATransformerConfig
@@ -137,16 +143,6 @@ class LatentAttentionLetter(Attention):
                 out.append(f"model.attention.{what} {getattr(at, what)} must be >= 1 (L layers)")
         if out:
             return out
-        if tp > 1:
-            # megatron 0.19's MLA with column-parallel down projections (its local spec) gathers the
-            # shared rotary key from the TP shards, and the gather's backward keeps each rank's
-            # slice of a gradient that is only the rank's heads' part: the TP=2 input gradients
-            # differ from TP=1 (found by a test). TE's replicated down projection is not available
-            # on the local backend.
-            out.append(
-                f"parallel.tensor {tp} with L (multi-latent attention) layers: megatron-core's "
-                "column-parallel MLA loses part of the rotary key's gradient at TP > 1; use parallel.tensor 1"
-            )
         if at.num_heads < 1 or at.num_heads % tp:
             out.append(
                 f"model.attention.num_heads {at.num_heads} is not divisible by parallel.tensor {tp} "
