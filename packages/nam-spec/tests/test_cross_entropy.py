@@ -121,3 +121,49 @@ def test_bad_chunk_size_is_refused() -> None:
             sequence_parallel=False,
             chunk_tokens=0,
         )
+
+
+@pytest.mark.parametrize("untie_output", [True, False])  # False: the embedding's weight, passed as weight=
+def test_model_loss_and_gradients_equal_with_and_without_chunks(
+    untie_output: bool, megatron_single_rank: None
+) -> None:
+    """A small model with one multi-token-prediction depth (which reuses the output layer): the
+    per-token losses and every parameter's gradient, chunked (5 tokens: not a divisor of 16) and not."""
+    from helpers import tiny
+
+    from nam_layout import Layout
+    from nam_spec.model import build_model
+
+    layout = Layout.tile("AEMR-", 5)
+    models = []
+    for chunk in (0, 5):
+        torch.manual_seed(0)
+        models.append(
+            build_model(layout, tiny(mtp_depth=1, untie_output=untie_output, loss_chunk_tokens=chunk))
+        )
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
+    scale = torch.rand(2, 2, 8, generator=torch.Generator().manual_seed(6))
+    out = []
+    for model in models:
+        losses = model.train()(ids, torch.arange(8).expand(2, 8), labels=ids)
+        (losses * scale).sum().backward()
+        out.append((losses.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (fused, fused_grads) = out
+    assert fused.shape == (2, 2, 8)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [-1, 2.5, True])
+def test_bad_loss_chunk_is_one_problem(chunk: object) -> None:
+    from helpers import tiny
+
+    from nam_layout import Layout
+    from nam_spec.validation import problems
+
+    (problem,) = problems(tiny(loss_chunk_tokens=chunk), Layout.tile("A", 1))
+    assert (
+        problem == f"model.loss_chunk_tokens {chunk!r} must be an integer >= 0 (0: the whole logits at once)"
+    )
