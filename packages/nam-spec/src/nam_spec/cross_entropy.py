@@ -112,11 +112,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        # the chunks' products (each rounded once to the weight dtype, as the plain path's one
-        # product is) summed in fp32. With megatron's gradient_accumulation_fusion this sum would go
-        # straight into weight.main_grad (and the returned grad be a dummy, grad_added_to_main_grad
-        # set); megatron's DDP adds a returned grad to main_grad either way.
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        # Several chunks: their products (each rounded once to the weight dtype, as the plain path's
+        # one product is) summed in fp32, a weight-sized fp32 buffer. With megatron's
+        # gradient_accumulation_fusion this sum would go straight into weight.main_grad (and the
+        # returned grad be a dummy, grad_added_to_main_grad set); megatron's DDP adds a returned
+        # grad to main_grad either way.
+        single = hidden.shape[0] <= ctx.chunk_tokens
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight and not single else None
         for first in range(0, hidden.shape[0], ctx.chunk_tokens):
             rows = slice(first, first + ctx.chunk_tokens)
             h = hidden[rows]
@@ -127,7 +129,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits = probs.mul_(grad_loss[rows, None]).to(weight.dtype)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits @ weight
-            if grad_weight is not None:
+            if want_weight and single:
+                grad_weight = grad_logits.t() @ h
+            elif want_weight:
                 grad_weight += grad_logits.t() @ h
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
