@@ -13,9 +13,9 @@ and normalisation): it scales the rows of the input gradient, but the weight gra
 tokens, so precomputing gradients in forward (Liger's trick) would need every chunk's logit
 gradient kept until backward, i.e. the whole logits again. Recomputing instead costs one extra
 matmul: 4 x 2 x tokens x hidden x vocab/tp FLOPs in all instead of the plain path's 3 x, for
-memory bounded by one chunk's logits (fp32, its weight-dtype source and its gradient: about
-8 x chunk x vocab/tp bytes in bf16) plus what is kept: the gathered input and an fp32
-log-sum-exp per token.
+memory bounded by one chunk's logits (fp32 beside its weight-dtype source or gradient: 6 x chunk
+x vocab/tp bytes in bf16) plus what is kept, the gathered input and an fp32 log-sum-exp per token,
+and in backward over several chunks an fp32 sum of the weight gradient.
 """
 
 from __future__ import annotations
