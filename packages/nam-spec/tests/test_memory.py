@@ -14,7 +14,7 @@ from helpers import saved_bytes, tiny
 from nam_layout import Layout
 from nam_spec.accounting import model_params
 from nam_spec.config import ModelConfig, SpecConfigError
-from nam_spec.memory import GIB, layer_activation_bytes, memory_estimate
+from nam_spec.memory import GIB, layer_activation_bytes, memory_estimate, output_bytes, output_kept_bytes
 from nam_spec.model import build_model
 from nam_spec.presets import preset
 
@@ -22,7 +22,7 @@ NAM56R = Layout.tile("AEMEAEMEAEMR", 52)
 
 # bench/trainer.py's model: the nam56r-small preset (hidden 2048, n-gram and structure embeddings)
 # on the local backend in bf16, without recompute
-SMALL = preset("nam56r-small", recompute="none")
+SMALL = preset("nam56r-small", recompute="none", loss_chunk_tokens=0)  # whole logits, as measured
 SELECTIVE = "selective"  # the preset's recompute since e4a40d3
 
 
@@ -208,3 +208,13 @@ def test_estimate_is_pure_arithmetic() -> None:
     est = memory_estimate(ModelConfig(params_dtype="bfloat16"), NAM56R, micro_batch_size=4, data_parallel=64)
     assert dataclasses.is_dataclass(est) and est.total > 0
     assert est.total / GIB == est.total_gib
+
+
+def test_chunked_loss_holds_one_chunk_of_logits() -> None:
+    """Micro-batch 4 (16384 tokens, four chunks of 4096): the whole logits' 6 bytes a logit at the
+    peak and the 4-byte softmax kept become one chunk's (1.5 GiB), plus the input gradient and the
+    weight gradient's fp32 sum beside one chunk's product (0.9 GiB): 6 GiB become 2.4."""
+    chunked = SMALL.replace(loss_chunk_tokens=4096)
+    logit_bytes = 16384 * SMALL.vocab_size
+    assert output_kept_bytes(SMALL, 4) - output_kept_bytes(chunked, 4) == 4 * logit_bytes - 12 * 16384
+    assert output_bytes(chunked, 4) < output_bytes(SMALL, 4) - 3.5 * GIB

@@ -23,7 +23,8 @@ from nam_spec.presets import preset
 LAYOUT = Layout.tile("AEMR-", 10)
 # the embedding extras too: n-gram tables split by rows over TP, the rest replicated
 EXTRAS = EmbeddingConfig(ngram=True, ngram_heads=2, ngram_table_size=101, ngram_dim=4, structure=True)
-SMALL = preset("nam56r-small", recompute="none")  # widths that TP=2 divides, as on the GPU
+# widths that TP=2 divides, as on the GPU; the whole logits at once, as measured
+SMALL = preset("nam56r-small", recompute="none", loss_chunk_tokens=0)
 SP2 = ParallelConfig(tensor=2, sequence_parallel=True)
 
 

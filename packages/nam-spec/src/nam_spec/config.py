@@ -150,6 +150,9 @@ class ModelConfig:
     # joins the main loss times this weight (megatron's mtp_loss_scaling_factor, its default 0.1)
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.1
+    # the output layer and its cross entropy fused over this many tokens at a time
+    # (nam_spec.cross_entropy: a micro-batch's logits never exist at once); 0 = megatron's path
+    loss_chunk_tokens: int = 4096
 
     def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -34,7 +34,8 @@ What is counted on one rank, in bytes, as ``torch.cuda.max_memory_allocated`` se
 - output: on the rank of the last chunk, final norm, output layer and megatron's vocab-parallel
   cross entropy at its peak (the logits shard in the activation dtype plus their fp32 copy, which
   becomes the saved softmax); each further in-flight micro-batch of that chunk keeps its norm and
-  saved softmax;
+  saved softmax; with ``model.loss_chunk_tokens`` one chunk's logits instead of the whole
+  sequence's, and the input and a log-sum-exp per token kept (:func:`output_bytes`);
 - multi-token prediction (``activations mtp``, on the same rank): per depth, the layers of
   ``MTP_LETTERS`` under their policies, its two norms and the output's kept tensors again;
 - transient: how far re-running one recomputed layer in backward goes beyond the output's peak;
@@ -382,17 +383,32 @@ def layer_activation_bytes(
 
 def output_kept_bytes(config: ModelConfig, micro_batch: int, parallel: ParallelConfig | None = None) -> int:
     """What one micro-batch's output keeps until its backward on one rank: the final norm's tensors
-    (its sequence shard) and the fp32 softmax of its vocabulary shard over the whole sequence."""
+    (its sequence shard) and, whole logits at once, the fp32 softmax of the vocabulary shard over
+    the whole sequence; chunked (``model.loss_chunk_tokens``), the input gathered over the sequence
+    (under sequence parallelism; else it is the norm's output), the fp32 log-sum-exp and the int64
+    labels per token."""
     parallel = parallel or ParallelConfig()
     t = config.seq_length * micro_batch
-    return norm_bytes(config, sequence_shard(t, parallel)) + 4 * t * (config.vocab_size // parallel.tensor)
+    norm = norm_bytes(config, sequence_shard(t, parallel))
+    if not config.loss_chunk_tokens:
+        return norm + 4 * t * (config.vocab_size // parallel.tensor)
+    gathered = activation_bytes(config) * t * config.hidden_size if sequence_shard(t, parallel) < t else 0
+    return norm + gathered + 12 * t
 
 
 def output_bytes(config: ModelConfig, micro_batch: int, parallel: ParallelConfig | None = None) -> int:
-    """Final norm, output layer and cross entropy at their peak: the logits in the activation dtype
-    beside their fp32 copy (megatron's vocab-parallel cross entropy upcasts, then turns the copy into
-    the saved softmax in place; backward casts its gradient back, the same two again)."""
+    """Final norm, output layer and cross entropy at their peak. Whole logits at once: the logits in
+    the activation dtype beside their fp32 copy (megatron's vocab-parallel cross entropy upcasts,
+    then turns the copy into the saved softmax in place; backward casts its gradient back, the same
+    two again). Chunked, in backward (nam_spec.cross_entropy): one chunk's fp32 softmax beside its
+    gradient in the activation dtype, the input gradient and one chunk's weight-gradient product,
+    beside their fp32 sum when there are several chunks."""
     parallel = parallel or ParallelConfig()
     a = activation_bytes(config)
-    logits = a * config.seq_length * micro_batch * (config.vocab_size // parallel.tensor)
-    return output_kept_bytes(config, micro_batch, parallel) + (logits if a < 4 else 0)
+    t, vocab = config.seq_length * micro_batch, config.vocab_size // parallel.tensor
+    kept = output_kept_bytes(config, micro_batch, parallel)
+    if not config.loss_chunk_tokens:
+        return kept + (a * t * vocab if a < 4 else 0)
+    chunk = min(config.loss_chunk_tokens, t) * vocab * (4 + (a if a < 4 else 0))
+    weight_grad = (a + (4 if t > config.loss_chunk_tokens else 0)) * vocab * config.hidden_size
+    return kept + chunk + a * t * config.hidden_size + weight_grad

@@ -16,6 +16,7 @@ from nam_embed.hybrid_embedding import HybridEmbedding
 from nam_layout import Layout, StagePlan, plan_stages
 from nam_spec.backends import Backend, resolve_backend
 from nam_spec.config import ModelConfig, ParallelConfig
+from nam_spec.cross_entropy import linear_cross_entropy
 from nam_spec.letters import MTP_LETTERS
 from nam_spec.mtp import MtpDepth, MultiTokenPrediction, shift_left
 from nam_spec.specs import layer_specs
@@ -185,10 +186,10 @@ class NamModel(LanguageModule):
         weight = (
             self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         )
-        logits, _ = self.output_layer(hidden, weight=weight)
         if labels is None:
+            logits, _ = self.output_layer(hidden, weight=weight)
             return logits.transpose(0, 1).contiguous()
-        loss = self.compute_language_model_loss(labels, logits)
+        loss = self._token_losses(hidden, labels, weight)
         if not (self.mtp_process and self.training):
             return loss
         losses = [loss]
@@ -204,9 +205,27 @@ class NamModel(LanguageModule):
         )
         for h in mtp_hidden:
             labels = shift_left(labels)
-            logits, _ = self.output_layer(h, weight=weight)
-            losses.append(self.compute_language_model_loss(labels, logits))
+            losses.append(self._token_losses(h, labels, weight))
         return torch.stack(losses)
+
+    def _token_losses(
+        self, hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Per-token loss [b, s] of the output layer on ``hidden``: chunked with
+        ``model.loss_chunk_tokens`` (nam_spec.cross_entropy), else from the whole logits."""
+        chunk = self.model_config.loss_chunk_tokens
+        if not chunk:
+            logits, _ = self.output_layer(hidden, weight=weight)
+            return self.compute_language_model_loss(labels, logits)
+        return linear_cross_entropy(
+            hidden,
+            self.output_layer.weight if weight is None else weight,
+            labels,
+            self.tp_group,
+            # the output layer's own flag (megatron turns it off at TP=1)
+            sequence_parallel=self.output_layer.sequence_parallel,
+            chunk_tokens=chunk,
+        )
 
 
 def build_model(

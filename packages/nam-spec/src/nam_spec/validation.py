@@ -52,6 +52,9 @@ def problems(config: ModelConfig, layout: Layout, parallel: ParallelConfig | Non
         )
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < float("inf"):
         out.append(f"model.mtp_loss_weight {weight!r} must be a finite number >= 0")
+    chunk = config.loss_chunk_tokens
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        out.append(f"model.loss_chunk_tokens {chunk!r} must be an integer >= 0 (0: the whole logits at once)")
     if out:  # the letters' arithmetic needs sane sizes
         return out
     if config.backend not in BACKENDS:
