@@ -127,10 +127,14 @@ def initialize(
         device = torch.device("cpu")
     timeout = timedelta(seconds=timeout_s)
     if not torch_dist.is_initialized():
-        if world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+        # One rank without a launcher's rendezvous: a fresh port each time, kept out of the
+        # environment (a port left there was inherited by spawned children while still bound).
+        init_method = None
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+        torch_dist.init_process_group(
+            backend=backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout
+        )
         _OWNS_PROCESS_GROUP = True
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
