@@ -304,6 +304,59 @@ def test_restore_schedule() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# install_wgrad_accumulation, fuse_only_with_main_grad
+# ---------------------------------------------------------------------------------------------
+
+# A fresh process: the installation is process-wide and cannot be undone.
+_WGRAD = """
+import json, warnings
+warnings.simplefilter("ignore")
+import torch
+from megatron.core.tensor_parallel import layers
+from nam_runtime import cpu, megatron, wgrad
+
+cpu.enable()  # megatron's backward allocates the dummy weight gradient on torch.cuda.current_device()
+
+def backward(main_grad):
+    torch.manual_seed(0)
+    w, x = torch.nn.Parameter(torch.randn(3, 4)), torch.randn(2, 5, 4)
+    if main_grad:
+        w.main_grad, w.grad_added_to_main_grad = torch.ones(3, 4), False
+    y = layers.LinearWithGradAccumulationAndAsyncCommunication.apply(x, w, None, True, False, False, None, 0, None, 1)
+    try:
+        y.sum().backward()
+    except AttributeError as err:
+        return repr(err)
+    dense = torch.ones(2, 5, 3).reshape(-1, 3).t() @ x.reshape(-1, 4)
+    if main_grad:
+        return {"main_grad": torch.allclose(w.main_grad, 1 + dense), "marked": w.grad_added_to_main_grad}
+    return {"grad": torch.allclose(w.grad, dense)}
+
+out = {"available": layers._grad_accum_fusion_available}
+layers.fused_weight_gradient_mlp_cuda = wgrad  # the op alone, without the forward's gate
+out["upstream_without_main_grad"] = backward(False)
+megatron.install_wgrad_accumulation()
+megatron.install_wgrad_accumulation()  # idempotent
+out["without_main_grad"] = backward(False)
+out["with_main_grad"] = backward(True)
+print(json.dumps(out))
+"""
+
+
+def test_install_wgrad_accumulation() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _WGRAD], capture_output=True, text=True, check=True, timeout=120
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["available"] is False, "megatron finds apex's extension: drop install_wgrad_accumulation"
+    assert "'NoneType' object has no attribute 'dtype'" in result["upstream_without_main_grad"], (
+        "megatron's fused backward no longer fails on a weight without main_grad: drop fuse_only_with_main_grad"
+    )
+    assert result["without_main_grad"] == {"grad": True}
+    assert result["with_main_grad"] == {"main_grad": True, "marked": True}
+
+
+# ---------------------------------------------------------------------------------------------
 # same_function_modes
 # ---------------------------------------------------------------------------------------------
 

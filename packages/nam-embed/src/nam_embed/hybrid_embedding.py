@@ -98,6 +98,7 @@ class HybridEmbedding(LanguageModelEmbedding):
                 hidden,
                 row_range=(tp_rank * share, (tp_rank + 1) * share),
                 reduce=self._sum_over_tp if tp_size > 1 else None,
+                gradient_accumulation_fusion=config.gradient_accumulation_fusion,
                 device=device,
                 dtype=dtype,
             )

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from nam_embed.hashing import NgramHashConfig, ngram_indices
+from nam_embed.lookup import embedding
 
 
 class NgramHashEmbedding(nn.Module):
@@ -23,6 +24,10 @@ class NgramHashEmbedding(nn.Module):
     looks up the rows it holds, writes zeros for the others, and ``reduce`` (a sum over the ranks
     that share the rows) completes the lookups before the projection, which every rank holds
     whole. Each lookup has exactly one non-zero contribution, so the sum is exact.
+
+    ``gradient_accumulation_fusion``: the tables' gradient goes straight into megatron DDP's
+    ``main_grad`` where the weight has one (:mod:`nam_embed.lookup`), as megatron's linear layers
+    do under the TransformerConfig field of that name.
     """
 
     def __init__(
@@ -32,6 +37,7 @@ class NgramHashEmbedding(nn.Module):
         *,
         row_range: tuple[int, int] | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        gradient_accumulation_fusion: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -46,6 +52,7 @@ class NgramHashEmbedding(nn.Module):
         self.config = config
         self.row_start, self.row_end = start, end
         self.reduce = reduce
+        self.table_lookup = embedding if gradient_accumulation_fusion else nn.functional.embedding
         multipliers, salts = config.multipliers_and_salts()
         # The hash constants are saved with the weights: a checkpoint carries its own hash.
         as_long = {"dtype": torch.int64, "device": device}
@@ -84,7 +91,7 @@ class NgramHashEmbedding(nn.Module):
         local = self.indices(input_ids, position_ids)
         rows = local + self.offsets - self.row_start
         hit = (local >= 0) & (rows >= 0) & (rows < self.weight.shape[0])
-        vectors = nn.functional.embedding(torch.where(hit, rows, 0), self.weight)
+        vectors = self.table_lookup(torch.where(hit, rows, 0), self.weight)
         vectors = vectors * hit.unsqueeze(-1).to(vectors.dtype)
         vectors = vectors.flatten(-2)
         return self.reduce(vectors) if self.reduce is not None else vectors

@@ -5,16 +5,18 @@ workaround is one row of `WORKAROUNDS`: where it applies, why, and what upstream
 it unnecessary. `tests/test_megatron.py` reproduces each upstream behaviour and fails when it is
 gone, so a workaround that is no longer needed shows up (then delete its row and its function).
 
-Callers: nam-spec's stack (recompute under the forward's function modes), the trainer's set-up,
-checkpoints (which build and load the optimizer's state through optimizer_sharded_state_dict and
-load_optimizer_state). This module imports neither of them.
+Callers: nam-spec's stack (recompute under the forward's function modes) and transformer_config
+(weight gradients into main_grad), the trainer's set-up, checkpoints (which build and load the
+optimizer's state through optimizer_sharded_state_dict and load_optimizer_state). This module
+imports neither of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +27,11 @@ __all__ = [
     "SCHEDULE_KEYS",
     "WORKAROUNDS",
     "Workaround",
+    "fuse_only_with_main_grad",
     "holds_params",
     "import_before_enable",
     "inner_optimizers",
+    "install_wgrad_accumulation",
     "load_distributed_optimizer",
     "load_optimizer_state",
     "merge_plain",
@@ -348,6 +352,65 @@ def restore_schedule(scheduler: Any, saved: dict[str, Any]) -> list[str]:
         setattr(scheduler, key, saved[key])
     scheduler.step(0)
     return differing
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight gradients straight into main_grad (gradient_accumulation_fusion without apex)
+# ---------------------------------------------------------------------------------------------
+
+_LAYERS = "megatron.core.tensor_parallel.layers"
+
+_row(
+    "install_wgrad_accumulation",
+    f"{_LAYERS}: `fused_weight_gradient_mlp_cuda` (apex's extension) and `_grad_accum_fusion_available`, "
+    "which LinearWithGradAccumulationAndAsyncCommunication.backward calls and Column/RowParallelLinear "
+    "check at construction when config.gradient_accumulation_fusion is on; nam-spec's transformer_config "
+    "installs it before it turns fusion on",
+    "without apex megatron refuses the fusion, and every linear returns a weight gradient that DDP's hook "
+    "then adds to main_grad, one separate add per weight per micro-batch; nam_runtime.wgrad is the same "
+    "GEMM accumulating into main_grad in torch (addmm with out_dtype on CUDA)",
+    "megatron-core falling back to torch's addmm(out_dtype=...) where apex is absent",
+)
+
+
+def install_wgrad_accumulation() -> None:
+    """Let megatron's linear layers accumulate weight gradients into ``main_grad`` with
+    nam_runtime.wgrad in place of apex's extension (idempotent; before building the layers)."""
+    from nam_runtime import wgrad
+
+    layers = importlib.import_module(_LAYERS)
+    layers.fused_weight_gradient_mlp_cuda = wgrad
+    layers._grad_accum_fusion_available = True
+    function = layers.LinearWithGradAccumulationAndAsyncCommunication
+    if not getattr(function.forward, "_fuses_only_with_main_grad", False):
+        function.forward = staticmethod(fuse_only_with_main_grad(function.forward))
+
+
+_row(
+    "fuse_only_with_main_grad",
+    f"{_LAYERS}.LinearWithGradAccumulationAndAsyncCommunication.forward; installed by "
+    "install_wgrad_accumulation",
+    "with gradient_accumulation_fusion on, a weight without main_grad (a model used without megatron's "
+    "DDP: nam-spec's tests, nam-train's load / evaluate / generate) keeps the fused flag in ctx, and the "
+    "backward then reads main_grad of None (AttributeError); the flag is turned off for it, so such a "
+    "weight gets its plain .grad",
+    "megatron-core deciding the fused backward by the presence of main_grad, as its forward already "
+    "does for the buffer it saves",
+)
+
+
+def fuse_only_with_main_grad(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """megatron's linear forward whose backward fuses only where the weight has a main_grad."""
+
+    @functools.wraps(forward)
+    def fused_where_main_grad(ctx: Any, *args: Any) -> Any:
+        out = forward(ctx, *args)
+        if ctx.main_grad is None:
+            ctx.gradient_accumulation_fusion = False
+        return out
+
+    fused_where_main_grad._fuses_only_with_main_grad = True  # type: ignore[attr-defined]
+    return fused_where_main_grad
 
 
 # ---------------------------------------------------------------------------------------------

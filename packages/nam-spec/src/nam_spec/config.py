@@ -146,6 +146,9 @@ class ModelConfig:
     # one policy for every letter, or letter -> policy (absent letters: none)
     recompute: Recompute | Mapping[str, Recompute] = "none"
     params_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, else fp32
+    # weight gradients accumulated straight into megatron DDP's fp32 main_grad (megatron's
+    # gradient_accumulation_fusion; nam_runtime.wgrad in place of apex): no separate add per weight
+    gradient_accumulation_fusion: bool = True
     # multi-token prediction (nam_spec.mtp): depths after the main head, 0 = off; their mean loss
     # joins the main loss times this weight (megatron's mtp_loss_scaling_factor, its default 0.1)
     mtp_depth: int = 0

@@ -146,6 +146,12 @@ class NamModel(LanguageModule):
             )
         if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
+        if self.mtp_process and self.share_embeddings_and_output_weights:
+            # The last stage's copy of the word embedding is also its output layer's weight: with
+            # gradient_accumulation_fusion the output layer writes main_grad and marks it, and DDP's
+            # hook then adds the lookups' gradient only under this mark, which megatron sets only
+            # when the pipeline has one stage.
+            self.shared_embedding_or_output_weight().zero_out_wgrad = True
 
     def allreduce_embedding_copy_grads(self) -> None:
         """Sum the gradients of nam-embed's extras over the stages that hold the embedding (the

@@ -22,6 +22,8 @@ def transformer_config(
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
+    from nam_runtime.megatron import install_wgrad_accumulation
+
     parallel = parallel or ParallelConfig()
     validate(config, layout, parallel)
     kw: dict[str, object] = {}
@@ -36,6 +38,8 @@ def transformer_config(
     config_class, own = block.layer_config(config) if block else (TransformerConfig, {})
     kw.update(own)
     dtype = config.torch_dtype
+    if config.gradient_accumulation_fusion:
+        install_wgrad_accumulation()  # before the layers, which check for the extension
     return config_class(
         num_layers=layout.depth,
         hidden_size=config.hidden_size,
@@ -64,7 +68,8 @@ def transformer_config(
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        # only where the weight has DDP's main_grad; any other weight gets its .grad as before
+        gradient_accumulation_fusion=config.gradient_accumulation_fusion,
         persist_layer_norm=False,
         recompute_granularity="selective" if modules else None,
         recompute_modules=modules,
