@@ -5,7 +5,7 @@ and peak memory.
     bash bench/gpu.sh cross_entropy
 
 Shapes: hidden 2048, vocab 65536 (NAM56R's), 4096 and 16384 tokens (a micro-batch of 1 and of
-4 x 4096), bf16, one rank, at ``model.loss_chunk_tokens``' default chunk and twice it. The
+4 x 4096), bf16, one rank, in chunks of 4096 and 8192 tokens (``model.loss_chunk_tokens``). The
 gradient of the per-token loss is a random per-token scale, as a loss mask over a token count is.
 Checks first, at each token count: the fused per-token loss, input gradient and weight gradient
 against the plain path's (relative norm errors).
@@ -26,6 +26,7 @@ from bench.world import one_rank_world
 
 HIDDEN, VOCAB = 2048, 65536
 TOKENS = (4096, 16384)
+CHUNKS = (4096, 8192)
 MATMUL_TFLOPS = 700.0
 
 
@@ -113,11 +114,9 @@ def main(report: Report) -> None:
 def _bench(report: Report) -> None:
     import torch
 
-    from nam_spec.config import ModelConfig
-
-    chunk = ModelConfig().loss_chunk_tokens
+    chunk = CHUNKS[0]
     for tokens in TOKENS:
-        for chunk_tokens in (chunk, 2 * chunk):
+        for chunk_tokens in CHUNKS:
             runs, layer = paths(tokens, HIDDEN, VOCAB, chunk_tokens, "cuda", torch.bfloat16)
             if chunk_tokens == chunk:
                 check(report, runs, f"t{tokens} chunk {chunk_tokens}")

@@ -154,8 +154,10 @@ class ModelConfig:
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.1
     # the output layer and its cross entropy fused over this many tokens at a time
-    # (nam_spec.cross_entropy: a micro-batch's logits never exist at once); 0 = megatron's path
-    loss_chunk_tokens: int = 4096
+    # (nam_spec.cross_entropy: a micro-batch's logits never exist at once); 0 = megatron's path.
+    # Off by default: it saves memory (6.0 -> 3.6 GiB at 16384 tokens, vocab 65536) but its
+    # backward recomputes the logits, 39 -> 54 ms on an H100 (bench/RESULTS.md, cross_entropy)
+    loss_chunk_tokens: int = 0
 
     def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)
