@@ -41,6 +41,10 @@ finite; ours drops on the fixed batch within five steps. Then a torch.profiler t
 PROFILE_STEPS of ours: top kernels by GPU time and GPU time per letter (record_function ranges
 opened around each layer's forward and, by gradient hooks, its backward), printed and written to
 $OUT/trainer_profile_ours.txt.
+
+Levers (issue "Throughput"): each landed lever in LEVERS_OFF is set back to its earlier path and
+ours is timed again at micro-batch 1 (a row each, the with / without ratio, and a check that the
+losses of every step stay within LEVER_LOSS_TOL of ours with all levers).
 """
 
 from __future__ import annotations
@@ -73,6 +77,10 @@ WARMUP_STEPS = 2
 TIMED_STEPS = 5
 PROFILE_STEPS = 1  # of MICROBATCHES micro-batches; summarising the trace costs CPU time per event
 DROP_AFTER = 5  # steps on the fixed batch after which our loss must have dropped
+# throughput levers that landed, each set back to its path before (a [model] key and its old
+# value), timed at micro-batch 1 against ours with all of them
+LEVERS_OFF = {"gradient_accumulation_fusion": "false"}
+LEVER_LOSS_TOL = 2e-2  # relative, per step, on the fixed batch: bf16 gradients summed differently
 DENSE_BF16_TFLOPS = 989.0  # H200 datasheet, dense bf16
 MATMUL_TFLOPS = 700.0  # bench/ceilings.py: torch bf16 8192^3 matmul, do_bench median
 TOP_KERNELS = 15
@@ -86,10 +94,10 @@ def log(message: str) -> None:
     print(f"[trainer {time.strftime('%H:%M:%S')} +{time.monotonic() - _T0:5.0f}s] {message}", flush=True)
 
 
-def preset(name: str = PRESET) -> Any:
+def preset(name: str = PRESET, **model: str) -> Any:
     """The trainer preset, checked for one rank, in bf16 (on the default local backend), with the preset's
     recomputation off (megatron's model keeps all its activations too) and the learning rate held
-    at its peak: no warm-up, a cosine decay over a million steps."""
+    at its peak: no warm-up, a cosine decay over a million steps; ``model`` sets [model] keys."""
     from nam_trainer.config import check, load_config
 
     overrides = {
@@ -98,6 +106,7 @@ def preset(name: str = PRESET) -> Any:
         "training.warmup_steps": "0",
         "training.steps": "1000000",
         "parallel.distributed_optimizer": "true",
+        **{f"model.{key}": value for key, value in model.items()},
     }
     cfg = load_config(
         name, overrides=[arg for key, value in overrides.items() for arg in (f"--{key}", value)]
@@ -668,6 +677,25 @@ def _bench(report: Report, world: Any) -> None:
     gc.collect()
     torch.cuda.empty_cache()
     log(f"freed ours: {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated")
+
+    for key, value in LEVERS_OFF.items():
+        log(f"ours with model.{key} = {value} (the path before that lever)")
+        run = build_run(preset(**{key: value}), world)
+        before = run_model(
+            report,
+            f"ours, {key} {value}",
+            run,
+            ours_layout,
+            make_batches(c, MICRO_BATCH, MICROBATCHES, with_extras=True),
+            formula_params=model_params(c, ours_layout).total,
+            params_tol=0.0,
+        )
+        report.row(f"{key}: step time with / without", ratio=ours["ms"] / before["ms"])
+        drift = max(abs(a - b) / abs(b) for a, b in zip(ours["losses"], before["losses"], strict=True))
+        report.check(f"{key}: losses of every step with / without (relative)", drift, LEVER_LOSS_TOL)
+        del run
+        gc.collect()
+        torch.cuda.empty_cache()
 
     # megatron-core's HybridModel --------------------------------------------------------------
     layout = megatron_layout(ours_layout)
