@@ -32,6 +32,7 @@ from bench.report import Report
 REGISTRY: dict[str, str] = {
     "attention_documents": "bench.attention_documents",
     "ceilings": "bench.ceilings",
+    "cppmega": "bench.cppmega",
     "cross_entropy": "bench.cross_entropy",
     "embed": "bench.embed",
     "generate": "bench.generate",
