@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nam_trainer.data import PackedSplit, pack, write_rows
+from nam_trainer.data import pack, write_rows
+from nam_trainer.data.dataset import PackedSplit
 
 EOS, PAD = 0, 1
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nam_embed.cpp import extract_cpp_structure
-from nam_embed.cpp_vocab import CATEGORIES, NODE_TYPE_IDS, NODE_TYPES
-from nam_embed.structure import CHANNELS, StructureConfig, StructureEmbedding, StructureSchema
+from nam_embed.cpp_vocab import CATEGORIES, CHANNELS, NODE_TYPE_IDS, NODE_TYPES
+from nam_embed.structure import StructureConfig, StructureEmbedding, StructureSchema
 
 
 def _tokens(source: str) -> list[tuple[int, int]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nam_embed.cpp_vocab import CATEGORIES, NODE_TYPES
-from nam_embed.structure import CHANNELS, ChannelSpec, StructureConfig, StructureEmbedding, StructureSchema
+from nam_embed.cpp_vocab import CATEGORIES, CHANNELS, NODE_TYPES
+from nam_embed.structure import ChannelSpec, StructureConfig, StructureEmbedding, StructureSchema
 
 SCHEMA = StructureSchema(
     (ChannelSpec("a", 5, "clamp"), ChannelSpec("b", 3, "error"), ChannelSpec("c", 4, "clamp"))

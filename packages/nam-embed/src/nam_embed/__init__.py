@@ -1,18 +1,21 @@
 """N-gram hash and code-structure embeddings for megatron-core models.
 
-The torch modules import with torch alone; ``HybridEmbedding`` (megatron-core) and
-``extract_cpp_structure`` (the ``cpp`` extra) load on first use.
+Importing the package loads no torch: the torch modules load on first use of their names, so that
+nam-train's data workers (the C++ extractor's rows and vocabulary, for which importing torch
+would cost each of them seconds) run without it. ``HybridEmbedding`` needs megatron-core and
+``extract_cpp_structure`` the ``cpp`` extra.
 """
 
 from typing import TYPE_CHECKING, Any
 
-from nam_embed.hashing import PAD_ID, NgramHashConfig
-from nam_embed.ngram import NgramHashEmbedding
-from nam_embed.structure import CHANNELS, ChannelSpec, StructureConfig, StructureEmbedding, StructureSchema
+from nam_embed.cpp_vocab import CHANNELS
 
 if TYPE_CHECKING:
     from nam_embed.cpp import extract_cpp_structure
+    from nam_embed.hashing import PAD_ID, NgramHashConfig
     from nam_embed.hybrid_embedding import HybridEmbedding
+    from nam_embed.ngram import NgramHashEmbedding
+    from nam_embed.structure import ChannelSpec, StructureConfig, StructureEmbedding, StructureSchema
 
 __version__ = "0.1.0"
 
@@ -29,7 +32,17 @@ __all__ = [
     "extract_cpp_structure",
 ]
 
-_LAZY = {"HybridEmbedding": "nam_embed.hybrid_embedding", "extract_cpp_structure": "nam_embed.cpp"}
+_LAZY = {
+    "PAD_ID": "nam_embed.hashing",
+    "NgramHashConfig": "nam_embed.hashing",
+    "NgramHashEmbedding": "nam_embed.ngram",
+    "ChannelSpec": "nam_embed.structure",
+    "StructureConfig": "nam_embed.structure",
+    "StructureEmbedding": "nam_embed.structure",
+    "StructureSchema": "nam_embed.structure",
+    "HybridEmbedding": "nam_embed.hybrid_embedding",
+    "extract_cpp_structure": "nam_embed.cpp",
+}
 
 
 def __getattr__(name: str) -> Any:

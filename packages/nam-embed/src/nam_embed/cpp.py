@@ -24,13 +24,22 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+from nam_embed.cpp_vocab import (
+    CHANNELS,
+    FUNCTION_TYPES,
+    NODE_TYPE_IDS,
+    NONE_ID,
+    SCOPE_BODIES,
+    UNKNOWN_ID,
+    category_of,
+)
 
-from nam_embed.cpp_vocab import FUNCTION_TYPES, NODE_TYPE_IDS, NONE_ID, SCOPE_BODIES, UNKNOWN_ID, category_of
-from nam_embed.structure import CHANNELS
+if TYPE_CHECKING:
+    from torch import Tensor
+
+Row = tuple[int, int, int, int, int]  # one token's channels, in CHANNELS order
 
 
 @functools.cache
@@ -45,9 +54,9 @@ def _parser() -> Any:
     return tree_sitter.Parser(tree_sitter.Language(tree_sitter_cpp.language()))
 
 
-def _node_channels(root: Any) -> dict[int, tuple[int, int, int, int, int]]:
+def _node_channels(root: Any) -> dict[int, Row]:
     """node id -> (category, dependency, depth, sibling, node_type) for every named node."""
-    out: dict[int, tuple[int, int, int, int, int]] = {}
+    out: dict[int, Row] = {}
     root_cat = category_of(root.type)
     stack = [(root, 0, 0, 0 if root_cat is None else root_cat, 0)]
     while stack:
@@ -78,9 +87,19 @@ def _byte_offsets(source: str) -> list[int] | None:
 def extract_cpp_structure(source: str, offsets: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
     """Structure channels of C++ ``source`` for tokens at character spans ``offsets``.
 
-    Returns one int64 tensor of shape [len(offsets)] per channel in ``structure.CHANNELS``,
+    Returns one int64 tensor of shape [len(offsets)] per channel in ``CHANNELS``,
     ready for ``StructureEmbedding`` (after stacking rows) with ``StructureSchema.default()``.
     """
+    import torch  # here: cpp_structure_rows serves callers without torch
+
+    rows = cpp_structure_rows(source, offsets)
+    values = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), len(CHANNELS))
+    return {name: values[:, i].contiguous() for i, name in enumerate(CHANNELS)}
+
+
+def cpp_structure_rows(source: str, offsets: Sequence[tuple[int, int]]) -> list[Row]:
+    """``extract_cpp_structure`` as plain ints, one row per token, without torch: nam-train's data
+    workers call it, and importing torch would cost each of them seconds."""
     for i, span in enumerate(offsets):
         if len(span) != 2 or not 0 <= span[0] <= span[1] <= len(source):
             raise ValueError(
@@ -91,7 +110,7 @@ def extract_cpp_structure(source: str, offsets: Sequence[tuple[int, int]]) -> di
     root = _parser().parse(data).root_node
     table = _node_channels(root)
     to_byte = _byte_offsets(source)
-    rows = []
+    rows: list[Row] = []
     for start, end in offsets:
         if start == end:
             rows.append((0, 0, 0, 0, NONE_ID))
@@ -105,5 +124,4 @@ def extract_cpp_structure(source: str, offsets: Sequence[tuple[int, int]]) -> di
         width = 1 if to_byte is None else to_byte[first + 1] - b
         node = root.named_descendant_for_byte_range(b, b + width)
         rows.append(table[node.id])
-    values = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), len(CHANNELS))
-    return {name: values[:, i].contiguous() for i, name in enumerate(CHANNELS)}
+    return rows

@@ -1,7 +1,7 @@
 """The C++ structure vocabulary: node-type ids, categories and dependency-level scopes.
 
-This module is data (no parser import), so the default StructureSchema can size itself without
-the ``cpp`` extra.
+This module is data (no parser import, no torch), so the default StructureSchema can size itself
+without the ``cpp`` extra, and nam-train's data workers can use it without torch.
 
 Node-type ids are frozen: id 0 is ``<none>`` (the token covers no source byte, e.g. a special
 token with an empty span), id 1 is ``<unknown>`` (a node type not listed here, e.g. from a newer
@@ -11,6 +11,9 @@ change that keeps old checkpoints meaningful.
 """
 
 from __future__ import annotations
+
+CHANNELS = ("category", "dependency", "depth", "sibling", "node_type")
+"""The five channels the C++ extractor writes, in the default schema's order."""
 
 CATEGORIES = ("other", "preprocessor", "declaration", "statement", "expression", "comment", "literal")
 """Structure categories, by id. A token's category is that of the innermost node around it (itself

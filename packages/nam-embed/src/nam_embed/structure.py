@@ -17,9 +17,6 @@ from torch import Tensor, nn
 
 OutOfRange = Literal["clamp", "error"]
 
-CHANNELS = ("category", "dependency", "depth", "sibling", "node_type")
-"""The five channels the C++ extractor writes, in the default schema's order."""
-
 
 @dataclass(frozen=True)
 class ChannelSpec:

@@ -2,7 +2,6 @@
 
 from nam_trainer.data.cache import cache_key, load_or_build, problem
 from nam_trainer.data.corpus import Corpus, CorpusError, Document, Source, fingerprint, scan_corpus
-from nam_trainer.data.dataset import PackedSplit
 from nam_trainer.data.packing import PackedRows, RowPacker, RowWriter, pack, write_rows
 from nam_trainer.data.prepare import (
     CorpusPlan,
@@ -29,7 +28,6 @@ __all__ = [
     "Document",
     "LoadedTokenizer",
     "PackedRows",
-    "PackedSplit",
     "PreparedData",
     "RowPacker",
     "RowWriter",

@@ -14,14 +14,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nam_trainer.config.schema import Config, DataConfig
 from nam_trainer.data.cache import FORMAT, cache_key, load_or_build, problem, read_manifest
 from nam_trainer.data.corpus import Corpus, Document, Mapper, fingerprint, read_texts, scan_corpus
-from nam_trainer.data.dataset import PackedSplit
 from nam_trainer.data.packing import RowPacker, RowWriter, token_dtype
 from nam_trainer.data.split import split_documents
 from nam_trainer.data.structure import CHANNELS, extractor_version
@@ -34,6 +33,9 @@ from nam_trainer.data.tokenizer import (
 )
 from nam_trainer.data.units import Unit, UnitJob, build_unit, completed, plan_units, unit_documents
 from nam_trainer.data.workers import Workers
+
+if TYPE_CHECKING:
+    from nam_trainer.data.dataset import PackedSplit
 
 SPLITS = ("train", "validation")
 REPORT_EVERY_S = 10.0
@@ -141,6 +143,9 @@ def packed_key_inputs(
 def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> PreparedData:
     """Build what is missing or bad in the cache, verify the rest, and open the packed splits: a
     tokenizer of at most ``model.vocab_size`` tokens, rows of ``model.seq_length``."""
+    # Imported here: it imports torch, which the worker processes (they import this package) should not pay for.
+    from nam_trainer.data.dataset import PackedSplit
+
     data = cfg.data
     with Workers(worker_count(data)) as workers:
         plan = plan_corpus(data, workers.imap)
@@ -164,7 +169,9 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> PreparedDat
     for i, facts in enumerate(info["sources"]):  # once, whether just built or found in the cache
         for split in (s for s in SPLITS if s in facts):
             f = facts[split]
-            log(f"data: source {i} {split}: {f['documents']} documents, {f['tokens']:,} tokens, {f['rows']} rows")
+            log(
+                f"data: source {i} {split}: {f['documents']} documents, {f['tokens']:,} tokens, {f['rows']} rows"
+            )
     channels = CHANNELS if data.structure == "cpp" else ()
     sources = tuple(
         SourceData(

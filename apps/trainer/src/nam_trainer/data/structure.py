@@ -14,9 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 import nam_embed
-from nam_embed.cpp import extract_cpp_structure
-from nam_embed.cpp_vocab import UNKNOWN_ID
-from nam_embed.structure import CHANNELS
+from nam_embed.cpp import cpp_structure_rows
+from nam_embed.cpp_vocab import CHANNELS, UNKNOWN_ID
 
 DTYPE = np.uint16
 
@@ -37,10 +36,10 @@ def cpp_structure(text: str, offsets: Sequence[tuple[int, int]]) -> np.ndarray |
     """[len(CHANNELS), len(offsets)] structure channels of C++ ``text`` for tokens at character spans
     ``offsets``, or None when the extractor fails on it (the caller marks the channels unknown)."""
     try:
-        channels = extract_cpp_structure(text, offsets)
+        rows = cpp_structure_rows(text, offsets)  # not the torch tensors: the workers run without torch
     except (RecursionError, ValueError, RuntimeError, MemoryError):  # tree-sitter gave up on this text
         return None
-    stacked = np.stack([channels[name].numpy() for name in CHANNELS])
+    stacked = np.array(rows, dtype=np.int64).reshape(len(rows), len(CHANNELS)).T
     return np.minimum(stacked, np.iinfo(DTYPE).max).astype(DTYPE)
 
 

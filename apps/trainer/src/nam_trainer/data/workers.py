@@ -2,10 +2,11 @@
 ``map`` of this process for one worker (no process to start, the tests' and small corpora's case).
 
 Spawn, not fork: the caller has torch (and its threads) loaded, which a forked child must not
-inherit. Each worker keeps to one thread (tokenizers' and torch's pools would oversubscribe the
-cores the workers already share out) and silences the library notices nam_runtime.quiet lists, as
-nam-train's own process does: a spawned child starts without its filters and would print torch's
-and megatron's import-time notices once per worker. Results come back in task order whatever
+inherit. A worker imports neither torch nor megatron (numpy, tokenizers and tree-sitter only):
+their imports cost a spawned process seconds before its first unit, so the modules a worker
+loads (the tasks' and the main script's, which a spawned child imports again) keep them out of
+their top level. Each worker keeps to one thread (tokenizers' and numpy's pools would
+oversubscribe the cores the workers already share out). Results come back in task order whatever
 finishes first.
 """
 
@@ -19,7 +20,8 @@ from multiprocessing.pool import Pool
 from types import TracebackType
 from typing import Any
 
-from nam_runtime.quiet import quiet
+# In a worker's environment from its start: the libraries read them when they load.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 class Workers:
@@ -46,7 +48,7 @@ class Workers:
             return map(fn, items)
         if self._pool is None:
             _check_importable_main(self.count)
-            self._pool = multiprocessing.get_context("spawn").Pool(self.count, initializer=_start_worker)
+            self._pool = _spawn_pool(self.count)
         return self._pool.imap(fn, items, chunksize=1)
 
 
@@ -62,10 +64,16 @@ def _check_importable_main(count: int) -> None:
         )
 
 
-def _start_worker() -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ["OMP_NUM_THREADS"] = "1"
-    quiet()  # before build_unit imports megatron, which speaks at import
-    import torch
-
-    torch.set_num_threads(1)
+def _spawn_pool(count: int) -> Pool:
+    """The pool, its workers started with WORKER_ENV; this process's environment is left as it was
+    (a worker the pool restarts after one died misses them: it is only slower)."""
+    saved = {key: os.environ.get(key) for key in WORKER_ENV}
+    os.environ.update(WORKER_ENV)
+    try:
+        return multiprocessing.get_context("spawn").Pool(count)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -8,11 +8,12 @@ import os
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO
-
-from torch.utils.tensorboard import SummaryWriter
+from typing import IO, TYPE_CHECKING
 
 from nam_trainer.metrics.records import encode, read_records
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
@@ -82,6 +83,10 @@ class RunLog:
 
     def _tb_writer(self) -> SummaryWriter:
         if self._writer is None:
+            # Imported here: it imports torch, which nam-train's data workers (they import the CLI
+            # again, as spawned processes do) should not pay for.
+            from torch.utils.tensorboard import SummaryWriter
+
             self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=self._purge_step)
         return self._writer
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from nam_spec.documents import document_boundaries, has_boundaries
-from nam_trainer.data import PackedSplit
+from nam_trainer.data.dataset import PackedSplit
 
 
 @dataclass(frozen=True)
