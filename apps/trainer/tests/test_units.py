@@ -14,8 +14,9 @@ import pytest
 
 from nam_trainer.config.schema import SourceConfig
 from nam_trainer.data.corpus import read_texts, scan_corpus
+from nam_trainer.data.shards import ShardWriter
 from nam_trainer.data.tokenizer import train_bpe
-from nam_trainer.data.units import SPLITS, ShardWriter, Unit, UnitJob, build_unit, plan_units, unit_documents
+from nam_trainer.data.units import SPLITS, Unit, UnitJob, build_unit, plan_units, unit_documents
 from nam_trainer.data.workers import Workers
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nam_trainer.data.shards import ShardWriter
 from nam_trainer.data.structure import DTYPE as STRUCTURE_DTYPE
 
 FIELD_DTYPES: dict[str, type[np.number]] = {
@@ -173,36 +174,28 @@ def pack(
 
 
 class RowWriter:
-    """Rows appended chunk by chunk to one megatron ``IndexedDataset`` per field, ``<prefix>.<field>.bin/.idx``,
+    """Rows appended chunk by chunk to one megatron indexed dataset per field, ``<prefix>.<field>.bin/.idx``,
     one sequence per row, all rows in a single megatron document."""
 
     def __init__(self, prefix: Path) -> None:
         self.prefix = prefix
         self.rows = 0
-        self._builders: dict[str, object] = {}
+        self._writers: dict[str, ShardWriter] = {}
 
     def add(self, rows: PackedRows) -> None:
-        # Imported here: importing megatron.core costs seconds of CPU, which --dry-run should not pay.
-        import torch
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path
-
         for name, array in rows.fields().items():
-            builder = self._builders.get(name)
-            if builder is None:
-                builder = IndexedDatasetBuilder(get_bin_path(f"{self.prefix}.{name}"), dtype=array.dtype.type)
-                self._builders[name] = builder
+            writer = self._writers.get(name)
+            if writer is None:
+                writer = self._writers[name] = ShardWriter(Path(f"{self.prefix}.{name}"), array.dtype)
             for row in array.reshape(rows.num_rows, -1):
-                builder.add_item(torch.from_numpy(row))  # type: ignore[attr-defined]
+                writer.add(row)
         self.rows += rows.num_rows
 
     def finalize(self) -> list[str]:
         """Close every field; returns the field names written."""
-        from megatron.core.datasets.indexed_dataset import get_idx_path
-
-        for name, builder in self._builders.items():
-            builder.end_document()  # type: ignore[attr-defined]
-            builder.finalize(get_idx_path(f"{self.prefix}.{name}"))  # type: ignore[attr-defined]
-        return list(self._builders)
+        for writer in self._writers.values():
+            writer.finalize()
+        return list(self._writers)
 
 
 def write_rows(rows: PackedRows, prefix: Path) -> list[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from nam_trainer.data.corpus import Document, read_texts
+from nam_trainer.data.shards import ShardWriter
 from nam_trainer.data.structure import CHANNELS, cpp_structure, unknown_structure
 
 UNIT_BYTES = (
@@ -159,48 +159,6 @@ def build_unit(task: tuple[Unit, UnitJob]) -> dict[str, Any]:
 
 # megatron-core's indexed dataset, version 1 (megatron/core/datasets/indexed_dataset.py): the .idx
 # header, then its dtype codes
-_INDEX_HEADER = b"MMIDIDX\x00\x00"
-_INDEX_VERSION = 1
-_DTYPE_CODES = {
-    np.dtype(t): code
-    for code, t in enumerate(
-        (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float64, np.float32, np.uint16), start=1
-    )
-}
-
-
-class ShardWriter:
-    """``<prefix>.bin/.idx``: one megatron indexed dataset, byte for byte what megatron's
-    IndexedDatasetBuilder writes with ``add_item`` per array and one ``end_document``: one sequence
-    per array, all of them in a single megatron document; megatron's IndexedDataset reads it."""
-
-    # Not megatron's builder: importing it (megatron.core's __init__, and torch) costs a worker ~6 s.
-
-    def __init__(self, prefix: Path, dtype: np.dtype) -> None:
-        self.prefix = prefix
-        self.dtype = np.dtype(dtype)
-        self._code = _DTYPE_CODES[self.dtype]
-        self._bin = open(f"{prefix}.bin", "wb")  # noqa: SIM115 (closed by finalize)
-        self._lengths: list[int] = []
-
-    def add(self, array: np.ndarray) -> None:
-        data = np.ascontiguousarray(array, dtype=self.dtype)
-        self._bin.write(data.tobytes())
-        self._lengths.append(data.size)
-
-    def finalize(self) -> None:
-        self._bin.close()
-        lengths = np.array(self._lengths, dtype=np.int32)
-        pointers = np.zeros(len(lengths), dtype=np.int64)  # byte offset of each sequence in the .bin
-        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        documents = np.array([0, len(lengths)], dtype=np.int64)  # sequence index bounds of the documents
-        with open(f"{self.prefix}.idx", "wb") as f:
-            f.write(_INDEX_HEADER)
-            f.write(struct.pack("<QBQQ", _INDEX_VERSION, self._code, len(lengths), len(documents)))
-            for array in (lengths, pointers, documents):
-                f.write(array.tobytes())
-
-
 def unit_documents(
     work_dir: Path, unit: Unit, split: str, structure: bool
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
