@@ -305,8 +305,8 @@ def test_a_second_run_on_the_same_directory_exits_2_naming_the_first(
     cache: Path, header_slice: list[Path], tmp_path: Path
 ) -> None:
     """Two runs 2 s apart on one directory used to interleave metrics.jsonl (one crashed at its
-    first save). The first holds the lock; the second is refused in one line naming its pid; the
-    first finishes whole. Its stderr holds only the run's own lines."""
+    first save). The first holds the lock (stopped meanwhile); the second is refused in one line
+    naming its pid; the first, continued, finishes whole. Its stderr holds only the run's own lines."""
     run_dir = tmp_path / "run"
     argv = [
         sys.executable,
@@ -325,7 +325,13 @@ def test_a_second_run_on_the_same_directory_exits_2_naming_the_first(
                     f"the first run ended or stalled before taking its lock:\n{first.communicate()[1]}"
                 )
             time.sleep(0.1)
-        second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+        # Held still while the second runs: on loaded cores the first had finished its two steps
+        # (and freed the lock) before the second, still importing, reached the lock.
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         _, err = first.communicate(timeout=180)
     finally:
         first.kill()
