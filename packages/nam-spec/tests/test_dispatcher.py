@@ -43,7 +43,8 @@ def _e_layer(dispatcher: str) -> torch.nn.Module:
 
 @contextmanager
 def _own_tracker() -> Iterator[MoEMetricsTracker]:
-    """A metrics tracker for a one-layer run: the global one is sized by the first model that records."""
+    """A metrics tracker of the test's own: megatron's global one is sized by the first model that
+    records into it, and the other tests' models are 52 layers deep."""
     from megatron.core.transformer.moe import moe_logging
 
     previous, tracker = moe_logging.get_moe_metrics_tracker(), moe_logging.MoEMetricsTracker()
@@ -107,16 +108,23 @@ def test_local_dispatcher_never_reads_device_values(megatron_single_rank: None) 
 
 
 def test_a_tiny_model_trains_the_same_with_either_dispatcher(megatron_single_rank: None) -> None:
+    from nam_spec.local.dispatcher import LocalTokenDispatcher
+
     layout = Layout.tile("AEMEAEMEAEMR", 12)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(8).expand(2, 8)
     reference = build_model(layout, _config("alltoall"))
     local = build_model(layout, _config("local"))
     local.load_state_dict(reference.state_dict())
+    e_layers = [layer for kind, layer in zip(layout.kinds, local.decoder.layers, strict=True) if kind == "E"]
+    assert [type(layer.mlp.token_dispatcher) for layer in e_layers] == [LocalTokenDispatcher] * layout.counts[
+        "E"
+    ]
     results = []
     for model in (reference, local):
-        loss = model(ids, pos, labels=ids).mean()
-        loss.backward()
+        with _own_tracker():
+            loss = model(ids, pos, labels=ids).mean()
+            loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0.0)
