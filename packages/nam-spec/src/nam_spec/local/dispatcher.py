@@ -51,7 +51,9 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         order = torch.sort(experts.flatten(), stable=True).indices
         self.token_index = order // self.top_k
         self.tokens_per_expert = routing_map.sum(dim=0)
-        permuted_probs = probs.gather(1, experts).flatten()[order]
+        # index_select, not [order]: the backward of advanced indexing is index_put_ with accumulate,
+        # which sorts its indices again on CUDA; index_select's is an index_add
+        permuted_probs = probs.gather(1, experts).flatten().index_select(0, order)
         return hidden_states.index_select(0, self.token_index), permuted_probs
 
     def token_dispatch(
