@@ -40,6 +40,20 @@ TP2 = ParallelConfig(tensor=2)
         ),
         ({}, TP2, LAYOUT, "E layers with parallel.tensor > 1 need parallel.sequence_parallel = true"),
         ({}, TP2, Layout.tile("AMR", 3), "R layers with parallel.tensor > 1 need parallel.sequence_parallel"),
+        *(
+            (
+                {"moe": MoEConfig(dispatcher="local")},
+                parallel,
+                LAYOUT,
+                f"model.moe.dispatcher 'local' with parallel.tensor {tp}, parallel.expert {ep}, expert "
+                f"tensor size {etp}: it needs all three 1; otherwise use 'alltoall' or 'allgather'",
+            )
+            for parallel, tp, ep, etp in (
+                (ParallelConfig(expert=2), 1, 2, 1),
+                (ParallelConfig(tensor=2, sequence_parallel=True, expert_tensor=1), 2, 1, 1),
+                (ParallelConfig(expert_tensor=2), 1, 1, 2),
+            )
+        ),
         ({"backend": "cuda"}, None, LAYOUT, "model.backend 'cuda' is unknown; accepted: 'local', 'te'"),
         ({"recompute": {"A": "most"}}, None, LAYOUT, "model.recompute['A'] = 'most'"),
         ({"recompute": "most"}, None, LAYOUT, "model.recompute['every letter'] = 'most'"),

@@ -60,7 +60,8 @@ class MoEConfig:
     expert_bias: bool = True  # aux-loss-free balancing bias (updated by megatron's finalize step)
     aux_loss_coeff: float = 1e-2
     load_balancing: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
-    dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    # megatron's "alltoall" / "allgather", or nam-spec's "local" (one rank's experts, no host sync)
+    dispatcher: Literal["alltoall", "allgather", "local"] = "alltoall"
 
 
 @dataclass(frozen=True)

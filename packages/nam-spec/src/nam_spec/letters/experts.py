@@ -37,7 +37,10 @@ class Experts(Letter):
             TransformerLayerSubmodules,
         )
 
+        from nam_spec.local.dispatcher import LocalDispatchMoELayer
+
         b = backend
+        moe_layer = LocalDispatchMoELayer if config.moe.dispatcher == "local" else MoELayer
         shared = partial(
             _build_shared_experts,
             submodules=MLPSubmodules(linear_fc1=b.column_linear, linear_fc2=b.row_linear),
@@ -46,7 +49,7 @@ class Experts(Letter):
             module=MoETransformerLayer,
             submodules=TransformerLayerSubmodules(
                 pre_mlp_layernorm=b.norm,
-                mlp=partial(MoELayer, submodules=MoESubmodules(experts=b.experts, shared_experts=shared)),
+                mlp=partial(moe_layer, submodules=MoESubmodules(experts=b.experts, shared_experts=shared)),
                 mlp_bda=get_bias_dropout_add,
             ),
         )
@@ -124,10 +127,15 @@ class Experts(Letter):
         for key, value, accepted in (
             ("score_function", m.score_function, ("softmax", "sigmoid")),
             ("load_balancing", m.load_balancing, ("aux_loss", "seq_aux_loss", "none")),
-            ("dispatcher", m.dispatcher, ("alltoall", "allgather")),
+            ("dispatcher", m.dispatcher, ("alltoall", "allgather", "local")),
         ):
             if value not in accepted:
                 out.append(f"model.moe.{key} {value!r}; accepted: {', '.join(map(repr, accepted))}")
+        if m.dispatcher == "local" and (tp, parallel.expert, etp) != (1, 1, 1):
+            out.append(
+                f"model.moe.dispatcher 'local' with parallel.tensor {tp}, parallel.expert {parallel.expert}, "
+                f"expert tensor size {etp}: it needs all three 1; otherwise use 'alltoall' or 'allgather'"
+            )
         if m.aux_loss_coeff < 0:
             out.append(f"model.moe.aux_loss_coeff {m.aux_loss_coeff} must be >= 0")
         if tp > 1 and not parallel.sequence_parallel:
@@ -149,7 +157,9 @@ class Experts(Letter):
             "moe_router_dtype": "fp32",
             "moe_aux_loss_coeff": m.aux_loss_coeff if m.load_balancing != "none" else 0.0,
             "moe_router_load_balancing_type": m.load_balancing,
-            "moe_token_dispatcher_type": m.dispatcher,
+            # megatron knows only its own dispatchers: 'local' builds its all-to-all one, which
+            # LocalDispatchMoELayer replaces
+            "moe_token_dispatcher_type": "alltoall" if m.dispatcher == "local" else m.dispatcher,
             "expert_model_parallel_size": parallel.expert,
             "expert_tensor_parallel_size": parallel.expert_tensor_size,
             "moe_grouped_gemm": True,  # both backends run grouped experts (and megatron gates 'moe_act' on it)
