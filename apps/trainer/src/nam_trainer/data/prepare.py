@@ -262,11 +262,12 @@ class _RowsBuild:
 
 
 class _Progress:
-    """A line every REPORT_EVERY_S seconds while units are built: files, bytes, tokens, rate, ETA."""
+    """A line when the first unit is done (the workers' start shows in its time) and then every
+    REPORT_EVERY_S seconds while units are built: files, bytes, tokens, rate, ETA."""
 
     def __init__(self, units: int, total_bytes: int, log: Callable[[str], None]) -> None:
         self.units, self.total_bytes, self.log = units, total_bytes, log
-        self.done_units = self.files = self.bytes = self.tokens = 0
+        self.done_units = self.shown_units = self.files = self.bytes = self.tokens = 0
         self.start = self.shown = time.monotonic()
 
     def update(self, files: int, nbytes: int, facts: dict[str, Any]) -> None:
@@ -274,15 +275,16 @@ class _Progress:
         self.files += files
         self.bytes += nbytes
         self.tokens += sum(facts[s]["tokens"] for s in SPLITS)
-        if time.monotonic() - self.shown >= REPORT_EVERY_S:
+        if self.done_units == 1 or time.monotonic() - self.shown >= REPORT_EVERY_S:
             self._show()
 
     def done(self) -> None:
-        if self.units:
+        if self.units and self.shown_units != self.done_units:
             self._show()
 
     def _show(self) -> None:
-        self.shown = now = time.monotonic()
+        now = time.monotonic()
+        self.shown, self.shown_units = now, self.done_units
         rate = self.bytes / max(now - self.start, 1e-9)
         eta = (self.total_bytes - self.bytes) / rate if rate else float("inf")
         self.log(
