@@ -32,6 +32,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from nam_runtime.environ import environ
+
 __all__ = ["RankFailure", "free_port", "run_ranks"]
 
 # Imported once by the forkserver; every rank forks from it with these already loaded. A module
@@ -114,10 +116,8 @@ def run_ranks[T](
     results = ctx.Queue()
     port = free_port()
     procs = []
-    saved = {key: os.environ.get(key) for key in _THREADS}
-    try:
-        # the forkserver starts on first use with this environment: one thread per rank from the start
-        os.environ.update(_THREADS)
+    # the forkserver starts on first use with this environment: one thread per rank from the start
+    with environ(_THREADS):
         for rank in range(world_size):
             env = {
                 **os.environ,
@@ -133,12 +133,6 @@ def run_ranks[T](
             )
             proc.start()
             procs.append(proc)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
     outcomes: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout_s

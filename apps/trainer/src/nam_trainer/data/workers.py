@@ -20,6 +20,8 @@ from multiprocessing.pool import Pool
 from types import TracebackType
 from typing import Any
 
+from nam_runtime.environ import environ
+
 # In a worker's environment from its start: the libraries read them when they load.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -67,13 +69,5 @@ def _check_importable_main(count: int) -> None:
 def _spawn_pool(count: int) -> Pool:
     """The pool, its workers started with WORKER_ENV; this process's environment is left as it was
     (a worker the pool restarts after one died misses them: it is only slower)."""
-    saved = {key: os.environ.get(key) for key in WORKER_ENV}
-    os.environ.update(WORKER_ENV)
-    try:
+    with environ(WORKER_ENV):
         return multiprocessing.get_context("spawn").Pool(count)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
