@@ -44,7 +44,40 @@ from nam_spec.adapters.projected import ProjectedCoreAdapter
 from nam_spec.devices import param_device
 
 
-class MambaAdapter(ProjectedCoreAdapter):
+class _SplitHeadsAdapter(ProjectedCoreAdapter):
+    """What the Mamba-2 and Mamba-3 adapters share: this rank's channels, groups and heads, and
+    in_proj's local rows as named parts of them (for plasticity and for checkpoints)."""
+
+    def _local_sizes(
+        self, hidden_size: int, expand: int, head_dim: int, ngroups: int, d_state: int
+    ) -> tuple[int, int]:
+        """Sets this rank's sizes; returns the model's d_inner and heads."""
+        tp = self.tp_group.size()
+        d_inner = expand * hidden_size
+        nheads = d_inner // head_dim
+        self.d_inner_local, self.ngroups_local, self.nheads_local = d_inner // tp, ngroups // tp, nheads // tp
+        self.d_state = d_state
+        return d_inner, nheads
+
+    def _parts(self) -> list[tuple[str, int]]:
+        """in_proj's local rows in order: [z, x, B, C, dt] (Mamba-3 adds its own after them)."""
+        di, gn, nh = self.d_inner_local, self.ngroups_local * self.d_state, self.nheads_local
+        return [("z", di), ("x", di), ("B", gn), ("C", gn), ("dt", nh)]
+
+    def plasticity_parts(self) -> dict[str, Any]:
+        """nam-plasticity's plasticity-parts protocol: in_proj's local rows are ``_parts()`` of this
+        rank's channels, groups and heads, so each part gathered over TP ranks is that part of the
+        model."""
+        return {"rows": {"in_proj.weight": {"parts": tuple(self._parts())}}}
+
+    def _split_in_proj(self, out: ShardedStateDict, prefix: str) -> None:
+        """in_proj's weight stored as one TP-sharded tensor per part."""
+        names, sizes = zip(*self._parts(), strict=True)
+        key = f"{prefix}in_proj.weight"
+        out[key] = _split_tensor_factory(out[key], list(sizes), list(names), 0)
+
+
+class MambaAdapter(_SplitHeadsAdapter):
     def __init__(
         self,
         config: TransformerConfig,
@@ -63,11 +96,7 @@ class MambaAdapter(ProjectedCoreAdapter):
         recompute_core: bool = False,
     ) -> None:
         super().__init__(config, pg_collection, recompute_core)
-        tp = self.tp_group.size()
-        d_inner = expand * config.hidden_size
-        nheads = d_inner // head_dim
-        self.d_inner_local, self.ngroups_local, self.nheads_local = d_inner // tp, ngroups // tp, nheads // tp
-        self.d_state = d_state
+        d_inner, nheads = self._local_sizes(config.hidden_size, expand, head_dim, ngroups, d_state)
         self._projections(column_linear, row_linear, 2 * d_inner + 2 * ngroups * d_state + nheads, d_inner)
         with tensor_parallel.get_cuda_rng_tracker().fork():  # local heads: TP-rank-specific init
             self.core = MambaCore(
@@ -83,20 +112,6 @@ class MambaAdapter(ProjectedCoreAdapter):
                 dtype=config.params_dtype,
             )
         mark_tensor_parallel(*self.core.parameters())
-
-    def plasticity_parts(self) -> dict[str, Any]:
-        """nam-plasticity's plasticity-parts protocol: in_proj's local rows are [z, x, B, C, dt] of
-        this rank's channels, groups and heads, so each part gathered over TP ranks is that part of
-        the model."""
-        gn = self.ngroups_local * self.d_state
-        di = self.d_inner_local
-        return {
-            "rows": {
-                "in_proj.weight": {
-                    "parts": (("z", di), ("x", di), ("B", gn), ("C", gn), ("dt", self.nheads_local))
-                }
-            }
-        }
 
     def forward(
         self, hidden_states: torch.Tensor, packed_seq_params: PackedSeqParams | None = None, **_: object
@@ -123,10 +138,8 @@ class MambaAdapter(ProjectedCoreAdapter):
                 dp_cp_group=metadata["dp_cp_group"],
             )
         )
-        di, gn, nh = self.d_inner_local, self.ngroups_local * self.d_state, self.nheads_local
-        out[f"{prefix}in_proj.weight"] = _split_tensor_factory(
-            out[f"{prefix}in_proj.weight"], [di, di, gn, gn, nh], ["z", "x", "B", "C", "dt"], 0
-        )
+        self._split_in_proj(out, prefix)
+        di, gn = self.d_inner_local, self.ngroups_local * self.d_state
         for name in ("conv_weight", "conv_bias"):
             key = f"{prefix}core.{name}"
             out[key] = _split_tensor_factory(out[key], [di, gn, gn], ["x", "B", "C"], 0)
@@ -136,7 +149,7 @@ class MambaAdapter(ProjectedCoreAdapter):
 _MAMBA3_REPLICATED = ("B_norm_weight", "C_norm_weight")
 
 
-class Mamba3Adapter(ProjectedCoreAdapter):
+class Mamba3Adapter(_SplitHeadsAdapter):
     def __init__(
         self,
         config: TransformerConfig,
@@ -156,11 +169,7 @@ class Mamba3Adapter(ProjectedCoreAdapter):
         recompute_core: bool = False,
     ) -> None:
         super().__init__(config, pg_collection, recompute_core)
-        tp = self.tp_group.size()
-        d_inner = expand * config.hidden_size
-        nheads = d_inner // head_dim
-        self.d_inner_local, self.ngroups_local, self.nheads_local = d_inner // tp, ngroups // tp, nheads // tp
-        self.d_state = d_state
+        d_inner, nheads = self._local_sizes(config.hidden_size, expand, head_dim, ngroups, d_state)
         kw = {"device": param_device(config), "dtype": config.params_dtype}
         self._projections(
             column_linear, row_linear, 2 * d_inner + 2 * ngroups * d_state + 3 * nheads, d_inner
@@ -185,13 +194,8 @@ class Mamba3Adapter(ProjectedCoreAdapter):
         replicate_across_tp(self.angle_weight, self.tp_group)
 
     def _parts(self) -> list[tuple[str, int]]:
-        di, gn, nh = self.d_inner_local, self.ngroups_local * self.d_state, self.nheads_local
-        return [("z", di), ("x", di), ("B", gn), ("C", gn), ("dt", nh), ("dd_A", nh), ("trap", nh)]
-
-    def plasticity_parts(self) -> dict[str, Any]:
-        """nam-plasticity's plasticity-parts protocol: in_proj's local rows are [z, x, B, C, dt, A,
-        trap] of this rank's channels, groups and heads; the angle projection is replicated."""
-        return {"rows": {"in_proj.weight": {"parts": tuple(self._parts())}}}
+        """[z, x, B, C, dt, A, trap]; the angle projection is replicated, so not a part."""
+        return [*super()._parts(), ("dd_A", self.nheads_local), ("trap", self.nheads_local)]
 
     def forward(
         self, hidden_states: torch.Tensor, packed_seq_params: PackedSeqParams | None = None, **_: object
@@ -225,8 +229,5 @@ class Mamba3Adapter(ProjectedCoreAdapter):
                 dp_cp_group=metadata["dp_cp_group"],
             )
         )
-        names, sizes = zip(*self._parts(), strict=True)
-        out[f"{prefix}in_proj.weight"] = _split_tensor_factory(
-            out[f"{prefix}in_proj.weight"], list(sizes), list(names), 0
-        )
+        self._split_in_proj(out, prefix)
         return out
