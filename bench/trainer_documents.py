@@ -36,14 +36,14 @@ def with_documents(batches: list[dict], boundaries: bool, seed: int = 0) -> list
     for i, batch in enumerate(batches):
         b, s = batch["input_ids"].shape
         ids = torch.from_numpy(packed_document_ids(load_lengths(), b, s, seed=seed + i))
-        params = document_boundaries(ids)
-        cu = params.cu_seqlens_q.long()
-        flat = torch.arange(b * s)
-        position_ids = flat - cu[torch.searchsorted(cu[1:], flat, right=True)]
         device = batch["input_ids"].device
-        changed = {**batch, "position_ids": position_ids.view(b, s).to(device)}
+        params = document_boundaries(ids, device)
+        cu = params.cu_seqlens_q.long()
+        flat = torch.arange(b * s, device=device)
+        position_ids = flat - cu[torch.searchsorted(cu[1:], flat, right=True)]
+        changed = {**batch, "position_ids": position_ids.view(b, s)}
         if boundaries and has_boundaries(ids):  # as the trainer's collate decides
-            changed["packed_seq_params"] = document_boundaries(ids, device)
+            changed["packed_seq_params"] = params
         out.append(changed)
     return out
 
