@@ -1,7 +1,7 @@
 """M2RNN scan on one GPU at NAM56R dims: checks against the per-step reference, then a sweep of kernel
 configurations (forward and backward timed separately; compiled first in parallel processes), then
-forward+backward of the default and of the best swept pair, the reference at a short sequence, and
-the whole mixer.
+forward+backward of the default and of the best swept pair, rows per program (block_k) at B1 and B4,
+the reference at a short sequence, and the whole mixer.
 
     NAM_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu.sh m2rnn   # on the GPU machine: NAM_COMMIT=<sha> ...
 
@@ -18,7 +18,10 @@ with W = I + 0.1 * noise rescaled to spectral norm 0.95 so that the recurrence c
 ||W|| > 1 a step can expand rounding differences over a document and no two float32 implementations
 agree, the float32 reference included; packages/nam-mixers/README.md, "Accuracy and conditioning").
 The unrescaled case (||W|| ~1.4-1.7) is kept as information rows. Sweep variants: forward y against
-float64, backward gradients against the default's.
+float64, backward gradients against the default's. The checks run at B1, where the default's
+block_k=None takes fewer than 16 rows per program on a 132-SM GPU (8 at 44 heads), so they cover the
+multiply-and-sum products; the rows-per-program rows check each split's y against float64 and its
+gradients against 16 rows' (tl.dot).
 Pin the fastest configuration that passes its check with `M2RNNKernelConfig(...)` as printed in the
 `best` row (and as the default in nam_mixers/ops/m2rnn/config.py).
 """
@@ -26,6 +29,7 @@ Pin the fastest configuration that passes its check with `M2RNNKernelConfig(...)
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from bench.report import Report
@@ -63,6 +67,11 @@ BWD_SWEEP = [
     (2, 16, 1, "bf16", True, True, 32, "per_head"),
     (2, 16, 1, "ieee", False, True, 32, "per_head"),
 ]
+# Rows per program at the batch sizes training uses. At B1 the 16-row split is B*H*K/16 = 176
+# programs for 132 SMs, each one latency-bound chain: block_k=None takes fewer rows there (products
+# as float32 multiply-and-sum on CUDA cores instead of tl.dot). Timed: 16 rows, the automatic choice,
+# 4 and 2, fwd and fwd+bwd, the rest of the default configuration unchanged.
+ROW_BATCHES = (1, B)
 
 
 def _rel(a: Any, ref: Any) -> float:
@@ -199,6 +208,34 @@ def _bench_inputs() -> tuple[dict[str, Any], tuple, Any, Any]:
     return x, args, check_scan_inputs(*args), torch.randn_like(x["v"])
 
 
+def _row_splits(b: int) -> list[int]:
+    """block_k 16, block_k=None's choice at batch b on this GPU, 4 and 2, each once."""
+    import torch
+
+    from nam_mixers.ops.m2rnn import PassConfig
+
+    return list(dict.fromkeys((16, PassConfig().rows_per_program(b * H, K, torch.device(DEVICE)), 4, 2)))
+
+
+def _rows_config(bk: int) -> Any:
+    """The default configuration with block_k rows per program in both passes."""
+    from dataclasses import replace
+
+    from nam_mixers.ops.m2rnn import M2RNNKernelConfig
+
+    d = M2RNNKernelConfig()
+    return replace(d, forward=replace(d.forward, block_k=bk), backward=replace(d.backward, block_k=bk))
+
+
+def _first_rows(x: dict[str, Any], b: int) -> dict[str, Any]:
+    """The timed problem's first b batch rows (W is per head, not per row), as fresh leaves."""
+    return {
+        n: (t[:b] if n != "w" else t).detach().requires_grad_(t.is_floating_point())
+        for n, t in x.items()
+        if n != "h0"
+    }
+
+
 def _compile_variant(job: tuple) -> str:
     """Run one sweep variant once in a fresh process, leaving its kernels in Triton's on-disk cache.
     Returns "" or the error (a variant that faults must not take down the main process's context)."""
@@ -220,7 +257,12 @@ def _compile_variant(job: tuple) -> str:
             torch.cuda.synchronize()
             return ""
         x, args, d, dy = _bench_inputs()
-        if len(job) == 6:
+        if job[0] == "rows":  # fwd+bwd at batch job[1] with job[2] rows per program
+            from nam_mixers.ops.m2rnn import m2rnn_scan
+
+            y = m2rnn_scan(**_first_rows(x, job[1]), path="triton", config=_rows_config(job[2]))[0]
+            y.backward(dy[: job[1]])
+        elif len(job) == 6:
             m2rnn_forward(*args, d, PassConfig(*job), default.chunk)
         else:
             bt, bk, nw, prec, fast, pre, chunk, dqk = job
@@ -242,7 +284,8 @@ def _precompile(report: Report) -> dict[tuple, str]:
     import time
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [("check", "bfloat16"), ("check", "float32"), *FWD_SWEEP, *BWD_SWEEP]
+    rows = [("rows", b, bk) for b in ROW_BATCHES for bk in _row_splits(b)]
+    jobs = [("check", "bfloat16"), ("check", "float32"), *FWD_SWEEP, *BWD_SWEEP, *rows]
     workers = max(1, min(len(jobs), os.cpu_count() or 1, 16))
     t0 = time.perf_counter()
     try:
@@ -376,6 +419,47 @@ def main(report: Report) -> None:
         best = M2RNNKernelConfig(forward=fwd_best[1], backward=bwd_best[1], chunk=chunk, dqk=bwd_best[3])
         report.time("scan fwd best", fwd(best), floor_ms=chain_ms, goal_ms=1.5)
         report.time("scan fwd+bwd best", fwd_bwd(best), floor_ms=3 * chain_ms, goal_ms=7.5, best=repr(best))
+
+    # Rows per program at B1 and B4: y against float64 (the B4 reference's first rows), gradients
+    # against 16 rows' (tl.dot; the default at B4), then the times.
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    names = ("q", "k", "v", "f", "w")
+    for b in ROW_BATCHES:
+        xb, dyb = _first_rows(x, b), dy[:b]
+        auto = PassConfig().rows_per_program(b * H, K, torch.device(DEVICE))
+        base: tuple[int, list[Any]] | None = None
+        for bk in _row_splits(b):
+            cfg = _rows_config(bk)
+            name = f"scan B{b} block_k {bk}{' (auto)' if bk == auto else ''}"
+            if ("rows", b, bk) in failed:
+                report.row(name, error=failed[("rows", b, bk)])
+                continue
+            programs = b * H * -(-K // bk)
+            try:
+                y = m2rnn_scan(**xb, path="triton", config=cfg)[0]
+                report.check(f"{name} y vs float64", _rel(y, y64[:b]), 2e-2)
+                grads = list(torch.autograd.grad(y, [xb[n] for n in names], dyb))
+            except Exception as e:
+                report.row(name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                continue
+            if base is None:
+                base = (bk, grads)
+            else:
+                err = max(_rel(a, r) for a, r in zip(grads, base[1], strict=True))
+                report.check(f"{name} grads vs block_k {base[0]}", err, 5e-2)
+            extra = {
+                "programs": programs,
+                "per_sm": round(programs / sms, 2),
+                "partial_mib": -(-K // bk) * b * S * H * V * 4 / 2**20,  # float32 y (fwd), dv (bwd)
+            }
+            run = partial(m2rnn_scan, **xb, path="triton", config=cfg)
+            _safe(report, f"{name} fwd", run, floor_ms=chain_ms, **extra)
+            _safe(
+                report,
+                f"{name} fwd+bwd",
+                lambda run=run, dyb=dyb: run()[0].backward(dyb),
+                floor_ms=3 * chain_ms,
+            )
 
     # The per-step reference, at a sequence where its ~10 launches per step stay affordable.
     s_ref = 256

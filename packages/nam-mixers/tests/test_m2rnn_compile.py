@@ -26,14 +26,19 @@ SCRIPT = textwrap.dedent(
     def build(kernel, pointers, consts, num_warps):
         sig = dict(pointers, B="i32", S="i32", NC="i32") | {n: "constexpr" for n in consts}
         src = triton.compiler.ASTSource(kernel, sig, consts)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+        # "ieee" stays off tensor cores: Triton's combine pass can turn a multiply-and-sum into a tf32 dot
+        assert consts["PRECISION"] != "ieee" or "mma" not in ptx, (kernel.__name__, consts)
 
     # (input dtype, precision, hardware tanh, block_k, num_warps, dq/dk by atomics, prefetch): the
-    # bf16 and float32 defaults (at smaller block_t, which compile faster) and a split.
+    # bf16 and float32 defaults (at smaller block_t, which compile faster), a split, and row blocks
+    # under tl.dot's 16 (multiply-and-sum).
     for dt, prec, fast, bk, nw, atomic, pre in (("bf16", "tf32", True, 16, 1, False, True),
                                                 ("fp32", "ieee", False, 16, 1, False, True),
                                                 ("bf16", "tf32", True, 64, 4, True, False),
-                                                ("bf16", "bf16", True, 16, 1, False, False)):
+                                                ("bf16", "bf16", True, 16, 1, False, False),
+                                                ("fp32", "ieee", False, 4, 1, False, True),
+                                                ("bf16", "bf16", True, 2, 1, False, True)):
         p = "*" + dt
         shape = dict(H=44, G=1, K=64, V=16, BK=bk, BV=16, CHUNK=32, HAS_SEQ=True, PRECISION=prec, FAST_TANH=fast)
         build(_m2rnn_fwd_kernel,

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from nam_mixers.ops.m2rnn import M2RNNKernelConfig, PassConfig, m2rnn_scan, m2rnn_scan_reference, resolve_path
+from nam_mixers.ops.m2rnn.config import auto_block_k
 
 pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
 # triton 3.6's interpreter converts 1-element arrays to ints, which numpy deprecates.
@@ -86,6 +87,50 @@ CASES = {
         6,
         "atomic",
     ),
+    # Fewer than 16 rows per program: the state products run as multiply-and-sum, not tl.dot.
+    "8 rows per program, packed + h0": (
+        2,
+        9,
+        1,
+        2,
+        12,
+        5,
+        True,
+        True,
+        (3, 8, 1, True),
+        (3, 8, 1, False),
+        6,
+        "per_head",
+    ),
+    "4 rows, two q/k groups, packed + h0": (
+        1,
+        9,
+        2,
+        4,
+        6,
+        5,
+        True,
+        True,
+        (3, 4, 1, False),
+        (3, 4, 1, True),
+        6,
+        "atomic",
+    ),
+    "2 rows, V not padded, packed + h0": (
+        2,
+        9,
+        1,
+        2,
+        5,
+        16,
+        True,
+        True,
+        (3, 2, 1, True),
+        (3, 2, 2, True),
+        6,
+        "per_head",
+    ),
+    "1 row, packed + h0": (1, 10, 1, 2, 3, 4, True, True, (4, 1, 1, True), (2, 1, 1, False), 4, "atomic"),
 }
 
 
@@ -121,7 +166,8 @@ def test_triton_matches_reference(case: str) -> None:
     yr, htr = m2rnn_scan_reference(**x, seq_idx=seq_idx)
     assert _rel(y, yr) < 1e-5
     assert _rel(ht, htr) < 1e-5
-    dy, dht = torch.randn_like(yr), torch.randn_like(htr)
+    # from the test's generator: torch's global one is seeded differently in every process
+    dy, dht = (torch.randn(t.shape, generator=gen).to(DEVICE, t.dtype) for t in (yr, htr))
     grads = torch.autograd.grad((y * dy).sum() + (ht * dht).sum(), list(x.values()))
     grads_ref = torch.autograd.grad((yr * dy).sum() + (htr * dht).sum(), list(x.values()))
     for name, got, ref in zip(x, grads, grads_ref, strict=True):
@@ -136,9 +182,10 @@ def test_default_config_matches_reference(dtype: torch.dtype, tol: float) -> Non
     GPU's "bf16" dot or tanh.approx (bench/gpu.sh checks those)."""
     cfg = M2RNNKernelConfig()
     # sequence long enough for a second, partial chunk and a partial last block in both passes;
-    # K over two row blocks of the default block_k (the second padded), V padded
-    b, s, g, h, k, v = 1, cfg.chunk + cfg.chunk // 2 + 1, 1, 2, cfg.forward.block_k + 4, 5
-    assert s % cfg.forward.block_t and s % cfg.backward.block_t and cfg.backward.block_k < k
+    # K over two row blocks of 16 (block_k=None's choice under the interpreter; the second padded), V padded
+    b, s, g, h, k, v = 1, cfg.chunk + cfg.chunk // 2 + 1, 1, 2, 20, 5
+    assert s % cfg.forward.block_t and s % cfg.backward.block_t
+    assert cfg.backward.rows_per_program(b * h, k, torch.device(DEVICE)) < k
     gen = torch.Generator().manual_seed(7)
 
     def rnd(*shape: int, scale: float = 1.0, dt: torch.dtype = dtype) -> torch.Tensor:
@@ -162,7 +209,8 @@ def test_default_config_matches_reference(dtype: torch.dtype, tol: float) -> Non
     assert y.dtype == dtype and ht.dtype == torch.float32
     assert _rel(y, yr) < tol
     assert _rel(ht, htr) < tol
-    dy, dht = torch.randn_like(yr), torch.randn_like(htr)
+    # from the test's generator: torch's global one is seeded differently in every process
+    dy, dht = (torch.randn(t.shape, generator=gen).to(DEVICE, t.dtype) for t in (yr, htr))
     grads = torch.autograd.grad((y * dy.to(dtype)).sum() + (ht * dht.float()).sum(), list(x.values()))
     grads_ref = torch.autograd.grad((yr * dy).sum() + (htr * dht).sum(), list(x64.values()))
     for name, got, ref in zip(x, grads, grads_ref, strict=True):
@@ -189,8 +237,9 @@ def test_unused_final_state_and_no_output_grad() -> None:
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ValueError, match="block_k must be a power of two >= 16"):
-        PassConfig(block_k=8)
+    for bad in (0, 12):
+        with pytest.raises(ValueError, match="block_k must be a power of two"):
+            PassConfig(block_k=bad)
     with pytest.raises(ValueError, match="num_warps must be one of"):
         PassConfig(num_warps=3)
     with pytest.raises(
@@ -216,6 +265,19 @@ def test_config_validation() -> None:
     assert not PassConfig().use_fast_tanh(input_is_fp32=True, on_cuda=True)
     with pytest.raises(ValueError, match="fast_tanh=True needs CUDA"):
         PassConfig(fast_tanh=True).use_fast_tanh(input_is_fp32=False, on_cuda=False)
+
+
+def test_block_k_rule() -> None:
+    """block_k=None: 16 rows per program unless B*H*ceil(K/16) programs give under two per SM."""
+    assert PassConfig().block_k is None and PassConfig(block_k=4).block_k == 4
+    assert auto_block_k(4 * 44, 64, 132) == 16  # NAM56R B4: 704 programs
+    assert auto_block_k(44, 64, 132) == 8  # B1: 176 at 16 rows, 352 at 8
+    assert auto_block_k(24, 64, 132) == 4  # 96 at 16 rows, 192 at 8, 384 at 4
+    assert auto_block_k(2, 64, 132) == 2  # nothing fills: the smallest
+    assert auto_block_k(44, 20, 132) == 2  # K 20 (ceil): 88, 132, 220 programs at 16, 8, 4 rows; 440 at 2
+    cpu = torch.device("cpu")
+    assert PassConfig().rows_per_program(1, 64, cpu) == 16  # under the interpreter: unchanged
+    assert PassConfig(block_k=2).rows_per_program(4 * 44, 64, cpu) == 2
 
 
 def test_launcher_rejects_unaligned_chunk() -> None:

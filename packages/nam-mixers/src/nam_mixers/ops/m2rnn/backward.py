@@ -294,14 +294,15 @@ def m2rnn_backward(
     """Contiguous inputs in; returns float32 dq, dk [B, S, G, K], dv [B, S, H, V], df [B, S, H],
     dW [H, V, V] and dh0 [B, H, K, V] (None without an initial state)."""
     d = dims
-    nk = triton.cdiv(d.k, cfg.block_k)
+    dev = v.device
+    bk = cfg.rows_per_program(d.batch * d.heads, d.k, dev)
+    nk = triton.cdiv(d.k, bk)
     nc = ckpt.shape[2]
     if chunk % cfg.block_t:
         raise ValueError(f"m2rnn backward: chunk ({chunk}) must be a multiple of block_t ({cfg.block_t})")
     if nc != triton.cdiv(d.seq, chunk):
         raise ValueError(f"m2rnn backward: {nc} checkpoints do not match chunk {chunk} at sequence {d.seq}")
     bv = max(16, triton.next_power_of_2(d.v))
-    dev = v.device
     f32 = torch.float32
     if dqk == "atomic":
         dq = torch.zeros(d.batch, d.seq, d.qk_heads, d.k, device=dev, dtype=f32)
@@ -312,7 +313,7 @@ def m2rnn_backward(
     df = torch.empty(nk, d.batch, d.seq, d.heads, device=dev, dtype=f32)
     dw = torch.empty(nk, d.batch, d.heads, d.v, d.v, device=dev, dtype=f32)
     dh0 = torch.empty(d.batch, d.heads, d.k, d.v, device=dev, dtype=f32) if has_h0 else None
-    scratch = torch.empty(d.batch * d.heads * nk, chunk, cfg.block_k, bv, device=dev, dtype=f32)
+    scratch = torch.empty(d.batch * d.heads * nk, chunk, bk, bv, device=dev, dtype=f32)
     _m2rnn_bwd_kernel[(d.batch * d.heads, nk)](
         q,
         k,
@@ -337,7 +338,7 @@ def m2rnn_backward(
         G=d.qk_heads,
         K=d.k,
         V=d.v,
-        BK=cfg.block_k,
+        BK=bk,
         BV=bv,
         BLOCK_T=cfg.block_t,
         BLOCK_T_P2=triton.next_power_of_2(cfg.block_t),

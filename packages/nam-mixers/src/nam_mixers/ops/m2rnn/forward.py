@@ -32,11 +32,19 @@ def tanh_f32(z, FAST: tl.constexpr):
 @triton.jit
 def matmul(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b for float32 a, b. "bf16" rounds both to bfloat16 (one tensor-core pass; a 16-bit
-    accumulator can become the next product's left operand without leaving registers)."""
-    if PRECISION == "bf16":
-        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc)
+    accumulator can become the next product's left operand without leaving registers). With a
+    dimension under 16 (block_k < 16), where tl.dot does not go, a float32 multiply summed over the
+    inner dimension on CUDA cores; PRECISION does not apply there."""
+    if a.shape[0] >= 16 and a.shape[1] >= 16 and b.shape[1] >= 16:
+        if PRECISION == "bf16":
+            out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc)
+        else:
+            out = tl.dot(a, b, acc=acc, input_precision=PRECISION)
     else:
-        out = tl.dot(a, b, acc=acc, input_precision=PRECISION)
+        # Summed over the leading axis, not as sum(a[:, :, None] * b[None, :, :], 1): Triton's combine
+        # pass rewrites that form into a tf32 tl.dot when both outer dimensions are >= 16 (dW's
+        # 16 x block_k x 16), whatever PRECISION asks, and it compiles to ~2x the FMAs (sm_90 PTX).
+        out = acc + tl.sum(tl.trans(a)[:, :, None] * b[:, None, :], axis=0)
     return out
 
 
@@ -201,9 +209,10 @@ def m2rnn_forward(
     d = dims
     if chunk % cfg.block_t:
         raise ValueError(f"m2rnn forward: chunk ({chunk}) must be a multiple of block_t ({cfg.block_t})")
-    nk = triton.cdiv(d.k, cfg.block_k)
-    nc = triton.cdiv(d.seq, chunk)
     dev = v.device
+    bk = cfg.rows_per_program(d.batch * d.heads, d.k, dev)
+    nk = triton.cdiv(d.k, bk)
+    nc = triton.cdiv(d.seq, chunk)
     y = torch.empty(nk, d.batch, d.seq, d.heads, d.v, device=dev, dtype=torch.float32)
     ht = torch.empty(d.batch, d.heads, d.k, d.v, device=dev, dtype=torch.float32)
     ckpt = torch.empty(d.batch, d.heads, nc, d.k, d.v, device=dev, dtype=torch.float32)
@@ -225,7 +234,7 @@ def m2rnn_forward(
         G=d.qk_heads,
         K=d.k,
         V=d.v,
-        BK=cfg.block_k,
+        BK=bk,
         BV=max(16, triton.next_power_of_2(d.v)),
         BLOCK_T=cfg.block_t,
         BLOCK_T_P2=triton.next_power_of_2(cfg.block_t),
