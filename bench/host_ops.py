@@ -30,11 +30,13 @@ Columns: ``ops``, every aten op a TorchDispatchMode sees (composite ops arrive d
 kernels run); of them ``views`` (aliasing outputs, no kernel), ``copies`` (copy_, _to_copy, clone:
 .to(), .float(), .contiguous() and the reshape of a non-viewable tensor arrive as these), ``cats``
 (cat, stack), ``syncs`` (_local_scalar_dense, nonzero and device-to-host copies: the host waits
-for the device), and the most frequent op names. The CPU decomposes two things that are one
-kernel each on CUDA, so a CPU count is higher there: ``F.rms_norm`` (RMSNorm, about 9 ops forward
-and 20 backward on CPU; aten's fused kernel on CUDA) and ``nam_runtime.wgrad``'s bf16-to-fp32
-casts before the weight-gradient GEMM (two copies per megatron linear; addmm with out_dtype on
-CUDA).
+for the device), and the most frequent op names. Some things are one kernel on CUDA and several
+ops on CPU, so a CPU count is higher there: ``F.rms_norm`` (RMSNorm, about 9 ops forward and 20
+backward on CPU; aten's fused kernel on CUDA), ``nam_runtime.wgrad``'s bf16-to-fp32 casts before
+the weight-gradient GEMM (two copies per megatron linear; addmm with out_dtype on CUDA) and, in
+``stack docs``, the M2RNN convolutions with document boundaries (torch's per-tap loop on CPU,
+causal-conv1d's kernel on CUDA). On CUDA, megatron's alltoall dispatcher's waits show as
+device-to-host copies in ``syncs``.
 
 The custom-kernel parts (M: the Mamba core, the fused CUDA / Triton path on the GPU; R: the M2RNN
 scan, Triton on the GPU) run on CPU on the reference path, a per-chunk / per-step PyTorch loop
