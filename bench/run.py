@@ -36,6 +36,7 @@ REGISTRY: dict[str, str] = {
     "cross_entropy": "bench.cross_entropy",
     "embed": "bench.embed",
     "generate": "bench.generate",
+    "host_ops": "bench.host_ops",
     "prepare": "bench.prepare",
     "mamba": "bench.mamba",
     "mamba3": "bench.mamba3",

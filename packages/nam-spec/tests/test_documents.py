@@ -63,6 +63,19 @@ def test_boundaries_of_a_micro_batch() -> None:
         segment_ids(params, 1, SEQ, torch.device("cpu"))
 
 
+def test_segment_ids_made_once_per_micro_batch() -> None:
+    """Every M and R layer asks for the same ids: the first call makes them, the others get that
+    tensor; boundaries set anew (another cu_seqlens_q) or another shape get their own."""
+    params = document_boundaries(DOCS)
+    cpu = torch.device("cpu")
+    seg = segment_ids(params, 2, SEQ, cpu)
+    assert segment_ids(params, 2, SEQ, cpu) is seg
+    assert segment_ids(dataclasses.replace(params), 2, SEQ, cpu) is not seg  # a new micro-batch's
+    params.cu_seqlens_q = torch.tensor([0, 16, 32], dtype=torch.int32)
+    assert segment_ids(params, 2, SEQ, cpu).tolist() == [[0] * SEQ, [1] * SEQ]
+    assert segment_ids(params, 4, SEQ // 2, cpu).shape == (4, SEQ // 2)
+
+
 def test_has_boundaries() -> None:
     assert has_boundaries(DOCS)
     one_each = torch.tensor([[3, 3, 3, 3], [7, 7, 7, 7]])

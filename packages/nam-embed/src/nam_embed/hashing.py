@@ -131,11 +131,14 @@ def hash_buckets(input_ids: Tensor, multipliers: Tensor, salts: Tensor, primes: 
     ``full_ngram_mask``. multipliers: [J, max_order] int64, salts and primes: [J] int64.
     """
     ids = input_ids.long()
-    seq = ids.shape[-1]
-    h = torch.zeros((*ids.shape, multipliers.shape[0]), dtype=torch.int64, device=ids.device)
-    for p in range(multipliers.shape[1]):
-        prev = torch.nn.functional.pad(ids, (p, 0))[..., :seq]  # tok[t - p]
-        h ^= prev.unsqueeze(-1) * multipliers[:, p]
+    seq, orders = ids.shape[-1], multipliers.shape[1]
+    h = ids.unsqueeze(-1) * multipliers[:, 0]  # offset 0 (XOR into zeros is the product itself)
+    if orders > 1:
+        # one zero-padded copy, tok[t - p] = padded[t + orders - 1 - p]; the offsets are views of it
+        padded = torch.nn.functional.pad(ids, (orders - 1, 0))
+        for p in range(1, orders):
+            start = orders - 1 - p
+            h ^= padded[..., start : start + seq].unsqueeze(-1) * multipliers[:, p]
     return torch.remainder(h ^ salts, primes)
 
 

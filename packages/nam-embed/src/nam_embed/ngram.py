@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from nam_embed.hashing import NgramHashConfig, ngram_indices
+from nam_embed.hashing import NgramHashConfig, full_ngram_mask, hash_buckets, ngram_indices
 from nam_embed.lookup import embedding
 
 
@@ -87,12 +87,19 @@ class NgramHashEmbedding(nn.Module):
         return ngram_indices(input_ids, self.multipliers, self.salts, self.primes, self.orders, position_ids)
 
     def lookup(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        """Concatenated table vectors [..., S, J * dim]; zero where the n-gram is not full."""
-        local = self.indices(input_ids, position_ids)
-        rows = local + self.offsets - self.row_start
-        hit = (local >= 0) & (rows >= 0) & (rows < self.weight.shape[0])
+        """Concatenated table vectors [..., S, J * dim]; zero where the n-gram is not full.
+
+        ``indices`` from its two parts: the mask of full n-grams is itself the mask of hits, and
+        the buckets need no PAD_ID where the mask drops them anyway. Holding all rows (no tensor
+        parallelism), every full n-gram's row is here.
+        """
+        hit = full_ngram_mask(input_ids.shape, self.orders, position_ids)
+        rows = hash_buckets(input_ids, self.multipliers, self.salts, self.primes) + self.offsets
+        if self.row_end - self.row_start < self.config.rows:
+            rows = rows - self.row_start
+            hit = hit & (rows >= 0) & (rows < self.weight.shape[0])
         vectors = self.table_lookup(torch.where(hit, rows, 0), self.weight)
-        vectors = vectors * hit.unsqueeze(-1).to(vectors.dtype)
+        vectors = vectors * hit.unsqueeze(-1)  # the bool mask multiplies as 0 / 1 in the vectors' dtype
         vectors = vectors.flatten(-2)
         return self.reduce(vectors) if self.reduce is not None else vectors
 

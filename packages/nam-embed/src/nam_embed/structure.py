@@ -134,8 +134,23 @@ class StructureEmbedding(nn.Module):
             "offsets", torch.tensor(starts, dtype=torch.int64, device=device), persistent=False
         )
         self._strict = [i for i, n in enumerate(self.enabled) if self.schema[n].out_of_range == "error"]
-        strict_vocab = torch.tensor([vocabs[i] for i in self._strict], dtype=torch.int64, device=device)
-        self.register_buffer("strict_vocab", strict_vocab, persistent=False)
+        self._clamps = len(self._strict) < len(vocabs)
+        # per channel: the bounds clamp applies ('clamp' channels; the int64 range leaves 'error'
+        # channels as they are) and the vocabulary an 'error' channel is checked against
+        low, high = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+        strict = set(self._strict)
+        as_long = {"dtype": torch.int64, "device": device}
+        self.register_buffer(
+            "clamp_low",
+            torch.tensor([low if i in strict else 0 for i in range(len(vocabs))], **as_long),
+            persistent=False,
+        )
+        self.register_buffer(
+            "clamp_high",
+            torch.tensor([high if i in strict else v - 1 for i, v in enumerate(vocabs)], **as_long),
+            persistent=False,
+        )
+        self.register_buffer("vocab", torch.tensor(vocabs, **as_long), persistent=False)
         self.weight = nn.Parameter(torch.empty(sum(vocabs), config.bottleneck, device=device, dtype=dtype))
         self.scales = nn.Parameter(torch.empty(len(vocabs), device=device, dtype=dtype))
         self.up = nn.Linear(config.bottleneck, hidden_size, bias=False, device=device, dtype=dtype)
@@ -160,10 +175,8 @@ class StructureEmbedding(nn.Module):
             raise KeyError(
                 f"StructureEmbedding: channels {missing} are enabled but missing; given: {sorted(structure)}"
             )
-        columns = []
         for name in self.enabled:
             values = structure[name]
-            spec = self.schema[name]
             if values.shape != input_ids.shape:
                 raise ValueError(
                     f"structure channel {name!r}: shape {tuple(values.shape)} != input_ids shape "
@@ -175,11 +188,10 @@ class StructureEmbedding(nn.Module):
                 raise ValueError(
                     f"structure channel {name!r}: on {values.device}, input_ids on {input_ids.device}"
                 )
-            values = values.long()
-            if spec.out_of_range == "clamp":
-                values = values.clamp(0, spec.vocab - 1)
-            columns.append(values)
-        ids = torch.stack(columns, dim=-1)
+        # each out-of-range policy on all channels at once: one clamp, one check
+        ids = torch.stack([structure[name].long() for name in self.enabled], dim=-1)
+        if self._clamps:
+            ids = ids.clamp(self.clamp_low, self.clamp_high)
         self._check_error_channels(ids)
         return ids + self.offsets
 
@@ -188,8 +200,8 @@ class StructureEmbedding(nn.Module):
         channels, and the details only when something is wrong."""
         if not self._strict or not ids.numel():
             return
-        picked = ids[..., self._strict]
-        if not bool(((picked < 0) | (picked >= self.strict_vocab)).any()):
+        # every channel against its vocabulary: the clamped ones are inside it already
+        if not bool(((ids < 0) | (ids >= self.vocab)).any()):
             return
         for i in self._strict:
             name, values = self.enabled[i], ids[..., i]

@@ -12,6 +12,8 @@ RoPE, being relative, needs no restart inside the block-causal attention.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -46,16 +48,37 @@ def has_boundaries(document_ids: torch.Tensor) -> bool:
 
 def segment_ids(params: PackedSeqParams, b: int, s: int, device: torch.device) -> torch.Tensor:
     """Segment index per token [b, s] (int32, non-decreasing along each row) of ``params``,
-    the micro-batch's b rows of s tokens; what nam-mixers take as ``seq_idx``."""
+    the micro-batch's b rows of s tokens; what nam-mixers take as ``seq_idx``. Every M and R layer
+    of the micro-batch asks for the same ids: made once, they are handed out again (``derived``)."""
     cu = params.cu_seqlens_q
     if cu is None or cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(
             "packed_seq_params.cu_seqlens_q must be a 1-d tensor [segments + 1] (document_boundaries)"
         )
-    if cu.device.type == "cpu" and int(cu[-1]) != b * s:  # free to check where no device sync is paid
-        raise ValueError(
-            f"packed_seq_params covers {int(cu[-1])} tokens but the micro-batch has {b} x {s} = {b * s}"
-        )
-    pos = torch.arange(b * s, device=device, dtype=torch.int32)
-    cu = cu.to(device=device, dtype=torch.int32)
-    return torch.searchsorted(cu[1:], pos, right=True).to(torch.int32).view(b, s)
+
+    def make() -> torch.Tensor:
+        if cu.device.type == "cpu" and int(cu[-1]) != b * s:  # free to check where no device sync is paid
+            raise ValueError(
+                f"packed_seq_params covers {int(cu[-1])} tokens but the micro-batch has {b} x {s} = {b * s}"
+            )
+        pos = torch.arange(b * s, device=device, dtype=torch.int32)
+        ends = cu.to(device=device, dtype=torch.int32)[1:]
+        return torch.searchsorted(ends, pos, right=True).to(torch.int32).view(b, s)
+
+    return derived(params, ("segment_ids", b, s, torch.device(device)), make)
+
+
+def derived(params: PackedSeqParams, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()``, made once per ``params`` and ``key`` and kept on ``params``: what the layers derive
+    from a micro-batch's boundaries is the same in every layer, and ``params`` lives as long as the
+    micro-batch (recomputation in backward gets the same object). The tensor is handed out only
+    while ``params.cu_seqlens_q`` is the one it was made from."""
+    kept: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = params.__dict__.setdefault(_DERIVED, {})
+    cu = params.cu_seqlens_q
+    entry = kept.get(key)
+    if entry is None or entry[0] is not cu:
+        entry = kept[key] = (cu, make())
+    return entry[1]
+
+
+_DERIVED = "_nam_derived"  # the attribute of a PackedSeqParams holding what ``derived`` made of it

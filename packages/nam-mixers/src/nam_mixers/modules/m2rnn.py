@@ -16,6 +16,7 @@ does not depend on how heads are split across ranks.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,13 @@ from torch import nn
 
 from nam_mixers.ops.conv import causal_conv1d_silu, causal_conv1d_step, causal_conv1d_torch, conv_state
 from nam_mixers.ops.m2rnn import PATHS, M2RNNKernelConfig, m2rnn_scan, m2rnn_scan_reference
+
+
+@functools.cache
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the gate and the output norm compute in: float32, float64 for float64 (looked up once
+    per dtype: torch.promote_types is a dispatcher call)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -111,9 +119,11 @@ class M2RNNCore(nn.Module):
         return causal_conv1d_silu(x, weight, bias, seq_idx)
 
     def forget_gate(self, x_f: torch.Tensor) -> torch.Tensor:
-        """f = exp(-exp(A_log) * softplus(x_f + dt_bias)) in float32; x_f [B, S, H]."""
-        a = torch.exp(self.A_log.float())
-        return torch.exp(-a * F.softplus(x_f.float() + self.dt_bias.float()))
+        """f = exp(-exp(A_log) * softplus(x_f + dt_bias)) in float32 (float64 stays float64); x_f
+        [B, S, H]. dt_bias joins the sum as it is: the add upcasts it exactly, with no copy of its own."""
+        ct = _compute_dtype(x_f.dtype)
+        a = torch.exp(self.A_log.to(ct))
+        return torch.exp(-a * F.softplus(x_f.to(ct) + self.dt_bias))
 
     def _check(self, qk: torch.Tensor, vgf: torch.Tensor) -> None:
         b, s, _ = vgf.shape
@@ -135,11 +145,14 @@ class M2RNNCore(nn.Module):
     def _output(
         self, y: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor:
-        """(y + D v) * silu(g), RMS-normed per value head, in float32; [B, S, H*V] in ``dtype``."""
+        """(y + D v) * silu(g), RMS-normed per value head, in float32 (float64 stays float64);
+        [B, S, H*V] in ``dtype``. y, D and the norm weight meet an operand of that type, which
+        upcasts them exactly inside the op: no copies of their own."""
         b, s = y.shape[:2]
-        o = (y.float() + self.D.float()[:, None] * v.float()) * F.silu(gate.float())
+        ct = _compute_dtype(dtype)
+        o = (y + self.D[:, None] * v.to(ct)) * F.silu(gate.to(ct))
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        return (o.reshape(b, s, -1) * self.norm_weight.float()).to(dtype)
+        return (o.reshape(b, s, -1) * self.norm_weight).to(dtype)
 
     def _scan(
         self, qk: torch.Tensor, vgf: torch.Tensor, seq_idx: torch.Tensor | None
@@ -169,7 +182,7 @@ class M2RNNCore(nn.Module):
         y, h = self._scan(qk, vgf, seq_idx)
         width = self.qk_conv_weight.shape[1]
         v_in = self._split_vgf(vgf)[0]
-        ct = torch.promote_types(vgf.dtype, torch.float32)
+        ct = _compute_dtype(vgf.dtype)
         qk_conv, v_conv = (conv_state(x.to(ct), seq_idx, width) for x in (qk, v_in))
         return y, M2RNNState(qk_conv, v_conv, h)
 
@@ -177,7 +190,7 @@ class M2RNNCore(nn.Module):
         """One token per row (qk, vgf [B, 1, ...]) through the reference recurrence: the convs from
         their saved inputs, one step of the scan from the saved state."""
         self._check(qk, vgf)
-        b, ct = vgf.shape[0], torch.promote_types(vgf.dtype, torch.float32)
+        b, ct = vgf.shape[0], _compute_dtype(vgf.dtype)
         q_k, qk_conv = causal_conv1d_step(
             qk[:, 0].to(ct), state.qk_conv, self.qk_conv_weight.to(ct), self.qk_conv_bias.to(ct)
         )

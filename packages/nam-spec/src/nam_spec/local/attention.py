@@ -26,7 +26,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.varlen import varlen_attn
 
-from nam_spec.documents import segment_ids
+from nam_spec.documents import derived, segment_ids
 
 _VARLEN_DTYPES = (torch.bfloat16, torch.float16)  # the flash kernel's
 
@@ -116,9 +116,14 @@ class SDPAttention(MegatronModule):
         return out[..., :hv].reshape(b, sq, np_ * hv).transpose(0, 1).contiguous()
 
     def _document_mask(self, params: PackedSeqParams, s: int, b: int, device: torch.device) -> torch.Tensor:
-        """[b, 1, s, s] bool, True where attention is allowed: same segment (and causal)."""
-        seg = segment_ids(params, b, s, device)
-        mask = seg[:, :, None] == seg[:, None, :]
-        if self.causal:
-            mask &= torch.ones(s, s, dtype=torch.bool, device=device).tril()
-        return mask.unsqueeze(1)
+        """[b, 1, s, s] bool, True where attention is allowed: same segment (and causal); made once
+        per micro-batch, as every attention layer's is the same (SDPA keeps it for backward anyway)."""
+
+        def make() -> torch.Tensor:
+            seg = segment_ids(params, b, s, device)
+            mask = seg[:, :, None] == seg[:, None, :]
+            if self.causal:
+                mask &= torch.ones(s, s, dtype=torch.bool, device=device).tril()
+            return mask.unsqueeze(1)
+
+        return derived(params, ("attention_mask", b, s, torch.device(device), self.causal), make)

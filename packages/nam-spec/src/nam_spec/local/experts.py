@@ -44,13 +44,22 @@ def grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.shape[-1] % align == 0 and weight.shape[1] % align == 0
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def group_offsets(counts: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """grouped_mm's ``offs``: the end row of each expert's block, int32 on ``device``."""
+    return torch.cumsum(counts.to(device=device, dtype=torch.int32), 0, dtype=torch.int32)
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor | None = None
+) -> torch.Tensor:
     """Row block e of ``x`` (``counts[e]`` rows, in order) times ``weight[e].T``.
 
-    x [T, K], weight [E, N, K], counts [E] integers summing to T -> [T, N].
+    x [T, K], weight [E, N, K], counts [E] integers summing to T -> [T, N]. ``offsets``:
+    ``group_offsets(counts, x.device)`` where the caller has it already (the two GEMMs of an
+    experts layer share it); made here otherwise.
     """
     if grouped_mm_runs(x, weight):
-        offs = torch.cumsum(counts.to(device=x.device, dtype=torch.int32), 0, dtype=torch.int32)
+        offs = group_offsets(counts, x.device) if offsets is None else offsets
         return F.grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=offs)
     outs = [xe @ we.T for xe, we in zip(torch.split(x, counts.tolist()), weight, strict=True)]
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
@@ -115,7 +124,14 @@ class GroupedExperts(MegatronModule):
         self, permuted_hidden: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor
     ) -> tuple[torch.Tensor, None]:
         counts = tokens_per_expert
-        h = grouped_linear(permuted_hidden, self.fc1_weight, counts)
+        # one cumsum (and, from megatron's dispatchers, one host-to-device copy of the counts) for
+        # both GEMMs
+        offsets = (
+            group_offsets(counts, permuted_hidden.device)
+            if grouped_mm_runs(permuted_hidden, self.fc1_weight)
+            else None
+        )
+        h = grouped_linear(permuted_hidden, self.fc1_weight, counts, offsets)
         probs = permuted_probs.unsqueeze(-1)
         if self.recompute_activation:  # keep fc1's output only; recompute SwiGLU in backward
             act = checkpoint(_swiglu_weighted, h, probs, use_reentrant=False)
@@ -123,7 +139,7 @@ class GroupedExperts(MegatronModule):
             act = _swiglu_weighted(h, probs)
         for hook in list(self._activation_hooks.values()):
             hook(act, counts)
-        return grouped_linear(act, self.fc2_weight, counts), None
+        return grouped_linear(act, self.fc2_weight, counts, offsets), None
 
     def backward_dw(self) -> None:  # weight gradients are not deferred
         return None
