@@ -40,9 +40,9 @@ from typing import Any
 from bench.report import Report
 
 WORKERS = (1, 2, 4, 8, 16)
-# ~64 units of 2 MB: 8 rounds at 8 workers, so a worker's start (imports, tokenizer) is not most of
-# its time (at 40 MB, 19 units, it was: RESULTS.md); the five runs take about 6 minutes on 16 cores
-TARGET_MB = 128
+# ~32 units of 2 MB: 4 rounds at 8 workers, 2 at 16, so a worker's start (imports, tokenizer) is not most of
+# its time (at 40 MB, 19 units, it was: RESULTS.md); the five runs take about 3 minutes on 16 cores
+TARGET_MB = 64
 PRESET = "nam56r-small"
 RESERVED = re.compile(r"\b_\w+")  # an identifier starting with an underscore
 UNITS_DONE = re.compile(r"data: (\d+)/\1 units")  # the progress line once every unit is built

@@ -78,8 +78,14 @@ class Report:
         self.row(case, ms=ms, floor_ms=floor_ms, peak_gib=peak, **extra)
         return ms
 
+    @property
+    def bench(self) -> str:
+        """The benchmark now running (``begin``)."""
+        return self._bench
+
     def fail(self, bench: str, tb: str) -> None:
-        self.failures[bench] = tb
+        """Record a benchmark's traceback (after any it already has)."""
+        self.failures[bench] = f"{self.failures[bench]}\n{tb}" if bench in self.failures else tb
 
     @property
     def ok(self) -> bool:

@@ -51,7 +51,6 @@ that the losses of every step stay within LEVER_LOSS_TOL of ours.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import math
 import os
 import statistics
@@ -64,7 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.report import Report
-from bench.world import one_rank_world
+from bench.world import in_fresh_process
 
 if TYPE_CHECKING:
     from nam_layout import Layout
@@ -342,12 +341,6 @@ def make_batches(
             }
         batches.append(batch)
     return batches
-
-
-def device_gib() -> float:
-    import torch
-
-    return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
 def _sync() -> None:
@@ -639,139 +632,104 @@ def run_model(
 
 
 def main(report: Report) -> None:
-    log("initialising one rank")
-    with one_rank_world() as world:
-        _bench(report, world)
-
-
-def _bench(report: Report, world: Any) -> None:
     import torch
 
-    from nam_spec import EmbeddingConfig
-    from nam_spec.accounting import model_params
-    from nam_trainer.train.setup import build_run
-
+    gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     checked = preset()
-    lr = checked.config.training.lr
-
-    # ours -----------------------------------------------------------------------------------
-    log("building ours on the GPU")
-    run = build_run(checked, world)
-    _sync()
-    log("built ours")
-    c, ours_layout = run.model, run.layout
-    model = run.chunks[0].module
+    c = checked.config.model
+    layout = c.layout()
     log(
-        f"{PRESET}: {ours_layout.pattern} x {ours_layout.depth}, hidden {c.hidden_size}, vocab {c.vocab_size}, "
+        f"{PRESET}: {layout.pattern} x {layout.depth}, hidden {c.hidden_size}, vocab {c.vocab_size}, "
         f"seq {c.seq_length}; micro-batch {MICRO_BATCH} x {MICROBATCHES} micro-batches = "
-        f"{MICRO_BATCH * MICROBATCHES * c.seq_length} tokens per step; lr {lr}"
+        f"{MICRO_BATCH * MICROBATCHES * c.seq_length} tokens per step; lr {checked.config.training.lr}"
     )
     log("model FLOPs, ours (DESIGN.md; nam_spec.accounting.model_flops_per_token):")
-    for line in flop_lines(c, ours_layout):
+    for line in flop_lines(c, layout):
         print("    " + line, flush=True)
-    ours = run_model(
-        report,
-        "ours",
-        run,
-        ours_layout,
-        make_batches(c, MICRO_BATCH, MICROBATCHES, with_extras=True),
-        formula_params=model_params(c, ours_layout).total,
-        params_tol=0.0,
-        layers=list(zip(model.decoder.kinds, model.decoder.layers, strict=True)),
-        estimate_gib=estimated_peak_gib(c, ours_layout, MICRO_BATCH),
-    )
-    drop = ours["losses"][DROP_AFTER] / ours["losses"][0]
-    report.check(f"ours: loss after {DROP_AFTER} steps / initial, fixed batch, lr {lr}", drop, 0.995)
-    del run, model
-    gc.collect()
-    torch.cuda.empty_cache()
-    log(f"freed ours: {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated")
+
+    ours = in_fresh_process(report, _ours, MICRO_BATCH, {}, True)
+    if ours is None:
+        raise RuntimeError("ours at micro-batch 1 failed (its traceback is in the table)")
 
     for key, value in LEVERS.items():
-        log(f"ours with model.{key} = {value}")
-        run = build_run(preset(**{key: value}), world)
-        lever = run_model(
-            report,
-            f"ours, {key} {value}",
-            run,
-            ours_layout,
-            make_batches(c, MICRO_BATCH, MICROBATCHES, with_extras=True),
-            formula_params=model_params(c, ours_layout).total,
-            params_tol=0.0,
-        )
+        lever = in_fresh_process(report, _ours, MICRO_BATCH, {key: value}, False)
+        if lever is None:
+            continue
         report.row(f"{key} {value}: step time / ours as configured", ratio=lever["ms"] / ours["ms"])
         drift = max(abs(a - b) / abs(b) for a, b in zip(lever["losses"], ours["losses"], strict=True))
         report.check(f"{key} {value}: losses of every step vs ours (relative)", drift, LEVER_LOSS_TOL)
-        del run
-        gc.collect()
-        torch.cuda.empty_cache()
 
-    # megatron-core's HybridModel --------------------------------------------------------------
-    layout = megatron_layout(ours_layout)
-    log(f"megatron-core HybridModel, pattern {layout.kinds} (R as M); model FLOPs:")
-    for line in flop_lines(c, layout):
-        print("    " + line, flush=True)
-    theirs = None
-    if device_gib() < MEGATRON_GIB:
-        log(
-            f"megatron-core's model needs ~{MEGATRON_GIB} GiB at micro-batch 1: not run on {device_gib():.0f} GiB"
-        )
-    else:
-        run = build_run(checked, world, build=build_megatron)
-        _sync()
-        log("built megatron-core's")
-        theirs = run_model(
-            report,
-            "megatron",
-            run,
-            layout,
-            make_batches(c, MICRO_BATCH, MICROBATCHES, with_extras=False),
-            formula_params=model_params(c.replace(embedding=EmbeddingConfig()), layout).total,  # no extras
-            params_tol=1e-2,
-        )
-        del run
-        gc.collect()
-        torch.cuda.empty_cache()
-    if theirs is not None:
+    if gib < MEGATRON_GIB:
+        log(f"megatron-core's model needs ~{MEGATRON_GIB} GiB at micro-batch 1: not run on {gib:.0f} GiB")
+    elif (theirs := in_fresh_process(report, _megatron)) is not None:
         ratio = ours["tokens/s"] / theirs["tokens/s"]
-        report.row(
-            "ours / megatron tokens/s (goal >= 6)",
-            ours_tflops=ours["model TFLOP/s"],
-            goal_tflops=250.0,
-            ratio=ratio,
-        )
+        report.row("ours / megatron tokens/s (goal >= 6)", ours_tflops=ours["model TFLOP/s"], ratio=ratio)
         log(
-            f"ours / megatron-core tokens/s = {ratio:.2f} (goal >= 6); ours {ours['model TFLOP/s']:.0f} model "
-            f"TFLOP/s at micro-batch 1 against the goal of 250"
+            f"ours / megatron-core tokens/s = {ratio:.2f} (goal >= 6); ours {ours['model TFLOP/s']:.0f} "
+            f"model TFLOP/s at micro-batch 1 (goal 250)"
         )
 
     # ours at larger micro-batches, same tokens per step: what per-launch overhead and the batch-bound
     # scans (M2RNN's 4096-step chain costs the same at any batch) cost at micro-batch 1
     for micro_batch in LARGER_MICRO_BATCHES:
-        held = torch.cuda.memory_allocated() / 2**30  # counts in this run's peak, so in its estimate too
-        log(f"ours at micro-batch {micro_batch}: {held:.2f} GiB still allocated")
-        estimate = held + estimated_peak_gib(c, ours_layout, micro_batch)
-        if estimate > device_gib():
-            log(
-                f"ours at micro-batch {micro_batch}: estimate {estimate:.1f} GiB > {device_gib():.0f} GiB, not run"
-            )
+        estimate = estimated_peak_gib(c, layout, micro_batch)
+        if estimate > gib:
+            log(f"ours at micro-batch {micro_batch}: estimate {estimate:.1f} GiB > {gib:.0f} GiB, not run")
             continue
-        run = build_run(checked, world)
-        model = run.chunks[0].module
-        count = MICRO_BATCH * MICROBATCHES // micro_batch
-        try:
-            run_model(
-                report,
-                "ours",
-                run,
-                ours_layout,
-                make_batches(c, micro_batch, count, with_extras=True),
-                formula_params=model_params(c, ours_layout).total,
-                params_tol=0.0,
-                estimate_gib=estimate,
-            )
-        except torch.OutOfMemoryError:  # information beyond the comparison: keep the rows so far
-            report.fail(f"ours at micro-batch {micro_batch}", traceback.format_exc())
-        del run, model
-        gc.collect()
-        torch.cuda.empty_cache()
+        in_fresh_process(report, _ours, micro_batch, {}, False)
+
+
+def _ours(
+    report: Report, world: Any, micro_batch: int, model: dict[str, str], profile: bool
+) -> dict[str, Any]:
+    """Ours at ``micro_batch`` (MICROBATCHES * MICRO_BATCH rows per step) with [model] keys ``model``
+    set; profiled when ``profile``. Returns run_model's result."""
+    from nam_spec.accounting import model_params
+    from nam_trainer.train.setup import build_run
+
+    checked = preset(**model)
+    name = "ours" + "".join(f", {key} {value}" for key, value in model.items())
+    log(f"building {name} on the GPU (micro-batch {micro_batch})")
+    run = build_run(checked, world)
+    c, layout = run.model, run.layout
+    decoder = run.chunks[0].module.decoder
+    result = run_model(
+        report,
+        name,
+        run,
+        layout,
+        make_batches(c, micro_batch, MICRO_BATCH * MICROBATCHES // micro_batch, with_extras=True),
+        formula_params=model_params(c, layout).total,
+        params_tol=0.0,
+        layers=list(zip(decoder.kinds, decoder.layers, strict=True)) if profile else None,
+        estimate_gib=estimated_peak_gib(c, layout, micro_batch),
+    )
+    if not model and micro_batch == MICRO_BATCH:
+        drop = result["losses"][DROP_AFTER] / result["losses"][0]
+        lr = checked.config.training.lr
+        report.check(f"ours: loss after {DROP_AFTER} steps / initial, fixed batch, lr {lr}", drop, 0.995)
+    return result
+
+
+def _megatron(report: Report, world: Any) -> dict[str, Any]:
+    """megatron-core's HybridModel at micro-batch 1, on the trainer's DDP and optimizer."""
+    from nam_spec import EmbeddingConfig
+    from nam_spec.accounting import model_params
+    from nam_trainer.train.setup import build_run
+
+    checked = preset()
+    c = checked.config.model
+    layout = megatron_layout(c.layout())
+    log(f"megatron-core HybridModel, pattern {layout.kinds} (R as M); model FLOPs:")
+    for line in flop_lines(c, layout):
+        print("    " + line, flush=True)
+    run = build_run(checked, world, build=build_megatron)
+    return run_model(
+        report,
+        "megatron",
+        run,
+        layout,
+        make_batches(c, MICRO_BATCH, MICROBATCHES, with_extras=False),
+        formula_params=model_params(c.replace(embedding=EmbeddingConfig()), layout).total,  # no extras
+        params_tol=1e-2,
+    )

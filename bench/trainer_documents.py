@@ -20,7 +20,7 @@ from typing import Any
 from bench.document_lengths import load_lengths, packed_document_ids
 from bench.report import Report
 from bench.trainer import MICRO_BATCH, MICROBATCHES, log, make_batches, preset, run_model
-from bench.world import one_rank_world
+from bench.world import in_fresh_process
 
 GOAL = 1.03  # on / off step time
 
@@ -49,43 +49,15 @@ def with_documents(batches: list[dict], boundaries: bool, seed: int = 0) -> list
 
 
 def main(report: Report) -> None:
-    import multiprocessing as mp
-
-    # Each case in a fresh process: a second build in one process found ~19.5 GiB of the first
-    # still allocated, which counted in its peak and left it short of memory.
     results = {}
-    ctx = mp.get_context("spawn")
     for name, boundaries in (("documents off", False), ("documents on", True)):
-        queue = ctx.Queue()
-        child = ctx.Process(target=_case, args=(report.commit, name, boundaries, queue))
-        child.start()
-        checks, rows, result = queue.get()
-        child.join()
-        report.checks += checks
-        report.rows += rows
-        if result is None:
-            raise RuntimeError(f"the {name} case failed (its traceback is above)")
-        results[name] = result
+        results[name] = in_fresh_process(report, _bench, name, boundaries)
+        if results[name] is None:
+            raise RuntimeError(f"the {name} case failed (its traceback is in the table)")
     ratio = results["documents on"]["ms"] / results["documents off"]["ms"]
     report.row(f"documents on / off step time (goal < {GOAL})", ratio=ratio)
     report.check(f"documents on / off step time - {GOAL}", max(ratio - GOAL, 0.0), 0.0)
     log(f"step with document boundaries / without = {ratio:.3f} (goal < {GOAL})")
-
-
-def _case(commit: str, name: str, boundaries: bool, queue: Any) -> None:
-    """One case on a fresh one-rank world; sends back its checks, rows and run_model's result."""
-    import traceback
-
-    report = Report(commit=commit)
-    report.begin("trainer_documents")
-    result = None
-    try:
-        log(f"initialising one rank ({name})")
-        with one_rank_world() as world:
-            result = _bench(report, world, name, boundaries)
-    except Exception:
-        traceback.print_exc()
-    queue.put((report.checks, report.rows, result))
 
 
 def _bench(report: Report, world: Any, name: str, boundaries: bool) -> dict[str, Any]:
