@@ -45,6 +45,7 @@ REGISTRY: dict[str, str] = {
     "plasticity": "bench.plasticity",
     "spec": "bench.spec",
     "trainer": "bench.trainer",
+    "trainer_cli": "bench.trainer_cli",
     "trainer_documents": "bench.trainer_documents",
 }
 

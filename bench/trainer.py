@@ -1,5 +1,6 @@
 """A full training step of nam56r-small on one H200, beside megatron-core's own HybridModel at the
-same shape in the same process: tokens/s, model TFLOP/s, MFU, peak memory, and a profile of ours.
+same shape in the same run (each model in a process of its own, bench.world.in_fresh_process): tokens/s,
+model TFLOP/s, MFU, peak memory, and a profile of ours.
 
     NAM_COMMIT=<sha> bash bench/gpu.sh trainer
 
@@ -78,6 +79,14 @@ WARMUP_STEPS = 2
 TIMED_STEPS = 5
 PROFILE_STEPS = 1  # of MICROBATCHES micro-batches; summarising the trace costs CPU time per event
 DROP_AFTER = 5  # steps on the fixed batch after which our loss must have dropped
+# what the benchmark sets against the preset (bench/trainer_cli.py runs nam-train with the same)
+OVERRIDES = {
+    "model.params_dtype": "bfloat16",
+    "model.recompute": "none",
+    "training.warmup_steps": "0",
+    "training.steps": "1000000",
+    "parallel.distributed_optimizer": "true",
+}
 # throughput levers, each a [model] key set against the preset's value and timed at micro-batch 1
 # beside ours as configured: a lever that landed on by default set back to the path before it,
 # or one still off by default (until this row shows it pays) set on
@@ -102,18 +111,14 @@ def preset(name: str = PRESET, **model: str) -> Any:
     at its peak: no warm-up, a cosine decay over a million steps; ``model`` sets [model] keys."""
     from nam_trainer.config import check, load_config
 
-    overrides = {
-        "model.params_dtype": "bfloat16",
-        "model.recompute": "none",
-        "training.warmup_steps": "0",
-        "training.steps": "1000000",
-        "parallel.distributed_optimizer": "true",
-        **{f"model.{key}": value for key, value in model.items()},
-    }
-    cfg = load_config(
-        name, overrides=[arg for key, value in overrides.items() for arg in (f"--{key}", value)]
-    )
+    overrides = {**OVERRIDES, **{f"model.{key}": value for key, value in model.items()}}
+    cfg = load_config(name, overrides=cli_args(overrides))
     return check(cfg, world_size=1)
+
+
+def cli_args(overrides: dict[str, str]) -> list[str]:
+    """``{"section.key": value}`` as nam-train's command line (``--section.key value ...``)."""
+    return [arg for key, value in overrides.items() for arg in (f"--{key}", value)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -647,12 +652,12 @@ def main(report: Report) -> None:
     for line in flop_lines(c, layout):
         print("    " + line, flush=True)
 
-    ours = in_fresh_process(report, _ours, MICRO_BATCH, {}, True)
+    ours = in_fresh_process(report, ours_case, MICRO_BATCH, {}, True)
     if ours is None:
         raise RuntimeError("ours at micro-batch 1 failed (its traceback is in the table)")
 
     for key, value in LEVERS.items():
-        lever = in_fresh_process(report, _ours, MICRO_BATCH, {key: value}, False)
+        lever = in_fresh_process(report, ours_case, MICRO_BATCH, {key: value}, False)
         if lever is None:
             continue
         report.row(f"{key} {value}: step time / ours as configured", ratio=lever["ms"] / ours["ms"])
@@ -661,7 +666,7 @@ def main(report: Report) -> None:
 
     if gib < MEGATRON_GIB:
         log(f"megatron-core's model needs ~{MEGATRON_GIB} GiB at micro-batch 1: not run on {gib:.0f} GiB")
-    elif (theirs := in_fresh_process(report, _megatron)) is not None:
+    elif (theirs := in_fresh_process(report, megatron_case)) is not None:
         ratio = ours["tokens/s"] / theirs["tokens/s"]
         report.row("ours / megatron tokens/s (goal >= 6)", ours_tflops=ours["model TFLOP/s"], ratio=ratio)
         log(
@@ -676,10 +681,10 @@ def main(report: Report) -> None:
         if estimate > gib:
             log(f"ours at micro-batch {micro_batch}: estimate {estimate:.1f} GiB > {gib:.0f} GiB, not run")
             continue
-        in_fresh_process(report, _ours, micro_batch, {}, False)
+        in_fresh_process(report, ours_case, micro_batch, {}, False)
 
 
-def _ours(
+def ours_case(
     report: Report, world: Any, micro_batch: int, model: dict[str, str], profile: bool
 ) -> dict[str, Any]:
     """Ours at ``micro_batch`` (MICROBATCHES * MICRO_BATCH rows per step) with [model] keys ``model``
@@ -711,7 +716,7 @@ def _ours(
     return result
 
 
-def _megatron(report: Report, world: Any) -> dict[str, Any]:
+def megatron_case(report: Report, world: Any) -> dict[str, Any]:
     """megatron-core's HybridModel at micro-batch 1, on the trainer's DDP and optimizer."""
     from nam_spec import EmbeddingConfig
     from nam_spec.accounting import model_params
