@@ -15,8 +15,10 @@ preset: bf16, no recomputation, no warm-up; micro-batch 1, MICROBATCHES micro-ba
   checkpoint, ~28 GB, is not what is measured).
 - the bench: bench/trainer.py's ``ours_case`` at micro-batch 1, random tokens, in a fresh process.
 
-Rows: each one's median model TFLOP/s over the steps after WARMUP_STEPS (nam-train's first step
-includes Triton's compilation), and nam-train / bench; check: |ratio - 1| <= TOLERANCE.
+Rows: medians over the steps after WARMUP_STEPS (nam-train's first steps include Triton's
+compilation): nam-train's model TFLOP/s as it records them (its step alone) and over the wall
+between its records (batch assembly, metrics and logging included: what a user gets), the bench's,
+and nam-train's wall rate / the bench's; check: |ratio - 1| <= TOLERANCE.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import Report
-from bench.trainer import MICRO_BATCH, MICROBATCHES, OVERRIDES, PRESET, cli_args, log, ours_case
+from bench.trainer import MICRO_BATCH, MICROBATCHES, OVERRIDES, PRESET, cli_args, log, ours_case, preset
 from bench.world import in_fresh_process
 
 STEPS = 8
@@ -99,23 +101,36 @@ def main(report: Report) -> None:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
             proc.wait()
-    timed = records[WARMUP_STEPS:]
-    cli = {
-        key: statistics.median(r[key] for r in timed) for key in ("tflops", "tokens_per_s", "peak_memory_gib")
-    }
+    tokens = MICRO_BATCH * MICROBATCHES * preset().config.model.seq_length
+    step_tflops, wall_tflops = [], []
+    for before, record in zip(records[WARMUP_STEPS - 1 :], records[WARMUP_STEPS:], strict=False):
+        # the record's rate times its step over the wall between records: data, logging included
+        wall = record["time"] - before["time"]
+        step_tflops.append(record["tflops"])
+        wall_tflops.append(record["tflops"] * tokens / record["tokens_per_s"] / wall)
+    cli = {"step": statistics.median(step_tflops), "wall": statistics.median(wall_tflops)}
     report.row(
         f"nam-train {PRESET} step {MICROBATCHES}x{MICRO_BATCH}, masking {MASKING}",
-        peak_gib=cli["peak_memory_gib"],
-        tokens_per_s=cli["tokens_per_s"],
-        model_tflops=cli["tflops"],
-        steps=len(timed),
+        peak_gib=max(r["peak_memory_gib"] for r in records),
+        model_tflops_step=cli["step"],
+        model_tflops_wall=cli["wall"],
+        steps=len(step_tflops),
     )
-    log(f"nam-train: {cli['tflops']:.1f} model TFLOP/s (median of steps {WARMUP_STEPS + 1}-{STEPS})")
+    log(
+        f"nam-train: {cli['step']:.1f} model TFLOP/s in its steps, {cli['wall']:.1f} over the wall between "
+        f"steps (medians of steps {WARMUP_STEPS + 1}-{STEPS})"
+    )
 
     bench = in_fresh_process(report, ours_case, MICRO_BATCH, {}, False)
     if bench is None:
         raise RuntimeError("the bench's step failed (its traceback is in the table)")
-    ratio = cli["tflops"] / bench["model TFLOP/s"]
-    report.row(f"nam-train / bench model TFLOP/s (goal within {TOLERANCE:.0%})", ratio=ratio)
-    report.check("nam-train vs bench model TFLOP/s: |ratio - 1|", abs(ratio - 1), TOLERANCE)
-    log(f"nam-train / bench = {ratio:.3f} ({cli['tflops']:.1f} / {bench['model TFLOP/s']:.1f} model TFLOP/s)")
+    ratio = cli["wall"] / bench["model TFLOP/s"]
+    report.row(
+        f"nam-train (wall) / bench model TFLOP/s (goal within {TOLERANCE:.0%})",
+        ratio=ratio,
+        step_ratio=cli["step"] / bench["model TFLOP/s"],
+    )
+    report.check("nam-train (wall) vs bench model TFLOP/s: |ratio - 1|", abs(ratio - 1), TOLERANCE)
+    log(
+        f"nam-train (wall) / bench = {ratio:.3f} ({cli['wall']:.1f} / {bench['model TFLOP/s']:.1f} model TFLOP/s)"
+    )
