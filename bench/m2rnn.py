@@ -18,10 +18,10 @@ with W = I + 0.1 * noise rescaled to spectral norm 0.95 so that the recurrence c
 ||W|| > 1 a step can expand rounding differences over a document and no two float32 implementations
 agree, the float32 reference included; packages/nam-mixers/README.md, "Accuracy and conditioning").
 The unrescaled case (||W|| ~1.4-1.7) is kept as information rows. Sweep variants: forward y against
-float64, backward gradients against the default's. The checks run at B1, where the default's
-block_k=None takes fewer than 16 rows per program on a 132-SM GPU (8 at 44 heads), so they cover the
-multiply-and-sum products; the rows-per-program rows check each split's y against float64 and its
-gradients against 16 rows' (tl.dot).
+float64, backward gradients against the default's. The rows-per-program rows (16, block_k=None's
+choice, which is fewer than 16 at B1 on a 132-SM GPU, 8 at 44 heads, then 4 and 2) check each
+split's y against float64 and its gradients against 16 rows' (tl.dot), so they cover the
+multiply-and-sum products; the default stays 16 rows until those rows show fewer pay.
 Pin the fastest configuration that passes its check with `M2RNNKernelConfig(...)` as printed in the
 `best` row (and as the default in nam_mixers/ops/m2rnn/config.py).
 """

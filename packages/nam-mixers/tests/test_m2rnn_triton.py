@@ -182,7 +182,7 @@ def test_default_config_matches_reference(dtype: torch.dtype, tol: float) -> Non
     GPU's "bf16" dot or tanh.approx (bench/gpu.sh checks those)."""
     cfg = M2RNNKernelConfig()
     # sequence long enough for a second, partial chunk and a partial last block in both passes;
-    # K over two row blocks of 16 (block_k=None's choice under the interpreter; the second padded), V padded
+    # K over two row blocks of 16 (the default; the second padded), V padded
     b, s, g, h, k, v = 1, cfg.chunk + cfg.chunk // 2 + 1, 1, 2, 20, 5
     assert s % cfg.forward.block_t and s % cfg.backward.block_t
     assert cfg.backward.rows_per_program(b * h, k, torch.device(DEVICE)) < k
@@ -269,7 +269,7 @@ def test_config_validation() -> None:
 
 def test_block_k_rule() -> None:
     """block_k=None: 16 rows per program unless B*H*ceil(K/16) programs give under two per SM."""
-    assert PassConfig().block_k is None and PassConfig(block_k=4).block_k == 4
+    assert PassConfig().block_k == 16 and PassConfig(block_k=None).block_k is None
     assert auto_block_k(4 * 44, 64, 132) == 16  # NAM56R B4: 704 programs
     assert auto_block_k(44, 64, 132) == 8  # B1: 176 at 16 rows, 352 at 8
     assert auto_block_k(24, 64, 132) == 4  # 96 at 16 rows, 192 at 8, 384 at 4

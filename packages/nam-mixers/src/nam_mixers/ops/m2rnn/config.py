@@ -20,9 +20,10 @@ class PassConfig:
         and summed afterwards, ceil(K / block_k) * B*S*H*V*4 bytes while the pass runs (deterministic,
         no atomics). From 16 rows the state products run on tl.dot (tensor cores, or CUDA cores for
         "ieee"); below 16, tl.dot's minimum, as float32 multiply-and-sum on CUDA cores, where
-        `precision` does not apply. None (the default) picks from the launch shape
-        (`rows_per_program`, `auto_block_k`): 16, unless B*H*ceil(K/16) programs leave SMs idle, then
-        the largest of 8, 4, 2 that fills them; 16 under the interpreter.
+        `precision` does not apply. None picks from the launch shape (`rows_per_program`,
+        `auto_block_k`): 16, unless B*H*ceil(K/16) programs leave SMs idle, then the largest of 8, 4, 2
+        that fills them; 16 under the interpreter. The default stays 16, the measured path, until
+        bench/m2rnn.py's rows per program show on the GPU that fewer rows pay.
     num_warps: warps per program.
     precision: how the state matmuls run: "ieee" exact fp32 on CUDA cores, "tf32" one tensor-core
         pass, "tf32x3" three, "bf16" with both operands rounded to bfloat16 (the state itself stays
@@ -38,7 +39,7 @@ class PassConfig:
     """
 
     block_t: int = 16
-    block_k: int | None = None
+    block_k: int | None = 16
     num_warps: int = 1
     precision: str | None = None
     fast_tanh: bool | None = None
