@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 # ops whose output size or value the host must read from the device: each one is a sync on CUDA
 HOST_READS = {"nonzero", "masked_select", "_local_scalar_dense", "item"}
+# ops that add rows into a tensor by index: atomics on CUDA (slow in bf16, order-dependent sums)
+ROW_ADDS = frozenset({"index_add", "index_add_", "scatter_add", "scatter_add_", "index_put", "index_put_"})
 
 
 def _config(dispatcher: str) -> ModelConfig:
@@ -107,6 +109,31 @@ def test_local_dispatcher_never_reads_device_values(megatron_single_rank: None) 
     ops = _ops_of_a_step(_e_layer("local"))
     assert "silu_backward" in ops  # the backward was recorded too
     assert ops & HOST_READS == set()
+
+
+class _RowAdds(TorchDispatchMode):
+    """ROW_ADDS on 2-d tensors of rows ``width`` wide (the hidden states, not the router's scores)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.found: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ROW_ADDS and args[0].dim() == 2 and args[0].shape[-1] == self.width:
+            self.found.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_local_dispatcher_moves_hidden_rows_by_gathers_only(megatron_single_rank: None) -> None:
+    hidden = _config("local").hidden_size
+    for dispatcher, expected in (("alltoall", True), ("local", False)):
+        x = torch.randn(8, 3, hidden, requires_grad=True)
+        layer = _e_layer(dispatcher)
+        with _own_tracker(), _RowAdds(hidden) as adds:
+            layer(x)[0].sum().backward()
+        assert bool(adds.found) == expected, (dispatcher, adds.found)
 
 
 def test_a_tiny_model_trains_the_same_with_either_dispatcher(megatron_single_rank: None) -> None:

@@ -8,10 +8,15 @@ device. Every tensor here has a size known from the shapes alone (tokens x top-k
 a value back.
 
 The permuted order is megatron's: grouped by expert, tokens in ascending order within each expert,
-so the experts see the same rows and the results match megatron's dispatcher exactly.
+so the experts see the same rows as under megatron's dispatcher. Moving rows between token order and
+that order uses gathers only, in both directions: each token's top-k rows are found through the
+inverse of the permutation, so neither pass adds rows with atomics (megatron's permutation does, in
+its backward, and its unpermutation in its forward), and the sums are deterministic.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -19,6 +24,46 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+
+class _RepeatRows(torch.autograd.Function):
+    """rows[p] = x[token[p]]: each token's row repeated for its top_k pairs, in the permuted order.
+    The gradient of token t sums the pairs' gradients, gathered through ``inverse`` (pair t * top_k + j
+    sits at row inverse[t * top_k + j])."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor, top_k: int
+    ) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return _sum_pairs(grad, inverse, ctx.top_k), None, None, None
+
+
+class _SumRows(torch.autograd.Function):
+    """out[t] = the sum of token t's top_k rows of the permuted order; the adjoint of _RepeatRows."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, rows: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor, top_k: int
+    ) -> torch.Tensor:
+        ctx.save_for_backward(token)
+        return _sum_pairs(rows, inverse, top_k)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (token,) = ctx.saved_tensors
+        return grad.index_select(0, token), None, None, None
+
+
+def _sum_pairs(rows: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[tokens, hidden]: each token's top_k rows of ``rows`` (permuted order) summed, in their dtype."""
+    return rows.index_select(0, inverse).view(-1, top_k, rows.shape[-1]).sum(1)
 
 
 class LocalTokenDispatcher(MoETokenDispatcher):
@@ -50,11 +95,15 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         # Pair p = token * top_k + j; a stable sort by expert keeps tokens ascending within an expert
         order = torch.sort(experts.flatten(), stable=True).indices
         self.token_index = order // self.top_k
+        # where each pair went: a scatter of a permutation, so no two writes meet
+        self.inverse = torch.empty_like(order).scatter_(
+            0, order, torch.arange(order.numel(), device=order.device)
+        )
         self.tokens_per_expert = routing_map.sum(dim=0)
         # index_select, not [order]: the backward of advanced indexing is index_put_ with accumulate,
-        # which sorts its indices again on CUDA; index_select's is an index_add
+        # which sorts its indices again on CUDA; index_select's is an index_add (of single scalars here)
         permuted_probs = probs.gather(1, experts).flatten().index_select(0, order)
-        return hidden_states.index_select(0, self.token_index), permuted_probs
+        return _RepeatRows.apply(hidden_states, self.token_index, self.inverse, self.top_k), permuted_probs
 
     def token_dispatch(
         self, hidden_states: torch.Tensor, probs: torch.Tensor
@@ -74,12 +123,10 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         return hidden_states
 
     def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # The experts applied the probs; sum each token's top_k outputs in their dtype, as megatron's
-        # unpermute does
-        tokens = self.hidden_shape.numel() // self.hidden_shape[-1]
-        out = hidden_states.new_zeros(tokens, hidden_states.shape[-1])
-        out = out.index_add(0, self.token_index, hidden_states)
-        self.token_index = None
+        # The experts applied the probs; each token's top_k outputs summed in their dtype, as megatron's
+        # unpermute returns them (it adds them one by one, rounding after each; this rounds the sum once)
+        out = _SumRows.apply(hidden_states, self.token_index, self.inverse, self.top_k)
+        self.token_index = self.inverse = None
         return out.view(self.hidden_shape)
 
 
