@@ -235,9 +235,10 @@ def _fenced_kernels(layers: list[tuple[str, Any]], counter: OpCounter) -> Iterat
         yield ", ".join(done.values()) or None
 
 
-def _build(device: Any, kinds: str, **model: str) -> tuple[Any, Any]:
+def build(device: Any, kinds: str, *, ddp: bool = True, **model: str) -> tuple[Any, Any]:
     """The preset's model (``model``: [model] keys set) on layout ``kinds``, in megatron's DDP as
-    nam-train sets it up; returns (model, its DDP wrapper)."""
+    nam-train sets it up unless ``ddp`` is off (then weights keep plain ``.grad``); returns (model,
+    its DDP wrapper or None)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from bench.trainer import preset
@@ -247,6 +248,8 @@ def _build(device: Any, kinds: str, **model: str) -> tuple[Any, Any]:
     cfg = preset(**model).config
     model_cfg = cfg.model.replace(params_dtype=cfg.model.dtype_name)
     net = build_model(Layout.tile(kinds, len(kinds)), model_cfg, cfg.parallel).to(device)
+    if not ddp:
+        return net, None
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.distributed_optimizer
     )
@@ -339,9 +342,9 @@ def _bench(report: Report) -> None:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    net, ddp = _build(device, LETTERS)
+    net, ddp = build(device, LETTERS)
     cases = _cases(net, device)
-    local, local_ddp = _build(device, "E", **{"moe.dispatcher": "local"})
+    local, local_ddp = build(device, "E", **{"moe.dispatcher": "local"})
     cases["E local"] = _cases(local, device)["E"]
     owner = {"E local": local_ddp}
     counter = OpCounter()

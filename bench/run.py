@@ -37,6 +37,7 @@ REGISTRY: dict[str, str] = {
     "embed": "bench.embed",
     "generate": "bench.generate",
     "host_ops": "bench.host_ops",
+    "layer_graphs": "bench.layer_graphs",
     "prepare": "bench.prepare",
     "mamba": "bench.mamba",
     "mamba3": "bench.mamba3",
