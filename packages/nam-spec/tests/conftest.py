@@ -14,3 +14,12 @@ def megatron_single_rank() -> Iterator[None]:
     dist.initialize(seed=1234)
     yield
     dist.teardown()
+
+
+@pytest.fixture(autouse=True)
+def fresh_moe_state() -> None:
+    """megatron keeps MoE logging state per process, sized by the first model that records into it:
+    each test starts without what an earlier test's model left (else the tests pass or fail by order)."""
+    from nam_runtime.megatron import reset_moe_state
+
+    reset_moe_state()
