@@ -444,7 +444,8 @@ def profile_summary(
     config: ModelConfig,
     layout: Layout,
 ) -> None:
-    """Top kernels by GPU time and GPU time per letter over PROFILE_STEPS steps."""
+    """Top kernels by GPU time, top host ops by their own CPU time, and GPU and host time per letter
+    over PROFILE_STEPS steps (host times are inflated by the profiler's own recording)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -483,19 +484,42 @@ def profile_summary(
         lines.append(f"{e.key[:90]:<90} {calls:>10.0f} {ms:>9.2f} {100 * ms / wall_ms:>7.1f}")
         report.row(f"{name} kernel {e.key[:38]}", ms=ms, calls_per_step=calls, pct_step=100 * ms / wall_ms)
 
+    # the host's side: the ops whose own CPU time (under the profiler) is largest, with the GPU time of
+    # the kernels they launched
+    host_ops = [
+        e
+        for e in averages
+        if e.device_type == DeviceType.CPU
+        and not e.key.startswith(RANGE_PREFIX)
+        and not e.key.startswith("ProfilerStep")
+    ]
+    host_ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    lines.append(f"{'host op (self CPU time)':<90} {'calls/step':>10} {'ms/step':>9} {'GPU ms':>7}")
+    for e in host_ops[:TOP_KERNELS]:
+        ms, gpu_ms = (t / 1e3 / PROFILE_STEPS for t in (e.self_cpu_time_total, e.device_time_total))
+        calls = e.count / PROFILE_STEPS
+        lines.append(f"{e.key[:90]:<90} {calls:>10.0f} {ms:>9.2f} {gpu_ms:>7.2f}")
+        report.row(f"{name} host {e.key[:40]}", ms=ms, calls_per_step=calls, gpu_ms=gpu_ms)
+
     per_range: dict[str, float] = defaultdict(float)
+    per_range_host: dict[str, float] = defaultdict(float)
     for e in prof.events():
         if e.device_type == DeviceType.CPU and e.name.startswith(RANGE_PREFIX):
             per_range[e.name[len(RANGE_PREFIX) :]] += e.device_time_total / 1e3 / PROFILE_STEPS
+            per_range_host[e.name[len(RANGE_PREFIX) :]] += e.cpu_time_total / 1e3 / PROFILE_STEPS
     counts = layout.counts
     tokens = trainer.tokens_per_step
     lines.append(
         f"{'letter':<7} {'layers':>6} {'fwd ms/step':>11} {'bwd ms/step':>11} {'% step':>7} "
-        f"{'ms/layer':>9} {'model TFLOP/s':>13}"
+        f"{'ms/layer':>9} {'model TFLOP/s':>13} {'host fwd ms':>11} {'host bwd ms':>11}"
     )
     attributed = 0.0
     for letter in sorted({k for k, _ in layers}):
         fwd, bwd = per_range.get(f"fwd {letter}", 0.0), per_range.get(f"bwd {letter}", 0.0)
+        host_fwd, host_bwd = (
+            per_range_host.get(f"fwd {letter}", 0.0),
+            per_range_host.get(f"bwd {letter}", 0.0),
+        )
         attributed += fwd + bwd
         block = LETTERS[letter]
         per_token = 6.0 * block.params(config).matmul_active + block.extra_flops_per_token(config)
@@ -503,10 +527,16 @@ def profile_summary(
         tflops = per_token * counts[letter] * tokens / (total * 1e-3) / 1e12 if total else float("nan")
         lines.append(
             f"{letter:<7} {counts[letter]:>6} {fwd:>11.1f} {bwd:>11.1f} {100 * total / wall_ms:>7.1f} "
-            f"{total / counts[letter]:>9.2f} {tflops:>13.0f}"
+            f"{total / counts[letter]:>9.2f} {tflops:>13.0f} {host_fwd:>11.1f} {host_bwd:>11.1f}"
         )
         report.row(
-            f"{name} letter {letter} fwd+bwd per step", ms=total, fwd_ms=fwd, bwd_ms=bwd, model_tflops=tflops
+            f"{name} letter {letter} fwd+bwd per step",
+            ms=total,
+            fwd_ms=fwd,
+            bwd_ms=bwd,
+            model_tflops=tflops,
+            host_fwd_ms=host_fwd,
+            host_bwd_ms=host_bwd,
         )
     rest = busy_ms - attributed
     lines.append(
