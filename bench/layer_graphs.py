@@ -47,15 +47,22 @@ def _layers(device: Any) -> tuple[dict[str, Any], Any]:
     return layers, net.rotary_pos_emb(SEQ)
 
 
-class _Call:
-    """layer(x) with the model's RoPE and no mask: the tensor-in, tensor-out callable capture needs."""
+def _as_module(layer: Any, rope: Any) -> Any:
+    """layer(x) with the model's RoPE and no mask, as an nn.Module owning the layer's parameters: the
+    tensor-in, tensor-out callable capture needs (make_graphed_callables returns gradients through
+    the graph only for a module's parameters), and the same callable eager."""
+    import torch
 
-    def __init__(self, layer: Any, rope: Any) -> None:
-        self.layer, self.rope = layer, rope
+    class LayerCall(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
 
-    def __call__(self, x: Any) -> Any:
-        out = self.layer(x, attention_mask=None, rotary_pos_emb=self.rope, packed_seq_params=None)
-        return out[0] if isinstance(out, tuple) else out
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.layer(x, attention_mask=None, rotary_pos_emb=rope, packed_seq_params=None)
+            return out[0] if isinstance(out, tuple) else out
+
+    return LayerCall()
 
 
 def _step(fn: Any, x: Any, dy: Any) -> tuple[Any, Any]:
@@ -101,7 +108,7 @@ def _bench(report: Report) -> None:
     x = torch.randn(SEQ, BATCH, hidden, device=device, dtype=dtype, generator=gen)
     dy = torch.randn(SEQ, BATCH, hidden, device=device, dtype=dtype, generator=gen)
     for letter, layer in layers.items():
-        call = _Call(layer, rope)
+        call = _as_module(layer, rope)
         _step(call, x, dy)  # compile and autotune outside the timing
         layer.zero_grad(set_to_none=True)
         out_e, dx_e = _step(call, x, dy)
@@ -109,9 +116,9 @@ def _bench(report: Report) -> None:
         eager_ms, host_ms = _time(call, x, dy)
         before = torch.cuda.memory_allocated()
         try:
-            graphed = torch.cuda.make_graphed_callables(call_module(call), (x.detach().requires_grad_(True),))
+            graphed = torch.cuda.make_graphed_callables(call, (x.detach().requires_grad_(True),))
         except Exception:
-            report.fail(f"layer_graphs {letter}", traceback.format_exc())
+            report.fail(report.bench, f"{letter}: capture failed\n{traceback.format_exc()}")
             report.row(
                 f"{letter} fwd+bwd s{SEQ} b{BATCH}", ms=eager_ms, host_ms=host_ms, graphed="capture failed"
             )
@@ -138,19 +145,3 @@ def _bench(report: Report) -> None:
             eager_over_graphed=eager_ms / graphed_ms,
             pool_gib=pool_gib,
         )
-
-
-def call_module(call: _Call) -> Any:
-    """``call`` as an nn.Module owning the layer's parameters (make_graphed_callables returns their
-    gradients through the graph only for a module's parameters)."""
-    import torch
-
-    class _Module(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = call.layer
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return call(x)
-
-    return _Module()
