@@ -67,7 +67,8 @@ def _sum_pairs(rows: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.T
 
 
 class LocalTokenDispatcher(MoETokenDispatcher):
-    """Sort the (token, expert) pairs by expert with a fixed-size stable sort; combine by index_add."""
+    """Sort the (token, expert) pairs by expert with a fixed-size stable sort; move the rows there and
+    back by gathers (``_RepeatRows``, ``_SumRows``)."""
 
     def __init__(self, config: TransformerConfig, pg_collection: ProcessGroupCollection) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
