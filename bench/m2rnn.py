@@ -18,10 +18,11 @@ with W = I + 0.1 * noise rescaled to spectral norm 0.95 so that the recurrence c
 ||W|| > 1 a step can expand rounding differences over a document and no two float32 implementations
 agree, the float32 reference included; packages/nam-mixers/README.md, "Accuracy and conditioning").
 The unrescaled case (||W|| ~1.4-1.7) is kept as information rows. Sweep variants: forward y against
-float64, backward gradients against the default's. The rows-per-program rows (16, block_k=None's
-choice, which is fewer than 16 at B1 on a 132-SM GPU, 8 at 44 heads, then 4 and 2) check each
+float64, backward gradients against the default's. The rows-per-program rows (16, 4, 2) check each
 split's y against float64 and its gradients against 16 rows' (tl.dot), so they cover the
-multiply-and-sum products; the default stays 16 rows until those rows show fewer pay.
+multiply-and-sum products. The default stays 16 rows: on the H200 at 860e114 (fwd / fwd+bwd ms)
+fewer rows lost fwd+bwd at B1 (16: 1.27 / 4.65, 4: 1.06 / 5.19, 2: 1.08 / 6.36) and both at B4
+(16: 1.36 / 5.85, 4: 2.77 / 16.4, 2: 4.23 / 20.2).
 Pin the fastest configuration that passes its check with `M2RNNKernelConfig(...)` as printed in the
 `best` row (and as the default in nam_mixers/ops/m2rnn/config.py).
 """
@@ -68,10 +69,11 @@ BWD_SWEEP = [
     (2, 16, 1, "ieee", False, True, 32, "per_head"),
 ]
 # Rows per program at the batch sizes training uses. At B1 the 16-row split is B*H*K/16 = 176
-# programs for 132 SMs, each one latency-bound chain: block_k=None takes fewer rows there (products
-# as float32 multiply-and-sum on CUDA cores instead of tl.dot). Timed: 16 rows, the automatic choice,
-# 4 and 2, fwd and fwd+bwd, the rest of the default configuration unchanged.
+# programs for 132 SMs, each one latency-bound chain; fewer rows fill the SMs but run the products
+# as float32 multiply-and-sum on CUDA cores instead of tl.dot. Timed: 16, 4 and 2 rows, fwd and
+# fwd+bwd, the rest of the default configuration unchanged.
 ROW_BATCHES = (1, B)
+ROW_SPLITS = (16, 4, 2)
 
 
 def _rel(a: Any, ref: Any) -> float:
@@ -208,15 +210,6 @@ def _bench_inputs() -> tuple[dict[str, Any], tuple, Any, Any]:
     return x, args, check_scan_inputs(*args), torch.randn_like(x["v"])
 
 
-def _row_splits(b: int) -> list[int]:
-    """block_k 16, block_k=None's choice at batch b on this GPU, 4 and 2, each once."""
-    import torch
-
-    from nam_mixers.ops.m2rnn import PassConfig
-
-    return list(dict.fromkeys((16, PassConfig().rows_per_program(b * H, K, torch.device(DEVICE)), 4, 2)))
-
-
 def _rows_config(bk: int) -> Any:
     """The default configuration with block_k rows per program in both passes."""
     from dataclasses import replace
@@ -284,7 +277,7 @@ def _precompile(report: Report) -> dict[tuple, str]:
     import time
     from concurrent.futures import ProcessPoolExecutor
 
-    rows = [("rows", b, bk) for b in ROW_BATCHES for bk in _row_splits(b)]
+    rows = [("rows", b, bk) for b in ROW_BATCHES for bk in ROW_SPLITS]
     jobs = [("check", "bfloat16"), ("check", "float32"), *FWD_SWEEP, *BWD_SWEEP, *rows]
     workers = max(1, min(len(jobs), os.cpu_count() or 1, 16))
     t0 = time.perf_counter()
@@ -426,11 +419,10 @@ def main(report: Report) -> None:
     names = ("q", "k", "v", "f", "w")
     for b in ROW_BATCHES:
         xb, dyb = _first_rows(x, b), dy[:b]
-        auto = PassConfig().rows_per_program(b * H, K, torch.device(DEVICE))
         base: tuple[int, list[Any]] | None = None
-        for bk in _row_splits(b):
+        for bk in ROW_SPLITS:
             cfg = _rows_config(bk)
-            name = f"scan B{b} block_k {bk}{' (auto)' if bk == auto else ''}"
+            name = f"scan B{b} block_k {bk}"
             if ("rows", b, bk) in failed:
                 report.row(name, error=failed[("rows", b, bk)])
                 continue

@@ -295,7 +295,7 @@ def m2rnn_backward(
     dW [H, V, V] and dh0 [B, H, K, V] (None without an initial state)."""
     d = dims
     dev = v.device
-    bk = cfg.rows_per_program(d.batch * d.heads, d.k, dev)
+    bk = cfg.block_k
     nk = triton.cdiv(d.k, bk)
     nc = ckpt.shape[2]
     if chunk % cfg.block_t:

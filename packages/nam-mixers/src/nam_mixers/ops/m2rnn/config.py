@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 DQK_REDUCTIONS = ("per_head", "atomic")
 
@@ -15,15 +13,15 @@ class PassConfig:
     """One kernel's launch shape.
 
     block_t: time steps per unrolled block (the compiler sees that many steps' loads at once).
-    block_k: state rows per program, a power of two, or None. A head's K rows split over
-        ceil(K / block_k) programs; y (forward) and dv (backward) are written per row block in float32
-        and summed afterwards, ceil(K / block_k) * B*S*H*V*4 bytes while the pass runs (deterministic,
-        no atomics). From 16 rows the state products run on tl.dot (tensor cores, or CUDA cores for
+    block_k: state rows per program, a power of two. A head's K rows split over ceil(K / block_k)
+        programs; y (forward) and dv (backward) are written per row block in float32 and summed
+        afterwards, ceil(K / block_k) * B*S*H*V*4 bytes while the pass runs (deterministic, no
+        atomics). From 16 rows the state products run on tl.dot (tensor cores, or CUDA cores for
         "ieee"); below 16, tl.dot's minimum, as float32 multiply-and-sum on CUDA cores, where
-        `precision` does not apply. None picks from the launch shape (`rows_per_program`,
-        `auto_block_k`): 16, unless B*H*ceil(K/16) programs leave SMs idle, then the largest of 8, 4, 2
-        that fills them; 16 under the interpreter. The default stays 16, the measured path, until
-        bench/m2rnn.py's rows per program show on the GPU that fewer rows pay.
+        `precision` does not apply. 16 stays the default: fewer rows add programs where
+        B*H*ceil(K/16) programs leave SMs idle (NAM56R B1: 176 on 132 SMs), but on the H200
+        (860e114, NAM56R, fwd / fwd+bwd ms) they lost fwd+bwd at B1 (16: 1.27 / 4.65, 4: 1.06 /
+        5.19, 2: 1.08 / 6.36) and both at B4 (16: 1.36 / 5.85, 4: 2.77 / 16.4, 2: 4.23 / 20.2).
     num_warps: warps per program.
     precision: how the state matmuls run: "ieee" exact fp32 on CUDA cores, "tf32" one tensor-core
         pass, "tf32x3" three, "bf16" with both operands rounded to bfloat16 (the state itself stays
@@ -39,7 +37,7 @@ class PassConfig:
     """
 
     block_t: int = 16
-    block_k: int | None = 16
+    block_k: int = 16
     num_warps: int = 1
     precision: str | None = None
     fast_tanh: bool | None = None
@@ -48,24 +46,14 @@ class PassConfig:
     def __post_init__(self) -> None:
         if self.block_t < 1:
             raise ValueError(f"PassConfig.block_t must be >= 1, got {self.block_t}")
-        if self.block_k is not None and (self.block_k < 1 or self.block_k & (self.block_k - 1)):
-            raise ValueError(
-                f"PassConfig.block_k must be a power of two (1, 2, 4, ...) or None, got {self.block_k}"
-            )
+        if self.block_k < 1 or self.block_k & (self.block_k - 1):
+            raise ValueError(f"PassConfig.block_k must be a power of two (1, 2, 4, ...), got {self.block_k}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"PassConfig.num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(
                 f"PassConfig.precision must be one of {PRECISIONS} or None, got {self.precision!r}"
             )
-
-    def rows_per_program(self, heads: int, k: int, device: torch.device) -> int:
-        """block_k, or when None the automatic choice for `heads` (B*H) heads of k state rows on device."""
-        if self.block_k is not None:
-            return self.block_k
-        if device.type != "cuda":
-            return 16
-        return auto_block_k(heads, k, torch.cuda.get_device_properties(device).multi_processor_count)
 
     def dot_precision(self, input_is_fp32: bool, on_cuda: bool) -> str:
         if self.precision == "bf16" and not on_cuda:
@@ -86,16 +74,6 @@ class PassConfig:
                 "PassConfig.fast_tanh=True needs CUDA tensors: the Triton interpreter cannot run PTX"
             )
         return self.fast_tanh
-
-
-def auto_block_k(heads: int, k: int, num_sms: int) -> int:
-    """The largest block_k of 16, 8, 4, 2 that gives `heads` heads of k rows two programs per SM (else 2)."""
-    # A program is one chain of S dependent steps, latency-bound: an SM without one idles (B1 H24 K64
-    # at 16 rows is 96 programs on 132 SMs) and one with two hides one's step latency behind the
-    # other's. Fewer rows add programs but leave tl.dot and add partial sums, so take the largest that
-    # fills; a split under 16 is then under ~4 programs per SM, which bounds the partials (~130 MiB at
-    # S 4096 on 132 SMs). One row per program (block_k 1) only when asked for.
-    return next((bk for bk in (16, 8, 4, 2) if heads * -(-k // bk) >= 2 * num_sms), 2)
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,7 @@ def m2rnn_forward(
     if chunk % cfg.block_t:
         raise ValueError(f"m2rnn forward: chunk ({chunk}) must be a multiple of block_t ({cfg.block_t})")
     dev = v.device
-    bk = cfg.rows_per_program(d.batch * d.heads, d.k, dev)
+    bk = cfg.block_k
     nk = triton.cdiv(d.k, bk)
     nc = triton.cdiv(d.seq, chunk)
     y = torch.empty(nk, d.batch, d.seq, d.heads, d.v, device=dev, dtype=torch.float32)
