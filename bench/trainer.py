@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import statistics
 import time
 import traceback
@@ -88,10 +89,17 @@ OVERRIDES = {
     "training.steps": "1000000",
     "parallel.distributed_optimizer": "true",
 }
-# throughput levers, each a [model] key set against the preset's value and timed at micro-batch 1
+# CUDA graphs per layer for M, R and E (nam_spec.graphs); E's capture needs the local dispatcher
+GRAPHED = {"moe.dispatcher": "local", "cuda_graphs": "MRE"}
+# throughput levers, each [model] keys set against the preset's values and timed at micro-batch 1
 # beside ours as configured: a lever that landed on by default set back to the path before it,
-# or one still off by default (until this row shows it pays) set on
-LEVERS = {"gradient_accumulation_fusion": "false", "moe.dispatcher": "local"}
+# or one still off by default (until this row shows it pays) set on. In the order they run: a run
+# cut off by its time limit loses the last.
+LEVERS = {
+    "graphs": GRAPHED,
+    "local dispatcher": {"moe.dispatcher": "local"},
+    "no fusion": {"gradient_accumulation_fusion": "false"},
+}
 LEVER_LOSS_TOL = 2e-2  # relative, per step, on the fixed batch: bf16 gradients summed differently
 DENSE_BF16_TFLOPS = 989.0  # H200 datasheet, dense bf16
 MATMUL_TFLOPS = 700.0  # bench/ceilings.py: torch bf16 8192^3 matmul, do_bench median
@@ -558,8 +566,9 @@ def profile_summary(
     out = Path(os.environ.get("OUT", "bench/out"))
     out.mkdir(parents=True, exist_ok=True)
     table = averages.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=100)
-    (out / f"trainer_profile_{name}.txt").write_text("\n".join(lines) + "\n\n" + table + "\n")
-    log(f"wrote {out / f'trainer_profile_{name}.txt'}")
+    path = out / f"trainer_profile_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.txt"  # a plain file name
+    path.write_text("\n".join(lines) + "\n\n" + table + "\n")
+    log(f"wrote {path}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -694,13 +703,7 @@ def main(report: Report) -> None:
     if ours is None:
         raise RuntimeError("ours at micro-batch 1 failed (its traceback is in the table)")
 
-    for key, value in LEVERS.items():
-        lever = in_fresh_process(report, ours_case, MICRO_BATCH, {key: value}, False)
-        if lever is None:
-            continue
-        report.row(f"{key} {value}: step time / ours as configured", ratio=lever["ms"] / ours["ms"])
-        drift = max(abs(a - b) / abs(b) for a, b in zip(lever["losses"], ours["losses"], strict=True))
-        report.check(f"{key} {value}: losses of every step vs ours (relative)", drift, LEVER_LOSS_TOL)
+    graphed = _lever(report, ours, "graphs", profile=True)
 
     if gib < MEGATRON_GIB:
         log(f"megatron-core's model needs ~{MEGATRON_GIB} GiB at micro-batch 1: not run on {gib:.0f} GiB")
@@ -712,14 +715,31 @@ def main(report: Report) -> None:
             f"model TFLOP/s at micro-batch 1 (goal 250)"
         )
 
-    # ours at larger micro-batches, same tokens per step: what per-launch overhead and the batch-bound
-    # scans (M2RNN's 4096-step chain costs the same at any batch) cost at micro-batch 1
+    # ours at larger micro-batches, same tokens per step (graphed where graphs ran): what per-launch
+    # overhead and the batch-bound scans (M2RNN's 4096-step chain costs the same at any batch) cost
+    # at micro-batch 1
     for micro_batch in LARGER_MICRO_BATCHES:
         estimate = estimated_peak_gib(c, layout, micro_batch)
         if estimate > gib:
             log(f"ours at micro-batch {micro_batch}: estimate {estimate:.1f} GiB > {gib:.0f} GiB, not run")
             continue
-        in_fresh_process(report, ours_case, micro_batch, {}, False)
+        in_fresh_process(report, ours_case, micro_batch, GRAPHED if graphed else {}, False)
+
+    for name in LEVERS:
+        if name != "graphs":
+            _lever(report, ours, name, profile=False)
+
+
+def _lever(report: Report, ours: dict[str, Any], name: str, profile: bool) -> dict[str, Any] | None:
+    """Ours at micro-batch 1 with LEVERS[name] set: its step-time ratio to ours as configured and
+    the check that its losses follow ours; None where it failed (its traceback is in the table)."""
+    lever = in_fresh_process(report, ours_case, MICRO_BATCH, LEVERS[name], profile)
+    if lever is None:
+        return None
+    report.row(f"lever {name}: step time / ours as configured", ratio=lever["ms"] / ours["ms"])
+    drift = max(abs(a - b) / abs(b) for a, b in zip(lever["losses"], ours["losses"], strict=True))
+    report.check(f"lever {name}: losses of every step vs ours (relative)", drift, LEVER_LOSS_TOL)
+    return lever
 
 
 def ours_case(

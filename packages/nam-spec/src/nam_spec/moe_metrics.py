@@ -66,10 +66,12 @@ class MoECounter:
         def hook(
             _module: torch.nn.Module, _inputs: object, output: tuple[torch.Tensor, torch.Tensor]
         ) -> None:
-            routing_map = output[1]
-            counts = routing_map.detach().sum(dim=0).to(torch.float64)
-            prev = self._counts.get(layer_number)
-            self._counts[layer_number] = counts if prev is None else prev + counts
+            counts = output[1].detach().sum(dim=0)  # the routing map's column sums
+            kept = self._counts.get(layer_number)
+            if kept is None:
+                self._counts[layer_number] = counts.to(torch.float64)
+            else:  # in place: a CUDA graph of the layer (nam_spec.graphs) replays this add into the same tensor
+                kept.add_(counts)
 
         return hook
 
@@ -84,7 +86,8 @@ class MoECounter:
         if dist.is_initialized():
             dist.all_reduce(table, group=group)
         if reset:
-            self._counts.clear()
+            for counts in self._counts.values():
+                counts.zero_()
         layers = [i + 1 for i in range(self.depth) if table[i].sum() > 0]
         return MoEStats(table.to(torch.int64).cpu(), layers)
 

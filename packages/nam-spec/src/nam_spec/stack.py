@@ -3,14 +3,15 @@
 Modelled on megatron-core's HybridStack: layers numbered globally (1-based ``layer_number``; the
 checkpoint key of local layer i is ``layers.<global index>``), ``set_input_tensor`` for pipeline
 schedules, final norm on the last stage. Added here: per-letter activation recomputation
-("selective" recomputes the layer's memory-heavy inner part, "full" the whole layer) and the
-hidden-state hook of DESIGN.md.
+("selective" recomputes the layer's memory-heavy inner part, "full" the whole layer), the
+hidden-state hook of DESIGN.md and CUDA graphs per layer (nam_spec.graphs).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
 from nam_runtime.megatron import same_function_modes
+from nam_spec.graphs import LayerGraph
 
 HiddenStateHook = Callable[[int, str, torch.Tensor], torch.Tensor | None]
 """hook(layer_number (1-based, global), letter, hidden_states [s_local, b, h]) after each layer;
@@ -70,6 +72,7 @@ class NamStack(MegatronModule):
             else None
         )
         self._hooks: OrderedDict[int, HiddenStateHook] = OrderedDict()  # weak-referenceable for handles
+        self.graphs: dict[int, LayerGraph] = {}  # layer index -> its CUDA graphs (nam_spec.graphs)
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         self.input_tensor = input_tensor
@@ -90,13 +93,17 @@ class NamStack(MegatronModule):
     ) -> torch.Tensor:
         if not self.pre_process:
             hidden_states = self.input_tensor
-        for letter, layer in zip(self.kinds, self.layers, strict=True):
+        graphs = self.graphs if self.training and torch.is_grad_enabled() else {}
+        for i, (letter, layer) in enumerate(zip(self.kinds, self.layers, strict=True)):
             kwargs = {
                 "attention_mask": attention_mask,
                 "rotary_pos_emb": rotary_pos_emb,
                 "packed_seq_params": packed_seq_params,
             }
-            if self.training and letter in self.full_recompute:
+            if i in graphs:
+                eager = partial(_run_layer, layer, hidden_states, kwargs)
+                hidden_states = graphs[i](hidden_states, packed_seq_params, eager)
+            elif self.training and letter in self.full_recompute:
                 hidden_states = checkpoint(
                     _run_layer,
                     layer,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from nam_layout import Layout
 from nam_spec.config import (
     BACKENDS,
+    GRAPHABLE_LETTERS,
     PARAMS_DTYPES,
     RECOMPUTE_POLICIES,
     ModelConfig,
@@ -97,9 +98,39 @@ def problems(config: ModelConfig, layout: Layout, parallel: ParallelConfig | Non
             f"model.seq_length {config.seq_length} is not divisible by parallel.tensor {parallel.tensor} "
             "(sequence parallelism splits the sequence across tensor ranks)"
         )
+    out.extend(_graph_problems(config, parallel))
     for key in dict.fromkeys(layout.kinds + (MTP_LETTERS if config.mtp_depth else "")):
         if key in LETTERS:
             out.extend(LETTERS[key].problems(config, parallel))
+    return out
+
+
+def _graph_problems(config: ModelConfig, parallel: ParallelConfig) -> list[str]:
+    letters = config.cuda_graphs
+    if not isinstance(letters, str):
+        return [f"model.cuda_graphs {letters!r} must be a string of letters from {GRAPHABLE_LETTERS!r}"]
+    out = []
+    if bad := sorted(set(letters) - set(GRAPHABLE_LETTERS)):
+        out.append(
+            f"model.cuda_graphs {letters!r}: {bad} cannot be captured; accepted letters: "
+            f"{GRAPHABLE_LETTERS!r} (A's attention backward breaks a capture)"
+        )
+    if "E" in letters and config.moe.dispatcher != "local":
+        out.append(
+            f"model.cuda_graphs {letters!r} captures E, which needs model.moe.dispatcher = 'local' "
+            f"(got {config.moe.dispatcher!r}, which reads token counts back to the host inside the layer)"
+        )
+    if letters and (parallel.pipeline > 1 or parallel.tensor > 1):
+        out.append(
+            f"model.cuda_graphs {letters!r} needs parallel.pipeline = 1 and parallel.tensor = 1 (got "
+            f"{parallel.pipeline} and {parallel.tensor}): a layer's graph holds one micro-batch's "
+            "activations, and tensor-parallel collectives are not captured"
+        )
+    if full := [k for k in dict.fromkeys(letters) if config.recompute_for(k) == "full"]:
+        out.append(
+            f"model.cuda_graphs {letters!r}: letter(s) {full} have model.recompute 'full'; "
+            "a graphed layer cannot also be recomputed whole"
+        )
     return out
 
 

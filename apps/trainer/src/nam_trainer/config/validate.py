@@ -126,6 +126,11 @@ def check(config: Config, world_size: int) -> Checked:
             )
     if (pl.redo_at or pl.redo_every) and not kinds & {"E", "-"}:
         problems.append(f"plasticity.redo_*: ReDo acts on MLP and expert layers; family {m.family} has none")
+    if (pl.redo_at or pl.redo_every) and "E" in m.cuda_graphs:
+        problems.append(
+            f"plasticity.redo_* with model.cuda_graphs = {m.cuda_graphs!r}: ReDo reads the E layers' "
+            "activations through forward hooks, which a replayed graph does not call; take E out of cuda_graphs"
+        )
 
     stages = None
     try:

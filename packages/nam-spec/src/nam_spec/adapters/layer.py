@@ -68,8 +68,17 @@ class MixerLayer(MegatronModule):
 def seq_idx_from_packed(
     params: PackedSeqParams | None, s: int, b: int, device: torch.device
 ) -> torch.Tensor | None:
-    """The mixers' seq_idx [b, s] (segment per token, see nam_spec.documents), None without boundaries."""
-    return None if params is None else segment_ids(params, b, s, device)
+    """The mixers' seq_idx [b, s] (segment per token, see nam_spec.documents), None without boundaries;
+    ``params.seq_idx`` when given (a CUDA graph's static input, nam_spec.graphs)."""
+    if params is None:
+        return None
+    if params.seq_idx is not None:
+        if params.seq_idx.shape != (b, s):
+            raise ValueError(
+                f"packed_seq_params.seq_idx must be [batch, seq] = [{b}, {s}], got {tuple(params.seq_idx.shape)}"
+            )
+        return params.seq_idx
+    return segment_ids(params, b, s, device)
 
 
 def mark_tensor_parallel(*params: torch.nn.Parameter) -> None:

@@ -55,7 +55,10 @@ class ProjectedCoreAdapter(MegatronModule):
     def _run_core(self, *args: torch.Tensor | None) -> torch.Tensor:
         """The core, recomputed in backward instead of keeping its activations when asked."""
         if self.recompute_core and self.training:
-            return torch.utils.checkpoint.checkpoint(self.core, *args, use_reentrant=False)
+            # the cores draw no random numbers: no RNG state to keep (and none to read inside a CUDA graph capture)
+            return torch.utils.checkpoint.checkpoint(
+                self.core, *args, use_reentrant=False, preserve_rng_state=False
+            )
         return self.core(*args)
 
     def _projections_sharded_state_dict(

@@ -134,7 +134,9 @@ class GroupedExperts(MegatronModule):
         h = grouped_linear(permuted_hidden, self.fc1_weight, counts, offsets)
         probs = permuted_probs.unsqueeze(-1)
         if self.recompute_activation:  # keep fc1's output only; recompute SwiGLU in backward
-            act = checkpoint(_swiglu_weighted, h, probs, use_reentrant=False)
+            act = checkpoint(
+                _swiglu_weighted, h, probs, use_reentrant=False, preserve_rng_state=False
+            )  # no RNG
         else:
             act = _swiglu_weighted(h, probs)
         for hook in list(self._activation_hooks.values()):

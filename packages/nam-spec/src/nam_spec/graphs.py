@@ -1,0 +1,130 @@
+"""CUDA graphs per layer (``ModelConfig.cuda_graphs``): a layer's training forward and backward
+captured once and replayed for every later micro-batch of the same shape.
+
+Why: at micro-batch 1 the step is bound by the host's launches, not by the GPU. One layer at the
+training shape of nam56r-small (seq 4096, b 1) on an H200, eager against graphed forward+backward
+(bench/layer_graphs.py, bench/RESULTS.md): M 9.38 -> 1.98 ms, E (local dispatcher) 7.42 -> 1.92 ms,
+R 7.36 -> 4.73 ms.
+
+How a layer is captured: its first WARMUP_CALLS training calls run eagerly, as without graphs:
+they do the Triton autotuning and make megatron's lazily created MoE state (tracker entries, the
+aux-loss scale) for real, so nothing a capture would need is made inside it and the warm-up pollutes
+no gradient or counter. The next call captures the forward and the backward into a memory pool of
+the layer's own (no ordering constraint between layers), then replays. A replay copies the hidden
+states (and, for M and R, the micro-batch's segment ids) into the graph's static inputs.
+
+What stays right under replay: weights are updated in place by the optimizer (same storage);
+megatron's fused weight-gradient accumulation writes ``main_grad`` inside the graph, and those
+weights get no gradient back (their DDP hook has nothing to add); every other weight's gradient is
+returned to autograd, so DDP's hook adds it to ``main_grad`` as in eager mode; MoE counters (the
+expert-bias token counts, megatron's aux-loss tracker, nam_spec.moe_metrics) add in place, so the
+replay adds into the same tensors. Eval (no gradients), another shape or another layer state runs
+eagerly.
+
+Captured letters: M, R and E. A is not: its attention backward makes the legacy stream wait on the
+capture stream and the capture fails (bench/layer_graphs.py). E needs ``moe.dispatcher = "local"``
+(megatron's alltoall reads token counts back to the host, which a capture forbids). Graphs need one
+pipeline stage and no tensor parallelism (several micro-batches in flight would overwrite a layer's
+static activations; collectives are not captured here) and no full recomputation of a graphed
+letter (nam_spec.validation says so before anything is built).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from nam_spec.documents import segment_ids
+
+SEGMENT_LETTERS = "MR"  # letters whose layer reads the segment ids (their state and convolutions reset)
+WARMUP_CALLS = 2  # eager training calls of a layer before its capture: one runs every autotuning
+
+
+class LayerGraph:
+    """One layer's training call: eager for the first WARMUP_CALLS, then captured and replayed."""
+
+    def __init__(self, layer: torch.nn.Module, segments: bool) -> None:
+        self.layer = layer
+        self.segments = segments
+        self.params = [p for p in layer.parameters() if p.requires_grad]
+        self.eager_calls = 0
+        self.shape: torch.Size | None = None  # of the hidden states captured; None until captured
+
+    def __call__(
+        self, hidden: torch.Tensor, packed: PackedSeqParams | None, eager: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        if self.shape is None:
+            if self.eager_calls < WARMUP_CALLS:
+                self.eager_calls += 1
+                return eager()
+            self._capture(hidden)
+        if hidden.shape != self.shape or hidden.dtype != self.static_in.dtype:
+            return eager()
+        if self.segments:
+            s, b = hidden.shape[:2]
+            if packed is None:  # one segment per row: the same as no boundaries
+                self.static_segments.zero_()
+            else:
+                self.static_segments.copy_(segment_ids(packed, b, s, hidden.device))
+        return _Replay.apply(self, hidden, *self.params)
+
+    def _capture(self, hidden: torch.Tensor) -> None:
+        s, b = hidden.shape[:2]
+        self.static_in = hidden.detach().clone().requires_grad_(True)
+        self.static_segments = (
+            torch.zeros(b, s, dtype=torch.int32, device=hidden.device) if self.segments else None
+        )
+        packed = PackedSeqParams(seq_idx=self.static_segments) if self.segments else None
+        for p in self.params:  # megatron's linears set it when they accumulate into main_grad
+            if hasattr(p, "grad_added_to_main_grad"):
+                p.grad_added_to_main_grad = False
+        pool = torch.cuda.graph_pool_handle()
+        self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.forward_graph, pool=pool):
+            out = self.layer(self.static_in, packed_seq_params=packed)
+            self.static_out = out[0] if isinstance(out, tuple) else out
+        self.static_grad_out = torch.empty_like(self.static_out)
+        with torch.cuda.graph(self.backward_graph, pool=pool):
+            grads = torch.autograd.grad(
+                self.static_out, (self.static_in, *self.params), self.static_grad_out, allow_unused=True
+            )
+        self.static_grad_in = grads[0]
+        # a weight whose gradient went into main_grad inside the graph gets none back (its returned
+        # tensor is an uninitialised placeholder)
+        self.static_grads = [
+            None if getattr(p, "grad_added_to_main_grad", False) else g
+            for p, g in zip(self.params, grads[1:], strict=True)
+        ]
+        self.shape = hidden.shape
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, graph: LayerGraph, hidden: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        graph.static_in.copy_(hidden)
+        graph.forward_graph.replay()
+        ctx.graph = graph
+        return graph.static_out.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        graph: LayerGraph = ctx.graph
+        graph.static_grad_out.copy_(grad_out)
+        graph.backward_graph.replay()
+        return (
+            None,
+            graph.static_grad_in.detach(),
+            *(None if g is None else g.detach() for g in graph.static_grads),
+        )
+
+
+def layer_graphs(kinds: str, layers: torch.nn.ModuleList, letters: str) -> dict[int, LayerGraph]:
+    """Index in the stack -> LayerGraph, for the layers whose letter is in ``letters``."""
+    return {
+        i: LayerGraph(layer, segments=letter in SEGMENT_LETTERS)
+        for i, (letter, layer) in enumerate(zip(kinds, layers, strict=True))
+        if letter in letters
+    }

@@ -1,0 +1,101 @@
+"""CUDA graphs per layer (nam_spec.graphs): what a capture needs holds on CPU, the capture itself
+runs on the GPU machine (bench/trainer.py's `cuda_graphs` lever: ten steps' losses against eager).
+
+A graphed M or R layer reads the micro-batch's boundaries as a static [b, s] segment-id input
+(``PackedSeqParams.seq_idx``), all zeros when the micro-batch has none; both must give the layer
+exactly what the boundaries themselves give."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import tiny
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from nam_layout import Layout
+from nam_spec.config import ParallelConfig, SpecConfigError
+from nam_spec.documents import document_boundaries, segment_ids
+from nam_spec.model import build_model
+from nam_spec.moe_metrics import MoECounter
+from nam_spec.validation import problems
+
+SEQ = 16
+DOCS = torch.tensor([[3] * 5 + [4] * 7 + [5] * 4, [5] * 6 + [6] * 6 + [-1] * 4])
+
+
+def _layer_output_and_input_grad(
+    layer: torch.nn.Module, hidden: torch.Tensor, packed: PackedSeqParams | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = hidden.clone().requires_grad_(True)
+    out = layer(x, packed_seq_params=packed)
+    out = out[0] if isinstance(out, tuple) else out
+    out.square().sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("letter", ["M", "R"])
+def test_segment_ids_as_static_input_equal_the_boundaries(letter: str, megatron_single_rank: None) -> None:
+    torch.manual_seed(0)
+    layer = build_model(Layout.tile(letter, 1), tiny(seq_length=SEQ)).decoder.layers[0]
+    hidden = torch.randn(SEQ, 2, 32)
+    boundaries = document_boundaries(DOCS)
+    static = PackedSeqParams(seq_idx=segment_ids(boundaries, 2, SEQ, hidden.device).clone())
+    for got, want in zip(
+        _layer_output_and_input_grad(layer, hidden, static),
+        _layer_output_and_input_grad(layer, hidden, boundaries),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    no_boundaries = PackedSeqParams(seq_idx=torch.zeros(2, SEQ, dtype=torch.int32))
+    for got, want in zip(
+        _layer_output_and_input_grad(layer, hidden, no_boundaries),
+        _layer_output_and_input_grad(layer, hidden, None),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"seq_idx must be \[batch, seq\] = \[2, 16\], got \(1, 32\)"):
+        layer(hidden, packed_seq_params=PackedSeqParams(seq_idx=torch.zeros(1, 2 * SEQ, dtype=torch.int32)))
+
+
+def test_settings_a_capture_cannot_serve_are_refused() -> None:
+    config = tiny(cuda_graphs="MREA")
+    layout = Layout.tile("AEMR", 4)
+    found = problems(config.replace(recompute={"M": "full"}), layout, ParallelConfig(pipeline=2))
+    assert any("['A'] cannot be captured; accepted letters: 'MRE'" in p for p in found), found
+    assert any("needs model.moe.dispatcher = 'local' (got 'allgather'" in p for p in found), found
+    assert any("needs parallel.pipeline = 1 and parallel.tensor = 1 (got 2 and 1)" in p for p in found), found
+    assert any("letter(s) ['M'] have model.recompute 'full'" in p for p in found), found
+    local = tiny(cuda_graphs="MRE", moe=dataclasses.replace(tiny().moe, dispatcher="local"))
+    assert problems(local, layout) == []
+    assert problems(tiny(cuda_graphs=["M"]), layout) == [  # type: ignore[arg-type]
+        "model.cuda_graphs ['M'] must be a string of letters from 'MRE'"
+    ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_graphs_without_cuda_are_refused_in_one_line(megatron_single_rank: None) -> None:
+    with pytest.raises(
+        SpecConfigError, match=r"model.cuda_graphs = 'MR' needs a CUDA device; set it to '' here"
+    ):
+        build_model(Layout.tile("MR", 2), tiny(cuda_graphs="MR"))
+
+
+def test_moe_counter_adds_into_the_same_tensors(megatron_single_rank: None) -> None:
+    """A graphed E layer replays the counter's add into the tensor it captured: the counter must
+    keep adding into that tensor, and its reset must zero it in place."""
+    config = tiny(seq_length=SEQ)
+    model = build_model(Layout.tile("E", 2), config)
+    counter = MoECounter([model], config, depth=2)
+    ids = torch.randint(0, 64, (2, SEQ))
+    pos = torch.arange(SEQ).expand(2, SEQ)
+    model(ids, pos)
+    kept = dict(counter._counts)
+    first = counter.collect(reset=True)
+    model(ids, pos)
+    assert all(counter._counts[n] is t for n, t in kept.items())
+    second = counter.collect(reset=True)
+    assert torch.equal(first.tokens, second.tokens) and first.tokens.sum() == 2 * 2 * SEQ * config.moe.top_k
+    assert all(int(t.sum()) == 0 for t in kept.values())
+    counter.remove()
