@@ -1,25 +1,27 @@
-"""Would CUDA graphs take the host out of the step? One layer per letter of nam56r-small, forward
-and backward at the training shape, eager against captured by ``torch.cuda.make_graphed_callables``.
+"""What CUDA graphs take out of each layer: one layer per letter of nam56r-small, forward and
+backward at the training shape, eager against nam_spec.graphs' LayerGraph (what
+``model.cuda_graphs`` runs in training).
 
     NAM_COMMIT=<sha> bash bench/gpu.sh layer_graphs
 
 Why: at micro-batch 1 the step is host-bound (bench/RESULTS.md, "What stands between this step
 and the goals": mamba-ssm's Python around its kernels alone costs M ~8 ms of host per layer and
 micro-batch against 2 ms of kernels). A captured graph replays all of a layer's kernels in one
-launch per pass. This bench measures what capturing would buy before the trainer grows a path
-for it, and which letters capture at all (megatron's alltoall dispatcher reads token counts back to
-the host, which capture forbids; ``moe.dispatcher = local`` does not).
+launch per pass.
 
 Layers: bench/host_ops.py's ``build`` (the trainer's preset, bf16, local backend, no recomputation),
-one of each of A, M, R and E (with the local dispatcher), on CUDA without DDP (weights keep plain
-``.grad``; under DDP the graph would write main_grad in place the same way), input [SEQ, BATCH,
-hidden] with the model's RoPE and no document boundaries. Eager: REPEATS forward+backward calls
-back to back, synchronised once, wall time per call, and the host's issue time per call (until
-backward() returns, unsynchronised). Graphed: the same layer captured (its warm-up runs the
-Triton autotuning first), the same calls. Checks first: the graphed layer's output, input
-gradient and every parameter gradient against eager on the same input (bf16; relative to the
-eager tensor's max |value|). Rows: eager and graphed ms per call, their ratio, eager host ms, and
-the memory the capture holds (the graphs' private pool).
+one of each of A, M, R and E (with the local dispatcher, whose capture megatron's alltoall
+forbids by reading token counts back to the host), on CUDA without DDP (weights keep plain
+``.grad``; the trainer's DDP path is bench/trainer.py's "graphs" lever), input [SEQ, BATCH,
+hidden] with the model's RoPE and no document boundaries (the graphed M and R read all-zero
+segment ids, which is the same). Eager: REPEATS forward+backward calls back to back, synchronised
+once, wall time per call, and the host's issue time per call (until backward() returns,
+unsynchronised). Graphed: the layer's LayerGraph after its eager warm-up calls and its capture,
+the same calls. A is timed eagerly only (not in GRAPHABLE_LETTERS: its backward breaks a capture).
+Checks first: the graphed layer's output, input gradient and every parameter gradient against
+eager on the same input (bf16; relative to the eager tensor's max |value|). Rows: eager and
+graphed ms per call, their ratio, eager host ms, and the memory the capture holds (the graphs'
+private pool).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from __future__ import annotations
 import time
 import traceback
 from typing import Any
+
+from functools import partial
 
 from bench.report import Report
 from bench.world import one_rank_world
@@ -100,6 +104,9 @@ def main(report: Report) -> None:
 def _bench(report: Report) -> None:
     import torch
 
+    from nam_spec.config import GRAPHABLE_LETTERS
+    from nam_spec.graphs import SEGMENT_LETTERS, WARMUP_CALLS, LayerGraph
+
     device = torch.device("cuda", torch.cuda.current_device())
     layers, rope = _layers(device)
     hidden = next(iter(layers.values())).config.hidden_size
@@ -114,9 +121,19 @@ def _bench(report: Report) -> None:
         out_e, dx_e = _step(call, x, dy)
         grads_e = _grads(layer)
         eager_ms, host_ms = _time(call, x, dy)
+        if letter not in GRAPHABLE_LETTERS:
+            report.row(f"{letter} fwd+bwd s{SEQ} b{BATCH}", ms=eager_ms, host_ms=host_ms, graphed="not capturable")
+            continue
+        graph = LayerGraph(layer, segments=letter in SEGMENT_LETTERS)
+
+        def graphed(x: Any, graph: Any = graph, call: Any = call) -> Any:
+            return graph(x, None, partial(call, x))
+
+        for _ in range(WARMUP_CALLS):  # the graph's own eager calls
+            _step(graphed, x, dy)
         before = torch.cuda.memory_allocated()
         try:
-            graphed = torch.cuda.make_graphed_callables(call, (x.detach().requires_grad_(True),))
+            _step(graphed, x, dy)  # captures, then replays
         except Exception:
             report.fail(report.bench, f"{letter}: capture failed\n{traceback.format_exc()}")
             report.row(
