@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any
-
 from functools import partial
+from typing import Any
 
 from bench.report import Report
 from bench.world import one_rank_world
@@ -122,7 +121,9 @@ def _bench(report: Report) -> None:
         grads_e = _grads(layer)
         eager_ms, host_ms = _time(call, x, dy)
         if letter not in GRAPHABLE_LETTERS:
-            report.row(f"{letter} fwd+bwd s{SEQ} b{BATCH}", ms=eager_ms, host_ms=host_ms, graphed="not capturable")
+            report.row(
+                f"{letter} fwd+bwd s{SEQ} b{BATCH}", ms=eager_ms, host_ms=host_ms, graphed="not capturable"
+            )
             continue
         graph = LayerGraph(layer, segments=letter in SEGMENT_LETTERS)
 
