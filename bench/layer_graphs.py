@@ -17,7 +17,7 @@ hidden] with the model's RoPE and no document boundaries (the graphed M and R re
 segment ids, which is the same). Eager: REPEATS forward+backward calls back to back, synchronised
 once, wall time per call, and the host's issue time per call (until backward() returns,
 unsynchronised). Graphed: the layer's LayerGraph after its eager warm-up calls and its capture,
-the same calls. A is timed eagerly only (not in GRAPHABLE_LETTERS: its backward breaks a capture).
+the same calls. A is timed eagerly only (not in GRAPH_LETTERS: its backward breaks a capture).
 Checks first: the graphed layer's output, input gradient and every parameter gradient against
 eager on the same input (bf16; relative to the eager tensor's max |value|). Rows: eager and
 graphed ms per call, their ratio, eager host ms, and the memory the capture holds (the graphs'
@@ -103,8 +103,8 @@ def main(report: Report) -> None:
 def _bench(report: Report) -> None:
     import torch
 
-    from nam_spec.config import GRAPHABLE_LETTERS
-    from nam_spec.graphs import SEGMENT_LETTERS, WARMUP_CALLS, LayerGraph
+    from nam_spec.graphs import WARMUP_CALLS, LayerGraph
+    from nam_spec.letters import GRAPH_LETTERS, LETTERS
 
     device = torch.device("cuda", torch.cuda.current_device())
     layers, rope = _layers(device)
@@ -120,12 +120,12 @@ def _bench(report: Report) -> None:
         out_e, dx_e = _step(call, x, dy)
         grads_e = _grads(layer)
         eager_ms, host_ms = _time(call, x, dy)
-        if letter not in GRAPHABLE_LETTERS:
+        if letter not in GRAPH_LETTERS:
             report.row(
                 f"{letter} fwd+bwd s{SEQ} b{BATCH}", ms=eager_ms, host_ms=host_ms, graphed="not capturable"
             )
             continue
-        graph = LayerGraph(layer, segments=letter in SEGMENT_LETTERS)
+        graph = LayerGraph(layer, segments=LETTERS[letter].reads_segments)
 
         def graphed(x: Any, graph: Any = graph, call: Any = call) -> Any:
             return graph(x, None, partial(call, x))

@@ -63,14 +63,16 @@ def test_settings_a_capture_cannot_serve_are_refused() -> None:
     config = tiny(cuda_graphs="MREA")
     layout = Layout.tile("AEMR", 4)
     found = problems(config.replace(recompute={"M": "full"}), layout, ParallelConfig(pipeline=2))
-    assert any("['A'] cannot be captured; accepted letters: 'MRE'" in p for p in found), found
-    assert any("needs model.moe.dispatcher = 'local' (got 'allgather'" in p for p in found), found
+    assert any("['A'] cannot be captured; accepted letters: 'EMR'" in p for p in found), found
+    assert any(
+        "a CUDA graph of E needs model.moe.dispatcher = 'local' (got 'allgather'" in p for p in found
+    ), found
     assert any("needs parallel.pipeline = 1 and parallel.tensor = 1 (got 2 and 1)" in p for p in found), found
     assert any("letter(s) ['M'] have model.recompute 'full'" in p for p in found), found
     local = tiny(cuda_graphs="MRE", moe=dataclasses.replace(tiny().moe, dispatcher="local"))
     assert problems(local, layout) == []
     assert problems(tiny(cuda_graphs=["M"]), layout) == [  # type: ignore[arg-type]
-        "model.cuda_graphs ['M'] must be a string of letters from 'MRE'"
+        "model.cuda_graphs ['M'] must be a string of letters from 'EMR'"
     ]
 
 

@@ -25,8 +25,6 @@ Recompute = Literal["none", "selective", "full"]
 RECOMPUTE_POLICIES: tuple[str, ...] = ("none", "selective", "full")
 PARAMS_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 BACKENDS: tuple[str, ...] = ("local", "te")
-# letters whose layers nam_spec.graphs can capture (why not A: its docstring)
-GRAPHABLE_LETTERS = "MRE"
 
 
 class SpecConfigError(ValueError):
@@ -161,8 +159,8 @@ class ModelConfig:
     # Off by default: it saves memory (6.0 -> 3.6 GiB at 16384 tokens, vocab 65536) but its
     # backward recomputes the logits, 39 -> 54 ms on an H100 (bench/RESULTS.md, cross_entropy)
     loss_chunk_tokens: int = 0
-    # letters (of GRAPHABLE_LETTERS) whose layers train as CUDA graphs, one per layer, captured
-    # after two eager calls (nam_spec.graphs); "" = none. E needs moe.dispatcher = "local"
+    # letters whose layers train as CUDA graphs, one per layer, captured after two eager calls
+    # (nam_spec.graphs; the letters that can: nam_spec.letters.GRAPH_LETTERS); "" = none
     cuda_graphs: str = ""
 
     def replace(self, **changes: object) -> ModelConfig:

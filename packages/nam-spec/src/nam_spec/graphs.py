@@ -21,9 +21,11 @@ expert-bias token counts, megatron's aux-loss tracker, nam_spec.moe_metrics) add
 replay adds into the same tensors. Eval (no gradients), another shape or another layer state runs
 eagerly.
 
-Captured letters: M, R and E. A is not: its attention backward makes the legacy stream wait on the
-capture stream and the capture fails (bench/layer_graphs.py). E needs ``moe.dispatcher = "local"``
-(megatron's alltoall reads token counts back to the host, which a capture forbids). Graphs need one
+Which letters capture, and what they need, each letter says (``Letter.graphable``,
+``reads_segments``, ``graph_problems``): M, R and E. A does not: its attention backward makes the
+legacy stream wait on the capture stream and the capture fails (bench/layer_graphs.py). E needs
+``moe.dispatcher = "local"`` (megatron's alltoall reads token counts back to the host, which a
+capture forbids). Graphs need one
 pipeline stage and no tensor parallelism (several micro-batches in flight would overwrite a layer's
 static activations; collectives are not captured here) and no full recomputation of a graphed
 letter (nam_spec.validation says so before anything is built).
@@ -38,8 +40,8 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from nam_spec.documents import segment_ids
+from nam_spec.letters import LETTERS
 
-SEGMENT_LETTERS = "MR"  # letters whose layer reads the segment ids (their state and convolutions reset)
 WARMUP_CALLS = 2  # eager training calls of a layer before its capture: one runs every autotuning
 
 
@@ -124,7 +126,7 @@ class _Replay(torch.autograd.Function):
 def layer_graphs(kinds: str, layers: torch.nn.ModuleList, letters: str) -> dict[int, LayerGraph]:
     """Index in the stack -> LayerGraph, for the layers whose letter is in ``letters``."""
     return {
-        i: LayerGraph(layer, segments=letter in SEGMENT_LETTERS)
+        i: LayerGraph(layer, segments=LETTERS[letter].reads_segments)
         for i, (letter, layer) in enumerate(zip(kinds, layers, strict=True))
         if letter in letters
     }

@@ -11,14 +11,13 @@ from __future__ import annotations
 from nam_layout import Layout
 from nam_spec.config import (
     BACKENDS,
-    GRAPHABLE_LETTERS,
     PARAMS_DTYPES,
     RECOMPUTE_POLICIES,
     ModelConfig,
     ParallelConfig,
     SpecConfigError,
 )
-from nam_spec.letters import LETTERS, MTP_LETTERS, SPEC_LETTERS
+from nam_spec.letters import GRAPH_LETTERS, LETTERS, MTP_LETTERS, SPEC_LETTERS
 
 
 def _positive(value: object) -> bool:
@@ -108,18 +107,15 @@ def problems(config: ModelConfig, layout: Layout, parallel: ParallelConfig | Non
 def _graph_problems(config: ModelConfig, parallel: ParallelConfig) -> list[str]:
     letters = config.cuda_graphs
     if not isinstance(letters, str):
-        return [f"model.cuda_graphs {letters!r} must be a string of letters from {GRAPHABLE_LETTERS!r}"]
+        return [f"model.cuda_graphs {letters!r} must be a string of letters from {GRAPH_LETTERS!r}"]
     out = []
-    if bad := sorted(set(letters) - set(GRAPHABLE_LETTERS)):
+    if bad := sorted(set(letters) - set(GRAPH_LETTERS)):
         out.append(
-            f"model.cuda_graphs {letters!r}: {bad} cannot be captured; accepted letters: "
-            f"{GRAPHABLE_LETTERS!r} (A's attention backward breaks a capture)"
+            f"model.cuda_graphs {letters!r}: {bad} cannot be captured; accepted letters: {GRAPH_LETTERS!r}"
         )
-    if "E" in letters and config.moe.dispatcher != "local":
-        out.append(
-            f"model.cuda_graphs {letters!r} captures E, which needs model.moe.dispatcher = 'local' "
-            f"(got {config.moe.dispatcher!r}, which reads token counts back to the host inside the layer)"
-        )
+    for key in dict.fromkeys(letters):
+        if key in GRAPH_LETTERS:
+            out.extend(f"model.cuda_graphs {letters!r}: {p}" for p in LETTERS[key].graph_problems(config))
     if letters and (parallel.pipeline > 1 or parallel.tensor > 1):
         out.append(
             f"model.cuda_graphs {letters!r} needs parallel.pipeline = 1 and parallel.tensor = 1 (got "

@@ -20,6 +20,7 @@ LETTERS: dict[str, Letter] = {
     for block in (Attention(), Experts(), Mamba(), M2RNN(), DenseMLP(), LatentAttentionLetter())
 }
 SPEC_LETTERS = "".join(LETTERS)  # "AEMR-L"
+GRAPH_LETTERS = "".join(k for k, block in LETTERS.items() if block.graphable)  # nam_spec.graphs: "EMR"
 # The layers of one multi-token-prediction depth (nam_spec.mtp): an attention layer and a dense MLP,
 # the transformer block of DeepSeek-V3's MTP module and megatron's hybrid MTP pattern "*-". The
 # family's own letters would be no better a choice: NAM56R's first kind alone (A) has no FFN, an
@@ -36,4 +37,4 @@ def letter(key: str) -> Letter:
         raise KeyError(f"nam-spec has no block for letter {key!r}; it builds {' '.join(LETTERS)}") from None
 
 
-__all__ = ["LETTERS", "MTP_LETTERS", "SPEC_LETTERS", "Letter", "LetterParams", "letter"]
+__all__ = ["GRAPH_LETTERS", "LETTERS", "MTP_LETTERS", "SPEC_LETTERS", "Letter", "LetterParams", "letter"]

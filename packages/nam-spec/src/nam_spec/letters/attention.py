@@ -22,6 +22,8 @@ class Attention(Letter):
     letter = "A"
     name = "attention"
     selective = ("core_attn",)
+    # not graphable: the backward of SDPA's attention makes the legacy stream wait on the capture
+    # stream and the capture fails (bench/layer_graphs.py); eager it is GPU-bound already
 
     def spec(self, backend: Backend, config: ModelConfig) -> Any:
         from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add

@@ -77,6 +77,10 @@ class Letter:
     # '-'), or the mixer core that our adapters checkpoint themselves (M, R)
     selective: ClassVar[tuple[str, ...]] = ()
     megatron_recompute: ClassVar[bool] = True  # selective goes through megatron's recompute_modules
+    # CUDA graphs per layer (nam_spec.graphs, ModelConfig.cuda_graphs): whether the layer captures,
+    # and whether it reads the micro-batch's segment ids (then a static input of its graph)
+    graphable: ClassVar[bool] = False
+    reads_segments: ClassVar[bool] = False
 
     def spec(self, backend: Backend, config: ModelConfig) -> ModuleSpec:
         raise NotImplementedError
@@ -135,6 +139,10 @@ class Letter:
 
     def problems(self, config: ModelConfig, parallel: ParallelConfig) -> list[str]:
         """What in ``config`` this letter cannot build, each naming the key and what is accepted."""
+        return []
+
+    def graph_problems(self, config: ModelConfig) -> list[str]:
+        """What in ``config`` stops a graphable layer of this letter from capturing."""
         return []
 
     def transformer_config_fields(self, config: ModelConfig, parallel: ParallelConfig) -> dict[str, Any]:

@@ -25,6 +25,7 @@ class Experts(Letter):
     letter = "E"
     name = "mixture of experts"
     selective = ("moe_act",)
+    graphable = True
 
     def spec(self, backend: Backend, config: ModelConfig) -> Any:
         from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -99,6 +100,14 @@ class Experts(Letter):
         shared = swiglu_bytes(config, tokens, m.shared_ffn_hidden_size // parallel.tensor)
         experts = permuted + fc1 + (0 if policy == "selective" else swiglu) + fc2_in
         return router + permutation + experts + shared
+
+    def graph_problems(self, config: ModelConfig) -> list[str]:
+        if config.moe.dispatcher == "local":
+            return []
+        return [
+            f"a CUDA graph of {self.letter} needs model.moe.dispatcher = 'local' (got "
+            f"{config.moe.dispatcher!r}, which reads token counts back to the host inside the layer)"
+        ]
 
     def problems(self, config: ModelConfig, parallel: ParallelConfig) -> list[str]:
         m, tp, etp = config.moe, parallel.tensor, parallel.expert_tensor_size

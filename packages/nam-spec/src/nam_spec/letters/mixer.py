@@ -22,6 +22,8 @@ class MixerLetter(Letter):
     section: ClassVar[str]  # the ModelConfig field holding this letter's geometry
     selective = ("core",)
     megatron_recompute = False
+    graphable = True  # mamba-ssm's and our Triton kernels: fixed shapes, no host synchronisation
+    reads_segments = True
 
     def adapter(self, config: ModelConfig) -> type:
         raise NotImplementedError
