@@ -84,7 +84,9 @@ class Report:
         return self._bench
 
     def fail(self, bench: str, tb: str) -> None:
-        """Record a benchmark's traceback (after any it already has)."""
+        """Record a benchmark's traceback (after any it already has); printed now too, so a run
+        cut off by its time limit still shows it."""
+        print(f"FAILED {bench}:\n{tb}", flush=True)
         self.failures[bench] = f"{self.failures[bench]}\n{tb}" if bench in self.failures else tb
 
     @property

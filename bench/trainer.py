@@ -100,6 +100,10 @@ LEVERS = {
     "local dispatcher": {"moe.dispatcher": "local"},
     "no fusion": {"gradient_accumulation_fusion": "false"},
 }
+# which cases run (NAM_TRAINER_CASES=profile,graphs for a call with little device time left): ours
+# at micro-batch 1 always, profiled with "profile"; the graphs lever (profiled); megatron's model;
+# ours at the larger micro-batches; the other levers
+CASES = os.environ.get("NAM_TRAINER_CASES", "profile,graphs,megatron,larger,levers").split(",")
 LEVER_LOSS_TOL = 2e-2  # relative, per step, on the fixed batch: bf16 gradients summed differently
 DENSE_BF16_TFLOPS = 989.0  # H200 datasheet, dense bf16
 MATMUL_TFLOPS = 700.0  # bench/ceilings.py: torch bf16 8192^3 matmul, do_bench median
@@ -699,15 +703,15 @@ def main(report: Report) -> None:
     for line in flop_lines(c, layout):
         print("    " + line, flush=True)
 
-    ours = in_fresh_process(report, ours_case, MICRO_BATCH, {}, True)
+    ours = in_fresh_process(report, ours_case, MICRO_BATCH, {}, "profile" in CASES)
     if ours is None:
         raise RuntimeError("ours at micro-batch 1 failed (its traceback is in the table)")
 
-    graphed = _lever(report, ours, "graphs", profile=True)
+    graphed = _lever(report, ours, "graphs", profile=True) if "graphs" in CASES else None
 
-    if gib < MEGATRON_GIB:
+    if "megatron" in CASES and gib < MEGATRON_GIB:
         log(f"megatron-core's model needs ~{MEGATRON_GIB} GiB at micro-batch 1: not run on {gib:.0f} GiB")
-    elif (theirs := in_fresh_process(report, megatron_case)) is not None:
+    elif "megatron" in CASES and (theirs := in_fresh_process(report, megatron_case)) is not None:
         ratio = ours["tokens/s"] / theirs["tokens/s"]
         report.row("ours / megatron tokens/s (goal >= 6)", ours_tflops=ours["model TFLOP/s"], ratio=ratio)
         log(
@@ -718,14 +722,14 @@ def main(report: Report) -> None:
     # ours at larger micro-batches, same tokens per step (graphed where graphs ran): what per-launch
     # overhead and the batch-bound scans (M2RNN's 4096-step chain costs the same at any batch) cost
     # at micro-batch 1
-    for micro_batch in LARGER_MICRO_BATCHES:
+    for micro_batch in LARGER_MICRO_BATCHES if "larger" in CASES else ():
         estimate = estimated_peak_gib(c, layout, micro_batch)
         if estimate > gib:
             log(f"ours at micro-batch {micro_batch}: estimate {estimate:.1f} GiB > {gib:.0f} GiB, not run")
             continue
         in_fresh_process(report, ours_case, micro_batch, GRAPHED if graphed else {}, False)
 
-    for name in LEVERS:
+    for name in LEVERS if "levers" in CASES else ():
         if name != "graphs":
             _lever(report, ours, name, profile=False)
 
@@ -739,6 +743,7 @@ def _lever(report: Report, ours: dict[str, Any], name: str, profile: bool) -> di
     report.row(f"lever {name}: step time / ours as configured", ratio=lever["ms"] / ours["ms"])
     drift = max(abs(a - b) / abs(b) for a, b in zip(lever["losses"], ours["losses"], strict=True))
     report.check(f"lever {name}: losses of every step vs ours (relative)", drift, LEVER_LOSS_TOL)
+    log(f"lever {name}: step {lever['ms']:.0f} / {ours['ms']:.0f} ms; losses within {drift:.2e} of ours")
     return lever
 
 

@@ -111,6 +111,14 @@ def build_run(
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=p.distributed_optimizer
     )
+    if model_cfg.cuda_graphs:
+        import torch
+
+        # DDP's gradient accumulators keep the stream current when DDP wraps the model, and a
+        # layer's backward capture (nam_spec.graphs) syncs with them: on the legacy default stream
+        # that sync breaks the capture, so training runs on a stream of its own (megatron-core's
+        # CUDA graphs do the same)
+        torch.cuda.set_stream(torch.cuda.Stream())
     chunks = []
     for i, model in enumerate(models):
         model.to(world.device)
