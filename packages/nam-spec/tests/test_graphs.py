@@ -17,6 +17,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from nam_layout import Layout
 from nam_spec.config import ParallelConfig, SpecConfigError
 from nam_spec.documents import document_boundaries, segment_ids
+from nam_spec.graphs import WARMUP_CALLS, LayerGraph
+from nam_spec.letters import LETTERS
 from nam_spec.model import build_model
 from nam_spec.moe_metrics import MoECounter
 from nam_spec.validation import problems
@@ -57,6 +59,28 @@ def test_segment_ids_as_static_input_equal_the_boundaries(letter: str, megatron_
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"seq_idx must be \[batch, seq\] = \[2, 16\], got \(1, 32\)"):
         layer(hidden, packed_seq_params=PackedSeqParams(seq_idx=torch.zeros(1, 2 * SEQ, dtype=torch.int32)))
+
+
+@pytest.mark.parametrize("letter", ["M", "R", "E"])
+def test_warm_up_calls_run_the_captures_inputs_and_equal_eager(
+    letter: str, megatron_single_rank: None
+) -> None:
+    """Before its capture a LayerGraph runs the layer itself, with segment ids as the capture will
+    read them (so the kernels a capture records are the ones its warm-up autotuned); the results
+    are eager's, with boundaries and without."""
+    torch.manual_seed(0)
+    layer = build_model(Layout.tile(letter, 1), tiny(seq_length=SEQ)).decoder.layers[0]
+    hidden = torch.randn(SEQ, 2, 32)
+    graph = LayerGraph(layer, segments=LETTERS[letter].reads_segments)
+
+    def not_eager() -> torch.Tensor:
+        raise AssertionError("a warm-up call must run the capture's path")
+
+    for packed in (document_boundaries(DOCS), None):
+        want = layer(hidden, packed_seq_params=packed)
+        want = want[0] if isinstance(want, tuple) else want
+        torch.testing.assert_close(graph(hidden, packed, not_eager), want, rtol=1e-6, atol=1e-6)
+    assert graph.eager_calls == WARMUP_CALLS and graph.shape is None
 
 
 def test_settings_a_capture_cannot_serve_are_refused() -> None:

@@ -6,8 +6,9 @@ training shape of nam56r-small (seq 4096, b 1) on an H200, eager against graphed
 (bench/layer_graphs.py, bench/RESULTS.md): M 9.38 -> 1.98 ms, E (local dispatcher) 7.42 -> 1.92 ms,
 R 7.36 -> 4.73 ms.
 
-How a layer is captured: its first WARMUP_CALLS training calls run eagerly, as without graphs:
-they do the Triton autotuning and make megatron's lazily created MoE state (tracker entries, the
+How a layer is captured: its first WARMUP_CALLS training calls run eagerly with the inputs the
+capture will have (M and R read segment ids, all zeros without boundaries): they do the Triton
+autotuning of the very kernels the capture records and make megatron's lazily created MoE state (tracker entries, the
 aux-loss scale) for real, so nothing a capture would need is made inside it and the warm-up pollutes
 no gradient or counter. The next call captures the forward and the backward into a memory pool of
 the layer's own (no ordering constraint between layers), then replays. A replay copies the hidden
@@ -60,26 +61,37 @@ class LayerGraph:
     ) -> torch.Tensor:
         if self.shape is None:
             if self.eager_calls < WARMUP_CALLS:
+                # the capture's own inputs (segment ids even without boundaries), so that the
+                # kernels it runs are the ones compiled and autotuned here: an autotuning inside a
+                # capture synchronises, which the capture forbids
                 self.eager_calls += 1
-                return eager()
+                out = self.layer(hidden, packed_seq_params=self._packed(self._segments(hidden, packed)))
+                return out[0] if isinstance(out, tuple) else out
             self._capture(hidden)
         if hidden.shape != self.shape or hidden.dtype != self.static_in.dtype:
             return eager()
         if self.segments:
-            s, b = hidden.shape[:2]
-            if packed is None:  # one segment per row: the same as no boundaries
-                self.static_segments.zero_()
-            else:
-                self.static_segments.copy_(segment_ids(packed, b, s, hidden.device))
+            self.static_segments.copy_(self._segments(hidden, packed))
         return _Replay.apply(self, hidden, *self.params)
 
-    def _capture(self, hidden: torch.Tensor) -> None:
+    def _segments(self, hidden: torch.Tensor, packed: PackedSeqParams | None) -> torch.Tensor | None:
+        """The segment ids [b, s] this layer reads (all zeros, one segment per row, without
+        boundaries: the same as none); None for a layer that reads none."""
+        if not self.segments:
+            return None
         s, b = hidden.shape[:2]
+        if packed is None:
+            return torch.zeros(b, s, dtype=torch.int32, device=hidden.device)
+        return segment_ids(packed, b, s, hidden.device)
+
+    @staticmethod
+    def _packed(segments: torch.Tensor | None) -> PackedSeqParams | None:
+        return None if segments is None else PackedSeqParams(seq_idx=segments)
+
+    def _capture(self, hidden: torch.Tensor) -> None:
         self.static_in = hidden.detach().clone().requires_grad_(True)
-        self.static_segments = (
-            torch.zeros(b, s, dtype=torch.int32, device=hidden.device) if self.segments else None
-        )
-        packed = PackedSeqParams(seq_idx=self.static_segments) if self.segments else None
+        self.static_segments = self._segments(hidden, None)
+        packed = self._packed(self.static_segments)
         for p in self.params:  # megatron's linears set it when they accumulate into main_grad
             if hasattr(p, "grad_added_to_main_grad"):
                 p.grad_added_to_main_grad = False
