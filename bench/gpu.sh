@@ -23,5 +23,8 @@ done
 src=$(ls -d "$PWD"/packages/*/src "$PWD"/apps/*/src | paste -sd:)
 export PYTHONPATH=/tmp/site:$src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
+# Triton keeps its autotuning results on disk: each case bench/world.py spawns would otherwise
+# autotune every kernel again (~100 s of the first step of each trainer case on the H200)
+export TRITON_CACHE_AUTOTUNING=1
 set -o pipefail
 python3 bench/run.py --json "$out/bench.json" "$@" 2>&1 | tee "$out/bench.log"
