@@ -43,7 +43,7 @@ PROFILE_STEPS of ours: top kernels by GPU time and GPU time per letter (record_f
 opened around each layer's forward and, by gradient hooks, its backward), printed and written to
 $OUT/trainer_profile_ours.txt.
 
-Levers (issue "Throughput"): each [model] key in LEVERS is set against the preset (a lever that is
+Levers (issue "Throughput"): each LEVERS entry (keys such as model.cuda_graphs) is set against the preset (a lever that is
 on by default set back to the path before it, or one still off by default set on) and ours is
 timed again at micro-batch 1: a row each, the step-time ratio to ours as configured, and a check
 that the losses of every step stay within LEVER_LOSS_TOL of ours.
@@ -90,15 +90,15 @@ OVERRIDES = {
     "parallel.distributed_optimizer": "true",
 }
 # CUDA graphs per layer for M, R and E (nam_spec.graphs); E's capture needs the local dispatcher
-GRAPHED = {"moe.dispatcher": "local", "cuda_graphs": "MRE"}
-# throughput levers, each [model] keys set against the preset's values and timed at micro-batch 1
+GRAPHED = {"model.moe.dispatcher": "local", "model.cuda_graphs": "MRE"}
+# throughput levers, each keys set against the preset's values and timed at micro-batch 1
 # beside ours as configured: a lever that landed on by default set back to the path before it,
 # or one still off by default (until this row shows it pays) set on. In the order they run: a run
 # cut off by its time limit loses the last.
 LEVERS = {
     "graphs": GRAPHED,
-    "local dispatcher": {"moe.dispatcher": "local"},
-    "no fusion": {"gradient_accumulation_fusion": "false"},
+    "local dispatcher": {"model.moe.dispatcher": "local"},
+    "no fusion": {"model.gradient_accumulation_fusion": "false"},
 }
 # which cases run (NAM_TRAINER_CASES=profile,graphs for a call with little device time left): ours
 # at micro-batch 1 always, profiled with "profile"; the graphs lever (profiled); megatron's model;
@@ -118,14 +118,15 @@ def log(message: str) -> None:
     print(f"[trainer {time.strftime('%H:%M:%S')} +{time.monotonic() - _T0:5.0f}s] {message}", flush=True)
 
 
-def preset(name: str = PRESET, **model: str) -> Any:
+def preset(name: str = PRESET, overrides: dict[str, str] | None = None, **model: str) -> Any:
     """The trainer preset, checked for one rank, in bf16 (on the default local backend), with the preset's
     recomputation off (megatron's model keeps all its activations too) and the learning rate held
-    at its peak: no warm-up, a cosine decay over a million steps; ``model`` sets [model] keys."""
+    at its peak: no warm-up, a cosine decay over a million steps; ``overrides`` sets keys
+    ("section.key": value) and ``model`` [model] keys."""
     from nam_trainer.config import check, load_config
 
-    overrides = {**OVERRIDES, **{f"model.{key}": value for key, value in model.items()}}
-    cfg = load_config(name, overrides=cli_args(overrides))
+    keys = {**OVERRIDES, **(overrides or {}), **{f"model.{key}": value for key, value in model.items()}}
+    cfg = load_config(name, overrides=cli_args(keys))
     return check(cfg, world_size=1)
 
 
@@ -748,15 +749,15 @@ def _lever(report: Report, ours: dict[str, Any], name: str, profile: bool) -> di
 
 
 def ours_case(
-    report: Report, world: Any, micro_batch: int, model: dict[str, str], profile: bool
+    report: Report, world: Any, micro_batch: int, overrides: dict[str, str], profile: bool
 ) -> dict[str, Any]:
-    """Ours at ``micro_batch`` (MICROBATCHES * MICRO_BATCH rows per step) with [model] keys ``model``
-    set; profiled when ``profile``. Returns run_model's result."""
+    """Ours at ``micro_batch`` (MICROBATCHES * MICRO_BATCH rows per step) with ``overrides``
+    ("section.key": value) set; profiled when ``profile``. Returns run_model's result."""
     from nam_spec.accounting import model_params
     from nam_trainer.train.setup import build_run
 
-    checked = preset(**model)
-    name = "ours" + "".join(f", {key} {value}" for key, value in model.items())
+    checked = preset(overrides=overrides)
+    name = "ours" + "".join(f", {key} {value}" for key, value in overrides.items())
     log(f"building {name} on the GPU (micro-batch {micro_batch})")
     run = build_run(checked, world)
     c, layout = run.model, run.layout
@@ -774,7 +775,7 @@ def ours_case(
         else None,
         estimate_gib=estimated_peak_gib(c, layout, micro_batch),
     )
-    if not model and micro_batch == MICRO_BATCH:
+    if not overrides and micro_batch == MICRO_BATCH:
         drop = result["losses"][DROP_AFTER] / result["losses"][0]
         lr = checked.config.training.lr
         report.check(f"ours: loss after {DROP_AFTER} steps / initial, fixed batch, lr {lr}", drop, 0.995)
