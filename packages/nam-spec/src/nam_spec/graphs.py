@@ -7,29 +7,30 @@ training shape of nam56r-small (seq 4096, b 1) on an H200, eager against graphed
 R 7.36 -> 4.73 ms.
 
 How a layer is captured: its first WARMUP_CALLS training calls run eagerly with the inputs the
-capture will have (M and R read segment ids, all zeros without boundaries): they do the Triton
-autotuning of the very kernels the capture records and make megatron's lazily created MoE state (tracker entries, the
-aux-loss scale) for real, so nothing a capture would need is made inside it and the warm-up pollutes
-no gradient or counter. The next call captures the forward and the backward into a memory pool of
-the layer's own (no ordering constraint between layers), then replays. A replay copies the hidden
-states (and, for M and R, the micro-batch's segment ids) into the graph's static inputs.
+capture will have (M and R read segment ids, all zeros without boundaries). They do the Triton
+autotuning of the very kernels the capture records (an autotuning inside a capture synchronises,
+which the capture forbids) and make megatron's lazily created MoE state (tracker entries, the
+aux-loss scale) for real; being the micro-batches' own calls, they pollute no gradient or counter.
+The next call captures the forward and the backward into a memory pool of the layer's own (no
+ordering constraint between layers), then replays. A replay copies the hidden states (and, for M
+and R, the micro-batch's segment ids) into the graph's static inputs.
 
 What stays right under replay: weights are updated in place by the optimizer (same storage);
 megatron's fused weight-gradient accumulation writes ``main_grad`` inside the graph, and those
 weights get no gradient back (their DDP hook has nothing to add); every other weight's gradient is
 returned to autograd, so DDP's hook adds it to ``main_grad`` as in eager mode; MoE counters (the
 expert-bias token counts, megatron's aux-loss tracker, nam_spec.moe_metrics) add in place, so the
-replay adds into the same tensors. Eval (no gradients), another shape or another layer state runs
-eagerly.
+replay adds into the same tensors. Eval (no gradients) and another shape run eagerly. Under DDP
+the trainer runs on a stream of its own: DDP's gradient accumulators keep the stream they were
+made on, and a backward capture cannot make the legacy default stream wait on it.
 
 Which letters capture, and what they need, each letter says (``Letter.graphable``,
-``reads_segments``, ``graph_problems``): M, R and E. A does not: its attention backward makes the
-legacy stream wait on the capture stream and the capture fails (bench/layer_graphs.py). E needs
-``moe.dispatcher = "local"`` (megatron's alltoall reads token counts back to the host, which a
-capture forbids). Graphs need one
-pipeline stage and no tensor parallelism (several micro-batches in flight would overwrite a layer's
-static activations; collectives are not captured here) and no full recomputation of a graphed
-letter (nam_spec.validation says so before anything is built).
+``reads_segments``, ``graph_problems``): M, R and E. A does not (its backward capture failed in
+bench/layer_graphs.py, and eager it is GPU-bound already). E needs ``moe.dispatcher = "local"``
+(megatron's alltoall reads token counts back to the host, which a capture forbids). Graphs need
+one pipeline stage and no tensor parallelism (several micro-batches in flight would overwrite a
+layer's static activations; collectives are not captured here) and no full recomputation of a
+graphed letter (nam_spec.validation says so before anything is built).
 """
 
 from __future__ import annotations
