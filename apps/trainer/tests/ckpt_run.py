@@ -89,8 +89,10 @@ def build(
     pipeline: int = 1,
     expert: int = 1,
     mtp_depth: int = 0,
+    fused_adam: bool = False,
 ) -> Setup:
-    """`bf16`: bf16 parameters with fp32 main parameters in the optimizer (megatron's GPU setup)."""
+    """`bf16`: bf16 parameters with fp32 main parameters in the optimizer (megatron's GPU setup);
+    `fused_adam`: torch's fused AdamW, as the trainer's training.fused_adam."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -100,6 +102,7 @@ def build(
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from nam_layout import Layout
+    from nam_runtime.megatron import fuse_torch_adams
     from nam_spec import ParallelConfig, build_model
     from nam_trainer.train.setup import finalize_with_embedding_copies
 
@@ -134,6 +137,8 @@ def build(
         ),
         [ddp],
     )
+    if fused_adam:
+        fuse_torch_adams(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

@@ -1,7 +1,7 @@
 """Checkpoints on a real nam-spec model (pattern AEMR) in megatron's DDP with megatron's Adam and
-schedule: an interrupted run resumes bit for bit (DP=1; DP=2 with EP=2 and PP=2 with the
-distributed optimizer; PP=2 with the plain one); pruning and `latest`; a SIGKILL during a write;
-the errors for bad checkpoints."""
+schedule: an interrupted run resumes bit for bit (DP=1, also with torch's fused AdamW; DP=2 with
+EP=2 and PP=2 with the distributed optimizer; PP=2 with the plain one); pruning and `latest`; a
+SIGKILL during a write; the errors for bad checkpoints."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def _resume_rank(
     pipeline: int = 1,
     expert: int = 1,
     mtp_depth: int = 0,
+    fused_adam: bool = False,
 ) -> dict[str, Any]:
     """Train BEFORE steps, save, train AFTER more; then a fresh model (other seeds, other initial
     weights) loads the checkpoint and trains AFTER steps."""
@@ -55,6 +56,7 @@ def _resume_rank(
         pipeline=pipeline,
         expert=expert,
         mtp_depth=mtp_depth,
+        fused_adam=fused_adam,
     )
     ckpt_run.train(setup, BEFORE)
     state = {"step": BEFORE, "consumed_samples": 4 * BEFORE}
@@ -70,17 +72,22 @@ def _resume_rank(
         bf16=bf16,
         pipeline=pipeline,
         mtp_depth=mtp_depth,
+        fused_adam=fused_adam,
     )
     logged: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("nam_trainer.train.checkpoint").addHandler(handler)
     restored_state = load_checkpoint(find_latest(run_dir), fresh.model, fresh.optimizer, fresh.scheduler)
-    steps = [
-        (id(s["step"]), s["step"].item())
-        for opt in getattr(fresh.optimizer, "chained_optimizers", [fresh.optimizer])
-        for s in opt.optimizer.state.values()
-    ]
+    adams = [opt.optimizer for opt in getattr(fresh.optimizer, "chained_optimizers", [fresh.optimizer])]
+    steps = [(id(s["step"]), s["step"].item()) for adam in adams for s in adam.state.values()]
+    step_places = {  # (on its parameter's device, dtype) of each parameter's step
+        (adam.state[p]["step"].device == p.device, adam.state[p]["step"].dtype)
+        for adam in adams
+        for group in adam.param_groups
+        for p in group["params"]
+    }
+    fused = {group["fused"] for adam in adams for group in adam.param_groups}
     resumed = ckpt_run.train(fresh, AFTER)
     a, b = ckpt_run.weights(setup), ckpt_run.weights(fresh)
 
@@ -105,6 +112,8 @@ def _resume_rank(
             if k.startswith("embedding.") and hasattr(v, "replica_id")
         },
         "adam_steps": steps,
+        "adam_step_places": step_places,
+        "fused": fused,
         "mismatched_state": mismatched_state,
         "logged": logged,
     }
@@ -233,6 +242,17 @@ def _check_schedule_note(notes: list[str]) -> None:
 def test_exact_resume_dp1(tmp_path: Path) -> None:
     (result,) = run_ranks(_resume_rank, 1, tmp_path, False)
     _check_schedule_note(_check_exact_resume(result, tmp_path))
+
+
+@pytest.mark.parametrize("distributed_optimizer", [True, False], ids=["distributed", "plain"])
+def test_exact_resume_dp1_fused_adam(tmp_path: Path, distributed_optimizer: bool) -> None:
+    """torch's fused AdamW (training.fused_adam) in both runs: the resume is exact, the loaded
+    optimizer is fused, and each `step` is float32 on its parameter's device, where fused Adam
+    reads it (on CPU that is the CPU, as unfused; on a GPU the GPU)."""
+    (result,) = run_ranks(_resume_rank, 1, tmp_path, distributed_optimizer, fused_adam=True)
+    _check_schedule_note(_check_exact_resume(result, tmp_path))
+    assert result["fused"] == {True}
+    assert result["adam_step_places"] == {(True, torch.float32)}
 
 
 @pytest.mark.skipif(

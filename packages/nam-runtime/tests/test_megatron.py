@@ -207,6 +207,110 @@ def test_load_distributed_optimizer(adam_run: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# fuse_torch_adams (and the `step` placement of prime_adam_state and load_optimizer_state)
+# ---------------------------------------------------------------------------------------------
+
+
+def _adams(opt: Any) -> list[torch.optim.Optimizer]:
+    return [sub.optimizer for sub in megatron.inner_optimizers(opt)]
+
+
+def _implementation(opt: Any) -> set[tuple[Any, Any]]:
+    """(fused, foreach) of the param groups of its torch Adams (what their step reads)."""
+    return {(g["fused"], g["foreach"]) for inner in _adams(opt) for g in inner.param_groups}
+
+
+def _step_places(opt: Any) -> list[tuple[int, float, bool, torch.dtype]]:
+    """Per parameter: its step tensor's id and value, whether it is on the parameter's device, its dtype."""
+    return [
+        (id(s["step"]), float(s["step"]), s["step"].device == p.device, s["step"].dtype)
+        for inner in _adams(opt)
+        for g in inner.param_groups
+        for p in g["params"]
+        for s in [inner.state[p]]
+    ]
+
+
+def test_fuse_torch_adams_places_step_where_fused_adam_keeps_it() -> None:
+    # params on the meta device: a `step` on the CPU and one on the parameter's device differ here
+    param = torch.nn.Parameter(torch.empty(3, device="meta"))
+    opt = types.SimpleNamespace(optimizer=torch.optim.AdamW([param]))  # a megatron optimizer's shape
+    megatron.prime_adam_state(opt)
+    assert opt.optimizer.state[param]["step"].device.type == "cpu"  # unfused: torch keeps it there
+    megatron.fuse_torch_adams(opt)
+    assert _implementation(opt) == {(True, None)}
+    assert (opt.optimizer.defaults["fused"], opt.optimizer.defaults["foreach"]) == (True, None)
+    assert opt.optimizer._step_supports_amp_scaling  # as torch.optim.AdamW(..., fused=True) holds them
+    step = opt.optimizer.state[param]["step"]
+    assert step.device.type == "meta" and step.dtype == torch.float32
+    fresh = types.SimpleNamespace(optimizer=torch.optim.AdamW([param]))
+    megatron.fuse_torch_adams(fresh)
+    megatron.prime_adam_state(fresh)  # fused before any state: primed where fused Adam keeps it
+    assert fresh.optimizer.state[param]["step"].device.type == "meta"
+
+
+def _fused_rank(directory: str) -> dict[str, Any]:
+    """Two optimizers, unfused and fused, each stepped twice and saved; each checkpoint loaded into
+    a fresh optimizer of the other kind, by megatron's way and by load_optimizer_state."""
+    from megatron.core import dist_checkpointing
+
+    dist.initialize(seed=1)
+    out: dict[str, Any] = {}
+    for fused in (False, True):
+        module, opt = _optimizer(moe=False, layers=2)
+        out.setdefault("megatron_builds", _implementation(opt))
+        if fused:
+            megatron.fuse_torch_adams(opt)
+        megatron.prime_adam_state(opt)
+        for _ in range(2):
+            opt.zero_grad()
+            opt.step()
+        parts = megatron.optimizer_sharded_state_dict(opt, module.sharded_state_dict(), _METADATA, False)
+        path = Path(directory) / f"fused_{fused}"
+        path.mkdir()
+        dist_checkpointing.save({"optimizer": parts}, str(path), content_metadata=dict(_METADATA))
+
+        for keep in (False, True):  # megatron's own load (of the one part), then ours
+            module, fresh = _optimizer(moe=False, layers=2)
+            if not fused:
+                megatron.fuse_torch_adams(fresh)
+            megatron.prime_adam_state(fresh)
+            target = megatron.optimizer_sharded_state_dict(
+                fresh, module.sharded_state_dict(), _METADATA, True
+            )
+            loaded = dist_checkpointing.load({"optimizer": target}, str(path))["optimizer"]
+            if keep:
+                megatron.load_optimizer_state(fresh, loaded)
+            else:
+                (inner,) = megatron.inner_optimizers(fresh)
+                megatron.load_distributed_optimizer(inner, loaded["chained_0"])
+            out[(fused, keep)] = {"implementation": _implementation(fresh), "steps": _step_places(fresh)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def fused_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    (result,) = run_ranks(_fused_rank, 1, str(tmp_path_factory.mktemp("fused")))
+    return result
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="one CPU rank")
+def test_fuse_torch_adams(fused_run: dict[str, Any]) -> None:
+    # megatron builds torch's AdamW without `fused`: torch then takes its foreach path
+    assert fused_run["megatron_builds"] == {(None, None)}
+    # torch's load_state_dict takes the implementation from the saved groups
+    assert fused_run[(False, False)]["implementation"] == {(None, None)}
+    assert fused_run[(True, False)]["implementation"] == {(True, None)}
+    # load_optimizer_state keeps the run's, and each `step` where that run's Adam keeps it
+    assert fused_run[(False, True)]["implementation"] == {(True, None)}
+    assert fused_run[(True, True)]["implementation"] == {(None, None)}
+    for saved in (False, True):
+        ids, values, on_param_device, dtypes = zip(*fused_run[(saved, True)]["steps"], strict=True)
+        assert len(set(ids)) == len(ids) and set(values) == {2.0}  # one step tensor per parameter, as saved
+        assert all(on_param_device) and set(dtypes) == {torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------
 # holds_params, plain_per_rank (optimizer_sharded_state_dict, load_optimizer_state)
 # ---------------------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ __all__ = [
     "WORKAROUNDS",
     "Workaround",
     "fuse_only_with_main_grad",
+    "fuse_torch_adams",
     "holds_params",
     "import_before_enable",
     "inner_optimizers",
@@ -150,9 +151,27 @@ def _torch_adams(optimizer: Any) -> Iterator[torch.optim.Optimizer]:
             yield inner
 
 
+def _step_tensor(step: float | torch.Tensor, group: dict[str, Any], param: torch.Tensor) -> torch.Tensor:
+    """A parameter's own Adam `step` (float32), where torch's Adam of `group` keeps it: on the
+    parameter's device when the group is fused or capturable (its kernels read it there), on the
+    CPU otherwise (torch's Adam._init_group)."""
+    on_device = group.get("fused") or group.get("capturable")
+    device = param.device if on_device else torch.device("cpu")
+    return torch.as_tensor(step).to(device=device, dtype=torch.float32, copy=True)
+
+
+def _place_steps(inner: torch.optim.Optimizer) -> None:
+    """Move each `step` of the torch Adam `inner` where its param group now keeps it."""
+    for group in inner.param_groups:
+        for param in group["params"]:
+            state = inner.state.get(param)
+            if state and "step" in state:
+                state["step"] = _step_tensor(state["step"], group, param)
+
+
 def prime_adam_state(optimizer: Any) -> None:
     """Give every parameter of a torch Adam inside `optimizer` that has not stepped yet the state
-    its first step would create (zeros, step 0)."""
+    its first step would create (zeros, step 0 where its group keeps it)."""
     for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:
@@ -162,7 +181,52 @@ def prime_adam_state(optimizer: Any) -> None:
                     state.setdefault("exp_avg_sq", torch.zeros_like(param))
                     if group.get("amsgrad"):
                         state.setdefault("max_exp_avg_sq", torch.zeros_like(param))
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["step"] = _step_tensor(0.0, group, param)
+
+
+_row(
+    "fuse_torch_adams",
+    "megatron.core.optimizer.get_megatron_optimizer (without TE or Apex) builds torch.optim.AdamW "
+    "(or Adam) from OptimizerConfig, which has no setting for torch's `fused`; the trainer's set-up "
+    "calls fuse_torch_adams when training.fused_adam is on, and load_optimizer_state keeps each "
+    "group's implementation (fused, foreach, capturable) over the checkpoint's",
+    "torch then runs its default, the foreach path: several multi-tensor passes over params, grads "
+    "and moments per step, where fused=True is one kernel pass. And torch's load_state_dict takes "
+    "every group setting from the saved groups, so a checkpoint would turn fused on or off",
+    "megatron-core's OptimizerConfig passing `fused` to torch's Adam (and torch's load_state_dict "
+    "keeping the optimizer's own fused / foreach / capturable)",
+)
+
+# torch's choice of Adam kernels: the run's (its config), not the checkpoint's
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
+
+
+def fuse_torch_adams(optimizer: Any) -> None:
+    """Switch every torch Adam(W) inside `optimizer` to torch's fused implementation: defaults and
+    param groups as `torch.optim.AdamW(..., fused=True)` would hold them (foreach unset: torch
+    refuses both), any `step` already made moved where fused Adam keeps it."""
+    for inner in _torch_adams(optimizer):
+        for settings in (inner.defaults, *inner.param_groups):
+            settings["fused"] = True
+            settings["foreach"] = None
+        inner._step_supports_amp_scaling = True  # as torch's constructor sets it for fused
+        _place_steps(inner)
+
+
+def _implementations(opt: Any) -> list[list[dict[str, Any]]]:
+    return [
+        [{key: group.get(key) for key in _IMPLEMENTATION_KEYS} for group in inner.param_groups]
+        for inner in _torch_adams(opt)
+    ]
+
+
+def _keep_implementations(opt: Any, kept: list[list[dict[str, Any]]]) -> None:
+    """Put back the implementation of each param group (from _implementations before a load), and
+    each `step` where it then belongs."""
+    for inner, groups in zip(_torch_adams(opt), kept, strict=True):
+        for group, implementation in zip(inner.param_groups, groups, strict=True):
+            group.update(implementation)
+        _place_steps(inner)
 
 
 _row(
@@ -182,7 +246,8 @@ _row(
 def load_distributed_optimizer(opt: Any, state_dict: dict[str, Any]) -> None:
     """Load a DistributedOptimizer's fully_reshardable state dict (as dist_checkpointing read it):
     its param groups, then the parameter state (main params, Adam moments) without megatron's
-    shared `step`, then each parameter's Adam `step` as saved, in its own tensor."""
+    shared `step`, then each parameter's Adam `step` as saved, in its own tensor where its group
+    keeps it."""
     state_dict = dict(state_dict)
     param_state = state_dict.pop("param_state")
     sharding = state_dict.pop("param_state_sharding_type")
@@ -198,7 +263,7 @@ def load_distributed_optimizer(opt: Any, state_dict: dict[str, Any]) -> None:
         for group in inner.param_groups:
             step = float(group.pop("step"))  # torch's Adam keeps it per parameter only
             for param in group["params"]:
-                inner.state[param]["step"] = torch.tensor(step, dtype=torch.float32)
+                inner.state[param]["step"] = _step_tensor(step, group, param)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,24 +287,37 @@ def optimizer_sharded_state_dict(
             continue
         part = opt.sharded_state_dict(model_sharded, is_loading, metadata=metadata)
         if not isinstance(opt, DistributedOptimizer):
+            _common_step_on_cpu(part)
             part = plain_per_rank(part, f"optimizer.chained_{index}.plain")
         parts[f"chained_{index}"] = part
     return parts
 
 
+def _common_step_on_cpu(part: dict[str, Any]) -> None:
+    """The shared Adam `step` of a Float16 / FP32Optimizer state dict on the CPU, as unfused Adam
+    keeps it: fused or not, the checkpoint holds the same (a device tensor there would load only
+    where that device is)."""
+    state = part.get("optimizer", part)["state"]
+    if isinstance(state.get("common_step"), torch.Tensor):
+        state["common_step"] = state["common_step"].cpu()
+
+
 def load_optimizer_state(optimizer: Any, loaded: dict[str, Any]) -> None:
     """Load into each megatron optimizer inside `optimizer` its part of `loaded` (what
-    dist_checkpointing read for optimizer_sharded_state_dict(..., is_loading=True))."""
+    dist_checkpointing read for optimizer_sharded_state_dict(..., is_loading=True)); its torch
+    Adams keep their own implementation (fuse_torch_adams' row)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for index, opt in enumerate(inner_optimizers(optimizer)):
         if not holds_params(opt):
             continue
         part = loaded[f"chained_{index}"]
+        kept = _implementations(opt)
         if isinstance(opt, DistributedOptimizer):
             load_distributed_optimizer(opt, part)
         else:
             opt.load_state_dict(merge_plain(part))
+        _keep_implementations(opt, kept)
 
 
 _row(

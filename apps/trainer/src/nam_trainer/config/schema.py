@@ -129,6 +129,9 @@ class TrainingConfig:
     eval_iters: int = 4  # validation batches (of global_batch_size rows) per evaluation
     # steps in a row with a non-finite loss (each skipped: no optimizer update) that stop the run (exit 3)
     max_consecutive_skips: int = 5
+    # torch's fused AdamW: one pass over params, grads and moments instead of the foreach path's
+    # several; off until the GPU bench shows it pays
+    fused_adam: bool = False
 
     def __post_init__(self) -> None:
         for name in (

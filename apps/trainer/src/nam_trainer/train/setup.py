@@ -1,6 +1,7 @@
 """The process and the megatron-core objects a run trains: parallel state, model chunks wrapped in
-megatron's DistributedDataParallel, its optimizer (Adam, distributed when configured, weight-decay
-groups from nam-spec) and its learning-rate schedule (linear warm-up, cosine decay to min_lr).
+megatron's DistributedDataParallel, its optimizer (Adam, distributed when configured, torch's fused
+kernel with training.fused_adam, weight-decay groups from nam-spec) and its learning-rate schedule
+(linear warm-up, cosine decay to min_lr).
 
 `build_run` is the one set-up of these objects: the trainer's and bench/trainer.py's (which passes
 its own `build` for megatron-core's HybridModel). It alone decides the model's precision for this
@@ -16,7 +17,7 @@ from typing import Any
 from nam_layout import Layout
 from nam_runtime import dist
 from nam_runtime.dist import World
-from nam_runtime.megatron import import_before_enable, reset_moe_state
+from nam_runtime.megatron import fuse_torch_adams, import_before_enable, reset_moe_state
 from nam_spec import ModelConfig
 from nam_trainer.config import Checked, ConfigError
 
@@ -155,6 +156,8 @@ def build_run(
         chunks,
         config_overrides={no_decay: {"wd_mult": 0.0}},  # nam-spec's rule replaces megatron's default
     )
+    if t.fused_adam:
+        fuse_torch_adams(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
