@@ -71,6 +71,7 @@ def _other_value(key: str, current: Any) -> tuple[str, Any]:
         "model.mamba.kind": ("mamba3", "mamba3"),
         "model.m2rnn.path": ("triton", "triton"),
         "model.embedding.ngram_orders": ("[2, 4]", (2, 4)),
+        "model.cuda_graphs": ("MR", "MR"),
     }
     if key in special:
         return special[key]
