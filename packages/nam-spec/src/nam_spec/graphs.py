@@ -66,12 +66,13 @@ class LayerGraph:
                 # kernels it runs are the ones compiled and autotuned here: an autotuning inside a
                 # capture synchronises, which the capture forbids
                 self.eager_calls += 1
-                out = self.layer(hidden, packed_seq_params=self._packed(self._segments(hidden, packed)))
-                return out[0] if isinstance(out, tuple) else out
+                return self._run(hidden, self._segments(hidden, packed))
             self._capture(hidden)
         if hidden.shape != self.shape or hidden.dtype != self.static_in.dtype:
             return eager()
-        if self.segments:
+        if self.segments and packed is None:
+            self.static_segments.zero_()  # one segment per row, without a fresh tensor to copy from
+        elif self.segments:
             self.static_segments.copy_(self._segments(hidden, packed))
         return _Replay.apply(self, hidden, *self.params)
 
@@ -85,22 +86,24 @@ class LayerGraph:
             return torch.zeros(b, s, dtype=torch.int32, device=hidden.device)
         return segment_ids(packed, b, s, hidden.device)
 
-    @staticmethod
-    def _packed(segments: torch.Tensor | None) -> PackedSeqParams | None:
-        return None if segments is None else PackedSeqParams(seq_idx=segments)
+    def _run(self, hidden: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+        """The layer on ``hidden`` with ``segments`` as its only boundaries (TransformerLayer returns
+        a tuple, the mixer layers a tensor)."""
+        out = self.layer(
+            hidden, packed_seq_params=None if segments is None else PackedSeqParams(seq_idx=segments)
+        )
+        return out[0] if isinstance(out, tuple) else out
 
     def _capture(self, hidden: torch.Tensor) -> None:
         self.static_in = hidden.detach().clone().requires_grad_(True)
         self.static_segments = self._segments(hidden, None)
-        packed = self._packed(self.static_segments)
         for p in self.params:  # megatron's linears set it when they accumulate into main_grad
             if hasattr(p, "grad_added_to_main_grad"):
                 p.grad_added_to_main_grad = False
         pool = torch.cuda.graph_pool_handle()
         self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.forward_graph, pool=pool):
-            out = self.layer(self.static_in, packed_seq_params=packed)
-            self.static_out = out[0] if isinstance(out, tuple) else out
+            self.static_out = self._run(self.static_in, self.static_segments)
         self.static_grad_out = torch.empty_like(self.static_out)
         with torch.cuda.graph(self.backward_graph, pool=pool):
             grads = torch.autograd.grad(
