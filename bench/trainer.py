@@ -392,20 +392,42 @@ class LetterRanges:
     """record_function ranges around each layer: ``layer fwd X`` from a forward pre-hook to the
     forward hook; ``layer bwd X`` from the gradient of the layer's output to the gradient of its
     input (tensor hooks, on the autograd thread). One backward range is open at a time: the next
-    opens by closing the last, since layer k's input is layer k-1's output."""
+    opens by closing the last, since layer k's input is layer k-1's output. A replayed layer
+    (``graphs``, the stack's nam_spec.graphs) calls no module hook: the same ranges open around
+    its replay, whose kernels the profiler ties to the graph launch inside them."""
 
-    def __init__(self, layers: list[tuple[str, Any]]) -> None:
+    def __init__(self, layers: list[tuple[str, Any]], graphs: dict[int, Any] | None = None) -> None:
         self._handles: list[Any] = []
         self._open: tuple[int, Any] | None = None
         self._closer_queued = False
+        self._graphs = {} if graphs is None else graphs
+        self._unranged = dict(self._graphs)
+        graph_of = {id(graph.layer): key for key, graph in self._graphs.items()}
         for index, (letter, layer) in enumerate(layers):
             self._handles.append(layer.register_forward_pre_hook(self._pre(index, letter), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._post(index, letter)))
+            if id(layer) in graph_of:
+                key = graph_of[id(layer)]
+                self._graphs[key] = self._ranged(self._graphs[key], index, letter)
         self._forward: Any = None
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._graphs.update(self._unranged)
+
+    def _ranged(self, graph: Any, index: int, letter: str) -> Callable:
+        pre, post = self._pre(index, letter), self._post(index, letter)
+
+        def call(hidden: Any, packed: Any, eager: Callable) -> Any:
+            if graph.shape != hidden.shape:  # eager: the layer's own hooks open the ranges
+                return graph(hidden, packed, eager)
+            pre(None, (hidden,), {})
+            out = graph(hidden, packed, eager)
+            post(None, (), out)
+            return out
+
+        return call
 
     def _pre(self, index: int, letter: str) -> Callable:
         import torch
@@ -458,6 +480,7 @@ def profile_summary(
     layers: list[tuple[str, Any]],
     config: ModelConfig,
     layout: Layout,
+    graphs: dict[int, Any],
 ) -> None:
     """Top kernels by GPU time, top host ops by their own CPU time, and GPU and host time per letter
     over PROFILE_STEPS steps (host times are inflated by the profiler's own recording)."""
@@ -466,7 +489,7 @@ def profile_summary(
 
     from nam_spec.letters import LETTERS
 
-    ranges = LetterRanges(layers)
+    ranges = LetterRanges(layers, graphs)
     try:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             _sync()
@@ -612,6 +635,7 @@ def run_model(
     formula_params: int,
     params_tol: float,
     layers: list[tuple[str, Any]] | None = None,
+    graphs: dict[int, Any] | None = None,
     estimate_gib: float | None = None,
 ) -> dict[str, Any]:
     """Checks, timed steps and one result row for a model set up by the trainer (``run``); profiles
@@ -682,7 +706,7 @@ def run_model(
     )
     if layers is not None:
         try:
-            profile_summary(report, name, trainer, layers, config, layout)
+            profile_summary(report, name, trainer, layers, config, layout, graphs or {})
         except Exception:  # the profile is extra information: keep the baseline's numbers coming
             report.fail("trainer profile", traceback.format_exc())
             log("profile failed (traceback in the table); continuing")
@@ -774,6 +798,7 @@ def ours_case(
         layers=[(EMBEDDING, run.chunks[0].module.embedding), *zip(decoder.kinds, decoder.layers, strict=True)]
         if profile
         else None,
+        graphs=decoder.graphs,
         estimate_gib=estimated_peak_gib(c, layout, micro_batch),
     )
     if not overrides and micro_batch == MICRO_BATCH:
