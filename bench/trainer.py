@@ -660,6 +660,9 @@ def run_model(
     steps = WARMUP_STEPS + TIMED_STEPS
     losses, times = train(name, trainer, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else math.nan
+    # what the caching allocator holds, CUDA graphs' private pools whole (their freed blocks stay
+    # reserved for the replays): what an out-of-memory error is about
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if on_gpu else math.nan
     est = math.nan if estimate_gib is None else estimate_gib
     if estimate_gib is not None:
         report.check(
@@ -682,6 +685,7 @@ def run_model(
         "model TFLOP/s": flops / (ms * 1e-3) / 1e12,
         "ms": ms,
         "peak GiB": peak,
+        "reserved GiB": reserved,
         "losses": losses,
     }
     result["MFU 989"] = result["model TFLOP/s"] / DENSE_BF16_TFLOPS
@@ -691,6 +695,7 @@ def run_model(
         ms=ms,
         floor_ms=flops / (MATMUL_TFLOPS * 1e12) * 1e3,
         peak_gib=peak,
+        reserved_gib=reserved,
         est_gib=est,
         tokens_per_s=result["tokens/s"],
         model_tflops=result["model TFLOP/s"],
