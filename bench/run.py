@@ -42,6 +42,7 @@ REGISTRY: dict[str, str] = {
     "mamba": "bench.mamba",
     "mamba3": "bench.mamba3",
     "mla": "bench.mla",
+    "moe_ops": "bench.moe_ops",
     "m2rnn": "bench.m2rnn",
     "plasticity": "bench.plasticity",
     "spec": "bench.spec",

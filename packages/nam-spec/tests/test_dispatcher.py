@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
+import pytest
 import torch
 from helpers import tiny
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -84,6 +86,27 @@ def test_local_dispatcher_matches_megatrons_alltoall(megatron_single_rank: None)
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-6, msg=name)
     assert aux_a.abs().sum() > 0
     torch.testing.assert_close(aux_b, aux_a, rtol=1e-5, atol=0.0)
+
+
+def test_local_experts_on_their_triton_kernels_match_the_reference(
+    megatron_single_rank: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local E layer with nam-mixers' weighted-SwiGLU and pair-sum kernels (the CUDA path, here
+    under the Triton interpreter) against the same layer on their PyTorch references."""
+    from nam_mixers.ops import moe
+
+    layer = _e_layer("local")
+    reference = _run(layer)
+    layer.zero_grad(set_to_none=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernels are first compiled
+    kernels = {"weighted_swiglu": partial(moe.weighted_swiglu, path="triton")}
+    monkeypatch.setattr("nam_spec.local.experts.weighted_swiglu", kernels["weighted_swiglu"])
+    monkeypatch.setattr("nam_spec.local.dispatcher.sum_pairs", partial(moe.sum_pairs, path="triton"))
+    ours = _run(layer)
+    for name, a, b in zip(("output", "input grad"), ours[:2], reference[:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for name, grad in reference[2].items():
+        torch.testing.assert_close(ours[2][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 class _AtenOps(TorchDispatchMode):

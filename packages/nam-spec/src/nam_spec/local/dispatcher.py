@@ -25,6 +25,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from nam_mixers.ops.moe import sum_pairs
+
 
 class _RepeatRows(torch.autograd.Function):
     """rows[p] = x[token[p]]: each token's row repeated for its top_k pairs, in the permuted order.
@@ -42,7 +44,7 @@ class _RepeatRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (inverse,) = ctx.saved_tensors
-        return _sum_pairs(grad, inverse, ctx.top_k), None, None, None
+        return sum_pairs(grad, inverse, ctx.top_k), None, None, None
 
 
 class _SumRows(torch.autograd.Function):
@@ -53,17 +55,12 @@ class _SumRows(torch.autograd.Function):
         ctx: Any, rows: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor, top_k: int
     ) -> torch.Tensor:
         ctx.save_for_backward(token)
-        return _sum_pairs(rows, inverse, top_k)
+        return sum_pairs(rows, inverse, top_k)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (token,) = ctx.saved_tensors
         return grad.index_select(0, token), None, None, None
-
-
-def _sum_pairs(rows: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
-    """[tokens, hidden]: each token's top_k rows of ``rows`` (permuted order) summed, in their dtype."""
-    return rows.index_select(0, inverse).view(-1, top_k, rows.shape[-1]).sum(1)
 
 
 class LocalTokenDispatcher(MoETokenDispatcher):

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
+from nam_mixers.ops.moe import weighted_swiglu
 from nam_spec.devices import param_device
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -132,13 +133,12 @@ class GroupedExperts(MegatronModule):
             else None
         )
         h = grouped_linear(permuted_hidden, self.fc1_weight, counts, offsets)
-        probs = permuted_probs.unsqueeze(-1)
         if self.recompute_activation:  # keep fc1's output only; recompute SwiGLU in backward
             act = checkpoint(
-                _swiglu_weighted, h, probs, use_reentrant=False, preserve_rng_state=False
+                weighted_swiglu, h, permuted_probs, use_reentrant=False, preserve_rng_state=False
             )  # no RNG
         else:
-            act = _swiglu_weighted(h, probs)
+            act = weighted_swiglu(h, permuted_probs)
         for hook in list(self._activation_hooks.values()):
             hook(act, counts)
         return grouped_linear(act, self.fc2_weight, counts, offsets), None
@@ -202,8 +202,3 @@ class GroupedExperts(MegatronModule):
 def _cat_gate_up(parts: list[torch.Tensor]) -> torch.Tensor:
     """Loading: this rank's gate and up slices back into fc1 [E_local, 2 * F_local, H]."""
     return torch.cat(parts, dim=1)
-
-
-def _swiglu_weighted(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return (F.silu(gate) * up * probs).to(h.dtype)
