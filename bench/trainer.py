@@ -109,6 +109,7 @@ LEVER_LOSS_TOL = 2e-2  # relative, per step, on the fixed batch: bf16 gradients 
 DENSE_BF16_TFLOPS = 989.0  # H200 datasheet, dense bf16
 MATMUL_TFLOPS = 700.0  # bench/ceilings.py: torch bf16 8192^3 matmul, do_bench median
 TOP_KERNELS = 15
+TOP_RANGE_KERNELS = 6  # per letter's forward and backward range
 RANGE_PREFIX = "layer "
 
 _T0 = time.monotonic()
@@ -473,6 +474,15 @@ class LetterRanges:
         self._closer_queued = False
 
 
+def _add_kernels(event: Any, into: dict[str, float]) -> None:
+    """Add the kernels ``event`` and its descendants launched (a range's, kernels of graph replays
+    included) into ``into``: name -> ms."""
+    for kernel in event.kernels:
+        into[kernel.name] += kernel.duration / 1e3
+    for child in event.cpu_children:
+        _add_kernels(child, into)
+
+
 def profile_summary(
     report: Report,
     name: str,
@@ -541,10 +551,12 @@ def profile_summary(
 
     per_range: dict[str, float] = defaultdict(float)
     per_range_host: dict[str, float] = defaultdict(float)
+    per_range_kernels: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for e in prof.events():
         if e.device_type == DeviceType.CPU and e.name.startswith(RANGE_PREFIX):
             per_range[e.name[len(RANGE_PREFIX) :]] += e.device_time_total / 1e3 / PROFILE_STEPS
             per_range_host[e.name[len(RANGE_PREFIX) :]] += e.cpu_time_total / 1e3 / PROFILE_STEPS
+            _add_kernels(e, per_range_kernels[e.name[len(RANGE_PREFIX) :]])
     counts = layout.counts
     tokens = trainer.tokens_per_step
     lines.append(
@@ -587,6 +599,10 @@ def profile_summary(
         report.row(f"{name} embedding fwd+bwd per step", ms=fwd + bwd, pct_step=100 * share, goal_pct=3.0)
     rest = busy_ms - attributed
     lines.append(f"rest (output+loss, DDP, optimizer, gaps in kernels outside layers): {rest:.1f} ms/step")
+    lines.append(f"top {TOP_RANGE_KERNELS} kernels inside each range, ms/step:")
+    for key in sorted(per_range_kernels):
+        top = sorted(per_range_kernels[key].items(), key=lambda kv: -kv[1])[:TOP_RANGE_KERNELS]
+        lines.append(f"  {key}: " + "; ".join(f"{n[:60]} {ms / PROFILE_STEPS:.2f}" for n, ms in top))
     lines.append(
         "(letter times are GPU kernel time launched inside the ranges; 0 means the profiler linked none)"
     )
