@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import SLICE_FILES
 
 from nam_trainer.cli import main
@@ -102,6 +103,20 @@ def test_bad_inputs_exit_2_with_a_message(
         code = exit_.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and "usage:" not in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA lacks")
+def test_a_configuration_this_machine_cannot_train_exits_2_before_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    graphed = ["--model.cuda_graphs", "MRE", "--model.moe.dispatcher", "local"]
+    run = ["--data.cache_dir", str(tmp_path / "cache"), "--checkpoint.dir", str(tmp_path / "run")]
+    assert main([*graphed, *run]) == 2
+    err = capsys.readouterr().err
+    assert "cannot train this configuration:\n  - model.cuda_graphs = 'MRE' needs a CUDA device" in err
+    assert "Traceback" not in err
+    assert not any((tmp_path / "cache").rglob("*.bin")) and not (tmp_path / "run" / "checkpoints").exists()
+    assert main(["--dry-run", *graphed, *run]) == 0  # a GPU run is planned on any machine
 
 
 def test_empty_corpus_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -122,3 +122,17 @@ def test_missing_or_foreign_checkpoint_is_one_line_and_exit_2(
     assert main(["generate", "--checkpoint", str(other), "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "another model geometry" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_checkpoint_trained_with_cuda_graphs_loads_without_them(run_dir: Path, tmp_path: Path) -> None:
+    """Graphs serve training calls only (and need CUDA): eval and generate build the saved model
+    without them, on any machine."""
+    graphed = tmp_path / "graphed"
+    shutil.copytree(run_dir / "checkpoints" / f"step_{STEPS:07d}", graphed)
+    marker = json.loads((graphed / "nam_checkpoint.json").read_text())
+    marker["config"]["model"]["cuda_graphs"] = "MRE"  # as a GPU run with graphs saves it
+    marker["config"]["model"]["moe"]["dispatcher"] = "local"
+    (graphed / "nam_checkpoint.json").write_text(json.dumps(marker))
+    loaded = load(graphed)
+    assert loaded.config.model.cuda_graphs == "MRE" and loaded.model.decoder.graphs == {}
+    assert main(["eval", "--checkpoint", str(graphed)]) == 0

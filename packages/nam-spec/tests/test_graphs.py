@@ -21,7 +21,7 @@ from nam_spec.graphs import WARMUP_CALLS, LayerGraph
 from nam_spec.letters import LETTERS
 from nam_spec.model import build_model
 from nam_spec.moe_metrics import MoECounter
-from nam_spec.validation import problems
+from nam_spec.validation import environment_problems, problems
 
 SEQ = 16
 DOCS = torch.tensor([[3] * 5 + [4] * 7 + [5] * 4, [5] * 6 + [6] * 6 + [-1] * 4])
@@ -106,6 +106,20 @@ def test_graphs_without_cuda_are_refused_in_one_line(megatron_single_rank: None)
         SpecConfigError, match=r"model.cuda_graphs = 'MR' needs a CUDA device; set it to '' here"
     ):
         build_model(Layout.tile("MR", 2), tiny(cuda_graphs="MR"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA lacks")
+def test_environment_problems_say_what_this_machine_lacks() -> None:
+    assert environment_problems(tiny()) == []
+    assert environment_problems(tiny(cuda_graphs="MR")) == [
+        "model.cuda_graphs = 'MR' needs a CUDA device; set it to '' here"
+    ]
+    # the configuration alone is fine: a GPU run can be planned here
+    assert problems(tiny(cuda_graphs="MR"), Layout.tile("MR", 2)) == []
+    (te,) = environment_problems(tiny(backend="te"))
+    assert te.startswith("model.backend = 'te': Transformer Engine is not usable here (") and te.endswith(
+        "; use 'local'"
+    )
 
 
 def test_moe_counter_adds_into_the_same_tensors(megatron_single_rank: None) -> None:

@@ -188,6 +188,10 @@ def _main(argv: Sequence[str] | None) -> int:
             return 0 if report(checked, sources, args.gpu_memory_gib) else EXIT_NO_FIT
         usable_dir(config.data.cache_dir, "data.cache_dir")
         usable_dir(config.checkpoint.dir, "checkpoint.dir")
+        from nam_spec import environment_problems
+
+        if lacking := environment_problems(config.model):  # --dry-run plans GPU runs anywhere
+            raise ConfigError("this machine cannot train this configuration:\n  - " + "\n  - ".join(lacking))
         from nam_trainer.train.checkpoint import CheckpointError, DiskFull
         from nam_trainer.train.loop import train
 

@@ -18,7 +18,7 @@ from nam_spec.config import (
 from nam_spec.letters import LETTERS
 from nam_spec.memory import MemoryEstimate, MemoryPlan, memory_estimate, memory_plan
 from nam_spec.presets import PRESETS, preset
-from nam_spec.validation import problems, validate
+from nam_spec.validation import environment_problems, problems, validate
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "build_model",
     "describe",
     "document_boundaries",
+    "environment_problems",
     "layer_specs",
     "letter_params",
     "memory_estimate",

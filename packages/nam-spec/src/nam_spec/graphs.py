@@ -139,6 +139,13 @@ class _Replay(torch.autograd.Function):
         )
 
 
+def graphs_unavailable(letters: str) -> str | None:
+    """Why ``model.cuda_graphs = letters`` cannot run here, or None when it can."""
+    if letters and not torch.cuda.is_available():
+        return f"model.cuda_graphs = {letters!r} needs a CUDA device; set it to '' here"
+    return None
+
+
 def layer_graphs(kinds: str, layers: torch.nn.ModuleList, letters: str) -> dict[int, LayerGraph]:
     """Index in the stack -> LayerGraph, for the layers whose letter is in ``letters``."""
     return {

@@ -17,7 +17,7 @@ from nam_layout import Layout, StagePlan, plan_stages
 from nam_spec.backends import Backend, resolve_backend
 from nam_spec.config import ModelConfig, ParallelConfig, SpecConfigError
 from nam_spec.cross_entropy import linear_cross_entropy
-from nam_spec.graphs import layer_graphs
+from nam_spec.graphs import graphs_unavailable, layer_graphs
 from nam_spec.letters import MTP_LETTERS
 from nam_spec.mtp import MtpDepth, MultiTokenPrediction, shift_left
 from nam_spec.specs import layer_specs
@@ -118,10 +118,8 @@ class NamModel(LanguageModule):
 
         self.decoder = stack(kinds, plan.offset(pp_rank, vp_stage), self.pre_process)
         if config.cuda_graphs:
-            if not torch.cuda.is_available():
-                raise SpecConfigError(
-                    f"model.cuda_graphs = {config.cuda_graphs!r} needs a CUDA device; set it to '' here"
-                )
+            if (reason := graphs_unavailable(config.cuda_graphs)) is not None:
+                raise SpecConfigError(reason)
             self.decoder.graphs = layer_graphs(kinds, self.decoder.layers, config.cuda_graphs)
         if self.mtp_process:
             # the depths' layers are numbered on after the model's (unique hook and layer numbers)

@@ -130,6 +130,20 @@ def _graph_problems(config: ModelConfig, parallel: ParallelConfig) -> list[str]:
     return out
 
 
+def environment_problems(config: ModelConfig) -> list[str]:
+    """What this machine lacks to train ``config``, one line each (``problems`` checks the
+    configuration alone, so a GPU configuration can be planned on any machine)."""
+    from nam_spec.backends import te_unavailable
+    from nam_spec.graphs import graphs_unavailable
+
+    out = []
+    if config.backend == "te" and (reason := te_unavailable()) is not None:
+        out.append(f"model.backend = 'te': Transformer Engine is not usable here ({reason}); use 'local'")
+    if (reason := graphs_unavailable(config.cuda_graphs)) is not None:
+        out.append(reason)
+    return out
+
+
 def validate(config: ModelConfig, layout: Layout, parallel: ParallelConfig | None = None) -> None:
     """Raise :class:`SpecConfigError` listing every problem of :func:`problems`."""
     found = problems(config, layout, parallel)

@@ -83,7 +83,8 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Loaded:
     if not dist.is_initialized():
         dist.initialize(seed=config.training.seed)
     reset_moe_state()
-    model = build_model(config.model.layout(), config.model, ParallelConfig())
+    # CUDA graphs serve training calls only: a checkpoint trained with them evaluates anywhere
+    model = build_model(config.model.layout(), config.model.replace(cuda_graphs=""), ParallelConfig())
     model.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
     sharded = {"model": model.sharded_state_dict()}
     markers.check_geometry(ckpt, meta, markers.geometry(sharded))
