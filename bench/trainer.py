@@ -788,7 +788,10 @@ def _lever(report: Report, ours: dict[str, Any], name: str, profile: bool) -> di
     if lever is None:
         return None
     report.row(f"lever {name}: step time / ours as configured", ratio=lever["ms"] / ours["ms"])
-    drift = max(abs(a - b) / abs(b) for a, b in zip(lever["losses"], ours["losses"], strict=True))
+    drifts = [abs(a - b) / abs(b) for a, b in zip(lever["losses"], ours["losses"], strict=True)]
+    # max() keeps its first value against a NaN (every comparison with NaN is false): a lever whose
+    # losses turn NaN must fail, not pass on the steps before
+    drift = max(drifts) if all(map(math.isfinite, drifts)) else math.inf
     report.check(f"lever {name}: losses of every step vs ours (relative)", drift, LEVER_LOSS_TOL)
     log(f"lever {name}: step {lever['ms']:.0f} / {ours['ms']:.0f} ms; losses within {drift:.2e} of ours")
     return lever
