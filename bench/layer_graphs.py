@@ -88,7 +88,11 @@ def _time(fn: Any, x: Any, dy: Any) -> tuple[float, float]:
 
 
 def main(report: Report) -> None:
-    with one_rank_world():
+    import torch
+
+    # graphs capture on the current stream, which the legacy default stream cannot be (the trainer
+    # trains on a stream of its own too)
+    with one_rank_world(), torch.cuda.stream(torch.cuda.Stream()):
         _bench(report)
 
 

@@ -17,7 +17,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from nam_layout import Layout
 from nam_spec.config import ParallelConfig, SpecConfigError
 from nam_spec.documents import document_boundaries, segment_ids
-from nam_spec.graphs import WARMUP_CALLS, LayerGraph
+from nam_spec.graphs import WARMUP_CALLS, LayerGraph, _into_main_grad
 from nam_spec.letters import LETTERS
 from nam_spec.model import build_model
 from nam_spec.moe_metrics import MoECounter
@@ -106,6 +106,23 @@ def test_graphs_without_cuda_are_refused_in_one_line(megatron_single_rank: None)
         SpecConfigError, match=r"model.cuda_graphs = 'MR' needs a CUDA device; set it to '' here"
     ):
         build_model(Layout.tile("MR", 2), tiny(cuda_graphs="MR"))
+
+
+def test_weights_under_ddp_take_their_gradient_into_main_grad_inside_the_graph() -> None:
+    """What a backward capture records and returns per weight: under DDP (``main_grad``) the
+    gradient is added to main_grad (unless megatron's fused accumulation did) and none leaves the
+    graph; without DDP the gradient is returned."""
+    plain, ddp, fused, unused = (torch.nn.Parameter(torch.zeros(3)) for _ in range(4))
+    for p in (ddp, fused, unused):
+        p.main_grad = torch.ones(3)
+        p.grad_added_to_main_grad = False
+    fused.grad_added_to_main_grad = True  # its main_grad took the gradient in the GEMM already
+    grads = [torch.full((3,), 2.0), torch.full((3,), 3.0), torch.full((3,), float("nan")), None]
+    returned = _into_main_grad([plain, ddp, fused, unused], grads)
+    assert returned[0] is grads[0] and returned[1:] == [None, None, None]
+    torch.testing.assert_close(ddp.main_grad, torch.full((3,), 4.0))
+    torch.testing.assert_close(fused.main_grad, torch.ones(3))  # its placeholder is never read
+    torch.testing.assert_close(unused.main_grad, torch.ones(3))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA lacks")

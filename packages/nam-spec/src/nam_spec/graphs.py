@@ -16,13 +16,15 @@ ordering constraint between layers), then replays. A replay copies the hidden st
 and R, the micro-batch's segment ids) into the graph's static inputs.
 
 What stays right under replay: weights are updated in place by the optimizer (same storage);
-megatron's fused weight-gradient accumulation writes ``main_grad`` inside the graph, and those
-weights get no gradient back (their DDP hook has nothing to add); every other weight's gradient is
-returned to autograd, so DDP's hook adds it to ``main_grad`` as in eager mode; MoE counters (the
+every weight under DDP has its gradient added to ``main_grad`` inside the graph (megatron's fused
+weight-gradient accumulation for its linears, an add for the others) and gets none back, so no
+gradient leaves the graph's static memory for DDP's hook (bench/RESULTS.md: handed out, the first
+E layer's expert gradient turned NaN on the H100); weights without DDP get theirs back; MoE counters (the
 expert-bias token counts, megatron's aux-loss tracker, nam_spec.moe_metrics) add in place, so the
-replay adds into the same tensors. Eval (no gradients) and another shape run eagerly. Under DDP
-the trainer runs on a stream of its own: DDP's gradient accumulators keep the stream they were
-made on, and a backward capture cannot make the legacy default stream wait on it.
+replay adds into the same tensors. Eval (no gradients) and another shape run eagerly. Layers
+capture on the caller's current stream, which must be a stream of its own (the trainer sets one
+before DDP wraps the model, so DDP's gradient accumulators live there too): the legacy default
+stream cannot capture.
 
 Which letters capture, and what they need, each letter says (``Letter.graphable``,
 ``reads_segments``, ``graph_problems``): M, R and E. A does not (its backward capture failed in
@@ -101,22 +103,44 @@ class LayerGraph:
             if hasattr(p, "grad_added_to_main_grad"):
                 p.grad_added_to_main_grad = False
         pool = torch.cuda.graph_pool_handle()
+        # on the training stream itself, where the weights' gradient accumulators live: captured on a
+        # side stream, the backward syncs every weight's gradient across streams
+        stream = torch.cuda.current_stream()
+        if stream == torch.cuda.default_stream():
+            raise RuntimeError(
+                "nam_spec.graphs: layers capture on the current stream, and the legacy default stream "
+                "cannot capture; train on a stream of your own (torch.cuda.set_stream(torch.cuda.Stream()))"
+            )
         self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.forward_graph, pool=pool):
+        with torch.cuda.graph(self.forward_graph, pool=pool, stream=stream):
             self.static_out = self._run(self.static_in, self.static_segments)
         self.static_grad_out = torch.empty_like(self.static_out)
-        with torch.cuda.graph(self.backward_graph, pool=pool):
+        with torch.cuda.graph(self.backward_graph, pool=pool, stream=stream):
             grads = torch.autograd.grad(
                 self.static_out, (self.static_in, *self.params), self.static_grad_out, allow_unused=True
             )
+            self.static_grads = _into_main_grad(self.params, list(grads[1:]))
         self.static_grad_in = grads[0]
-        # a weight whose gradient went into main_grad inside the graph gets none back (its returned
-        # tensor is an uninitialised placeholder)
-        self.static_grads = [
-            None if getattr(p, "grad_added_to_main_grad", False) else g
-            for p, g in zip(self.params, grads[1:], strict=True)
-        ]
         self.shape = hidden.shape
+
+
+def _into_main_grad(
+    params: list[torch.Tensor], grads: list[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    """The gradients a replay returns to autograd: a weight with DDP's ``main_grad`` gets its
+    gradient added there (inside the capture, so every replay adds it) and returns none; megatron's
+    fused accumulation has added some already (``grad_added_to_main_grad``; their gradient is an
+    uninitialised placeholder). Only weights without ``main_grad`` (no DDP) return theirs: a
+    gradient handed out of the graph lives in its static memory, which the layer's next replay
+    overwrites, however late another stream's hook reads it."""
+    out: list[torch.Tensor | None] = []
+    for p, g in zip(params, grads, strict=True):
+        if g is not None and hasattr(p, "main_grad"):
+            if not getattr(p, "grad_added_to_main_grad", False):
+                p.main_grad.add_(g)
+            g = None
+        out.append(g)
+    return out
 
 
 class _Replay(torch.autograd.Function):

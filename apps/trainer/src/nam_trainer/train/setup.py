@@ -115,10 +115,10 @@ def build_run(
     if model_cfg.cuda_graphs:
         import torch
 
-        # DDP's gradient accumulators keep the stream current when DDP wraps the model, and a
-        # layer's backward capture (nam_spec.graphs) syncs with them: on the legacy default stream
-        # that sync breaks the capture, so training runs on a stream of its own (megatron-core's
-        # CUDA graphs do the same)
+        # layers capture on the current stream (nam_spec.graphs), which the legacy default stream
+        # cannot be; set before DDP wraps the model, whose gradient accumulators keep the stream
+        # current then, so the captures and the accumulators share it (megatron-core's CUDA graphs
+        # train on a stream of their own too)
         torch.cuda.set_stream(torch.cuda.Stream())
     chunks = []
     for i, model in enumerate(models):
