@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
-from nam_mixers.ops.imports import import_error
 from nam_mixers.ops.m2rnn.config import M2RNNKernelConfig
 from nam_mixers.ops.m2rnn.reference import m2rnn_scan_reference
 from nam_mixers.ops.m2rnn.shapes import ScanDims, check_scan_inputs
-
-PATHS = ("auto", "triton", "reference")
+from nam_mixers.ops.triton_paths import resolve_triton_path
 
 
 def resolve_path(path: str, device: torch.device) -> str:
-    """Map a requested path to the one that runs: "auto" is "triton" on CUDA, "reference" elsewhere.
-
-    "triton" on a CPU tensor is allowed only under the Triton interpreter (TRITON_INTERPRET=1).
-    """
-    if path not in PATHS:
-        raise ValueError(f"m2rnn path must be one of {PATHS}, got {path!r}")
-    if path == "auto":
-        return "triton" if device.type == "cuda" and import_error("triton") is None else "reference"
-    if path == "triton":
-        if (err := import_error("triton")) is not None:
-            raise RuntimeError(f"m2rnn path='triton' cannot import triton: {err}")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                f"m2rnn path='triton' needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1; "
-                "use path='reference' or 'auto' on CPU"
-            )
-    return path
+    """Map a requested path to the one that runs (nam_mixers.ops.triton_paths)."""
+    return resolve_triton_path("m2rnn", path, device)
 
 
 class _M2RNNScan(torch.autograd.Function):

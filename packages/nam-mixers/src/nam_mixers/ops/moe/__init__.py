@@ -1,7 +1,6 @@
 """The experts' elementwise ops, around which nam-spec's local MoE runs: a Triton kernel each
-(``kernels.py``) and its PyTorch reference (``reference.py``). Paths: "auto" (the kernel on CUDA,
-the reference elsewhere), "triton" (off CUDA only under the Triton interpreter, TRITON_INTERPRET=1:
-the CPU tests), "reference"."""
+(``kernels.py``) and its PyTorch reference (``reference.py``), on the path
+nam_mixers.ops.triton_paths resolves ("auto": the kernel on CUDA)."""
 
 from __future__ import annotations
 
@@ -10,17 +9,15 @@ from typing import Any
 import torch
 
 from nam_mixers.ops.moe.reference import sum_pairs_reference, weighted_swiglu_reference
-from nam_mixers.ops.ssd.backends import triton_runs_on
+from nam_mixers.ops.triton_paths import PATHS, resolve_triton_path
 
 __all__ = ["PATHS", "sum_pairs", "weighted_swiglu"]
-
-PATHS = ("auto", "triton", "reference")
 
 
 def weighted_swiglu(h: torch.Tensor, probs: torch.Tensor, path: str = "auto") -> torch.Tensor:
     """h [T, 2F] (each row its gate, then its up columns), probs [T] -> silu(gate) * up * probs [T, F],
     in h's dtype; differentiable in h and probs."""
-    if _triton(path, h.device):
+    if resolve_triton_path("moe op", path, h.device) == "triton":
         return _WeightedSwiGLU.apply(h, probs)
     return weighted_swiglu_reference(h, probs)
 
@@ -29,21 +26,11 @@ def sum_pairs(rows: torch.Tensor, inverse: torch.Tensor, top_k: int, path: str =
     """[T, hidden]: row t sums ``rows[inverse[t * top_k + j]]`` over j < top_k (a token's expert
     outputs, found through the inverse of the expert-sorted permutation), in rows' dtype. Not
     differentiable: nam-spec's local dispatcher writes its adjoint."""
-    if _triton(path, rows.device):
+    if resolve_triton_path("moe op", path, rows.device) == "triton":
         from nam_mixers.ops.moe.kernels import sum_pairs as kernel
 
         return kernel(rows.contiguous(), inverse.contiguous(), top_k)
     return sum_pairs_reference(rows, inverse, top_k)
-
-
-def _triton(path: str, device: torch.device) -> bool:
-    if path not in PATHS:
-        raise ValueError(f"moe op path {path!r}; accepted: {', '.join(PATHS)}")
-    if path == "triton" and not triton_runs_on(device):
-        raise RuntimeError(
-            f"moe op path='triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); got {device}"
-        )
-    return path == "triton" or (path == "auto" and device.type == "cuda")
 
 
 class _WeightedSwiGLU(torch.autograd.Function):

@@ -6,11 +6,10 @@ never at package import, and a path that needs a missing one is an error, never 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from nam_mixers.ops.imports import import_error
+from nam_mixers.ops.triton_paths import triton_runs_on
 
 PATHS = ("fused", "split", "reference")
 CHOICES = ("auto", *PATHS)
@@ -34,11 +33,6 @@ def check_available(path: str) -> None:
         _require(path, "mamba-ssm", "mamba_ssm.ops.triton.ssd_combined", "its Triton SSD kernels")
     if path == "fused":
         _require(path, "causal-conv1d", "causal_conv1d", "its CUDA conv op, which the fused kernel calls")
-
-
-def triton_runs_on(device: torch.device) -> bool:
-    """Triton kernels run on CUDA tensors, or anywhere under the Triton interpreter."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def resolve_path(path: str, device: torch.device) -> str:
