@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -90,7 +91,9 @@ def _rank_main(
         torch = sys.modules.get("torch")
         if torch is not None and not torch.cuda.is_available() and torch.cuda.is_initialized():
             raise RuntimeError("CUDA was initialised in a process without CUDA")
-        results.put((rank, "ok", value, _hits()))
+        # by value: on a multiprocessing queue torch shares a tensor's storage through a file
+        # descriptor that this process serves, and it may have exited before the caller reads it
+        results.put((rank, "ok", pickle.dumps(value), _hits()))
     except BaseException:
         results.put((rank, "error", traceback.format_exc(), _hits()))
     finally:
@@ -156,7 +159,7 @@ def run_ranks[T](
                         f"{fn.__qualname__}: {codes} before reporting{_errors(outcomes)}"
                     ) from None
                 continue
-            outcomes[rank] = (status, value)
+            outcomes[rank] = (status, pickle.loads(value) if status == "ok" else value)
             if counts:
                 from nam_runtime import cpu  # only when a rank used it: the caller may not have torch
 
