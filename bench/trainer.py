@@ -20,8 +20,8 @@ megatron's Float16Module as megatron's own training does; plain word embedding (
 Set-up (both): the trainer's own, ``nam_trainer.train.setup.build_run`` on the preset (megatron's
 model through its ``build`` argument): megatron DDP (gradients reduced in an fp32 buffer) and
 megatron's optimizer (Adam, fp32 main parameters, distributed optimizer on one rank, the preset's
-clipping, weight decay with nam-spec's no-weight-decay rule, lr 6e-4: no warm-up and a decay
-horizon far beyond the benchmark's steps keep it at the peak). Step (both):
+clipping, weight decay with nam-spec's no-weight-decay rule, a constant lr of LR: no warm-up and a
+decay horizon far beyond the benchmark's steps). Step (both):
 ``get_forward_backward_func`` over MICROBATCHES micro-batches of MICRO_BATCH x 4096
 random tokens (the same fixed batch every step), then ``optimizer.step()``. Micro-batch 1: the
 baseline holds ~55 GiB of activations per 4096-token row (GPU.md) beside ~38 GiB of parameters,
@@ -45,8 +45,10 @@ $OUT/trainer_profile_ours.txt.
 
 Levers (issue "Throughput"): each LEVERS entry (keys such as model.cuda_graphs) is set against the preset (a lever that is
 on by default set back to the path before it, or one still off by default set on) and ours is
-timed again at micro-batch 1: a row each, the step-time ratio to ours as configured, and a check
-that the losses of every step stay within LEVER_LOSS_TOL of ours.
+timed again at micro-batch 1: a row each, the step-time ratio to ours as configured, and two checks
+against ours: the gradient of every parameter at step 0 (GRAD_TOL; a lever computes the same
+function, so only bf16 rounding in another summation order may differ) and the losses of every
+step (LEVER_LOSS_TOL).
 """
 
 from __future__ import annotations
@@ -81,11 +83,17 @@ TIMED_STEPS = 8  # with the warm-up, the first 10 steps whose losses the levers 
 EMBEDDING = "embedding"  # the profile's range name for the embedding (not a letter)
 PROFILE_STEPS = 1  # of MICROBATCHES micro-batches; summarising the trace costs CPU time per event
 DROP_AFTER = 5  # steps on the fixed batch after which our loss must have dropped
+# Adam's first steps move every weight by about the lr whatever the gradient's size, so at the
+# preset's peak (6e-4, no warm-up) the fixed batch's loss jumped up at steps 2, 4 and 7 and those
+# jumps turned bf16 rounding into losses 5e-3 apart between two runs of ours alone (H100,
+# 2026-12-07); at LR a step's overshoot (quadratic in the lr) is ~36x smaller
+LR = 1e-4
 # what the benchmark sets against the preset (bench/trainer_cli.py runs nam-train with the same)
 OVERRIDES = {
     "model.params_dtype": "bfloat16",
     "model.recompute": "none",
     "training.warmup_steps": "0",
+    "training.lr": str(LR),
     "training.steps": "1000000",
     "parallel.distributed_optimizer": "true",
 }
@@ -106,6 +114,11 @@ LEVERS = {
 # ours at the larger micro-batches; the other levers
 CASES = os.environ.get("NAM_TRAINER_CASES", "profile,graphs,megatron,larger,levers").split(",")
 LEVER_LOSS_TOL = 2e-2  # relative, per step, on the fixed batch: bf16 gradients summed differently
+# per parameter, the relative gradient error |g_lever - g_ours| / |g_ours| as estimated from
+# PROJECTIONS random sign vectors r (the mean square of <g_lever - g_ours, r> is the error's squared
+# norm): bf16 rounding in another summation order is ~1e-2 at most, a wrong gradient is of order 1
+GRAD_TOL = 0.1
+PROJECTIONS = 4
 DENSE_BF16_TFLOPS = 989.0  # H200 datasheet, dense bf16
 MATMUL_TFLOPS = 700.0  # bench/ceilings.py: torch bf16 8192^3 matmul, do_bench median
 TOP_KERNELS = 15
@@ -293,6 +306,8 @@ class Trainer:
     run: Any  # nam_trainer.train.setup.Run
     batches: list[dict[str, Any]]
     seq_length: int
+    # the first step's gradients, before the optimizer reads them (gradient_fingerprint)
+    first_gradients: dict[str, tuple[float, ...]] | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -315,8 +330,55 @@ class Trainer:
             micro_batch_size=self.batches[0]["input_ids"].shape[0],
             forward_only=False,
         )
+        if self.first_gradients is None:
+            self.first_gradients = gradient_fingerprint(self.run.chunks)
         _, grad_norm, _ = self.run.optimizer.step()
         return torch.stack([s["lm loss"] for s in stats]).mean(), grad_norm
+
+
+def gradient_fingerprint(chunks: list[Any]) -> dict[str, tuple[float, ...]]:
+    """Each parameter's gradient as (norm, <gradient, r_1>, ..., <gradient, r_PROJECTIONS>) with
+    r_i random +-1 vectors seeded by the parameter's name, so that two models built alike compare
+    name by name; the gradient is DDP's fp32 ``main_grad`` (where megatron's fused accumulation and
+    graphed layers write it)."""
+    import zlib
+
+    import torch
+
+    prints = {}
+    for chunk in chunks:
+        for name, param in chunk.module.named_parameters():
+            grad = getattr(param, "main_grad", None)
+            grad = (param.grad if grad is None else grad).detach().reshape(-1)
+            gen = torch.Generator(device=grad.device).manual_seed(zlib.crc32(name.encode()))
+            projections = torch.zeros(PROJECTIONS, device=grad.device, dtype=torch.float64)
+            for part in grad.split(2**24):  # the sign vectors of the output layer whole: 4 GiB
+                signs = torch.empty(PROJECTIONS, part.numel(), device=grad.device, dtype=torch.float64)
+                projections += signs.bernoulli_(0.5, generator=gen).mul_(2).sub_(1) @ part.double()
+            prints[name] = (float(grad.double().norm()), *projections.tolist())
+    return prints
+
+
+def gradient_difference(
+    lever: dict[str, tuple[float, ...]], ours: dict[str, tuple[float, ...]]
+) -> tuple[float, str]:
+    """The largest relative gradient error over parameters and its parameter: per parameter, the
+    larger of |norm - norm_ours| / norm_ours (a lower bound) and the projections' estimate
+    rms_i <g - g_ours, r_i> / norm_ours; inf where a parameter is missing or non-finite."""
+    worst, where = 0.0, ""
+    for name, (norm, *projections) in ours.items():
+        other = lever.get(name)
+        if other is None or not all(map(math.isfinite, other)):
+            return math.inf, name
+        spread = math.sqrt(
+            sum((a - b) ** 2 for a, b in zip(other[1:], projections, strict=True)) / PROJECTIONS
+        )
+        error = max(abs(other[0] - norm), spread) / norm if norm > 0 else (0.0 if other[0] == 0 else math.inf)
+        if error > worst:
+            worst, where = error, name
+    if missing := set(lever) - set(ours):
+        return math.inf, sorted(missing)[0]
+    return worst, where
 
 
 def _forward_step(data_iterator: Iterator[dict[str, Any]], model: Any) -> tuple[Any, Callable]:
@@ -703,6 +765,7 @@ def run_model(
         "peak GiB": peak,
         "reserved GiB": reserved,
         "losses": losses,
+        "first gradients": trainer.first_gradients,
     }
     result["MFU 989"] = result["model TFLOP/s"] / DENSE_BF16_TFLOPS
     result["MFU 700"] = result["model TFLOP/s"] / MATMUL_TFLOPS
@@ -793,7 +856,14 @@ def _lever(report: Report, ours: dict[str, Any], name: str, profile: bool) -> di
     # losses turn NaN must fail, not pass on the steps before
     drift = max(drifts) if all(map(math.isfinite, drifts)) else math.inf
     report.check(f"lever {name}: losses of every step vs ours (relative)", drift, LEVER_LOSS_TOL)
-    log(f"lever {name}: step {lever['ms']:.0f} / {ours['ms']:.0f} ms; losses within {drift:.2e} of ours")
+    error, where = gradient_difference(lever["first gradients"], ours["first gradients"])
+    report.check(
+        f"lever {name}: step-0 gradient of every parameter vs ours (worst: {where})", error, GRAD_TOL
+    )
+    log(
+        f"lever {name}: step {lever['ms']:.0f} / {ours['ms']:.0f} ms; losses within {drift:.2e} of ours; "
+        f"step-0 gradients within {error:.2e} (worst {where})"
+    )
     return lever
 
 
