@@ -106,8 +106,8 @@ GRAPHED = {"model.moe.dispatcher": "local", "model.cuda_graphs": "MRE"}
 LEVERS = {
     "graphs": GRAPHED,
     "local dispatcher": {"model.moe.dispatcher": "local"},
-    "no fusion": {"model.gradient_accumulation_fusion": "false"},
     "fused adam": {"training.fused_adam": "true"},
+    "no fusion": {"model.gradient_accumulation_fusion": "false"},
 }
 # which cases run (NAM_TRAINER_CASES=profile,graphs for a call with little device time left): ours
 # at micro-batch 1 always, profiled with "profile"; the graphs lever (profiled); megatron's model;
