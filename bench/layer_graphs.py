@@ -16,12 +16,13 @@ forbids by reading token counts back to the host), on CUDA without DDP (weights 
 hidden] with the model's RoPE and no document boundaries (the graphed M and R read all-zero
 segment ids, which is the same). Eager: REPEATS forward+backward calls back to back, synchronised
 once, wall time per call, and the host's issue time per call (until backward() returns,
-unsynchronised). Graphed: the layer's LayerGraph after its eager warm-up calls and its capture,
-the same calls. A is timed eagerly only (not in GRAPH_LETTERS: its backward breaks a capture).
+unsynchronised). Graphed: the layer's LayerGraph (in a pool of its own) after its eager warm-up
+calls and its captures (the forward in the call, the backward when backward() reaches it), the
+same calls. A is timed eagerly only (not in GRAPH_LETTERS: its backward breaks a capture).
 Checks first: the graphed layer's output, input gradient and every parameter gradient against
 eager on the same input (bf16; relative to the eager tensor's max |value|). Rows: eager and
-graphed ms per call, their ratio, eager host ms, and the memory the capture holds (the graphs'
-private pool).
+graphed ms per call, their ratio, eager host ms, and the memory the captures hold (the layer's
+pool).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def main(report: Report) -> None:
 def _bench(report: Report) -> None:
     import torch
 
-    from nam_spec.graphs import WARMUP_CALLS, LayerGraph
+    from nam_spec.graphs import WARMUP_CALLS, GraphPool, LayerGraph
     from nam_spec.letters import GRAPH_LETTERS, LETTERS
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -121,7 +122,7 @@ def _bench(report: Report) -> None:
                 f"{letter} fwd+bwd s{SEQ} b{BATCH}", ms=eager_ms, host_ms=host_ms, graphed="not capturable"
             )
             continue
-        graph = LayerGraph(layer, segments=LETTERS[letter].reads_segments)
+        graph = LayerGraph(layer, segments=LETTERS[letter].reads_segments, pool=GraphPool())
 
         def graphed(x: Any, graph: Any = graph, call: Any = call) -> Any:
             return graph(x, None, partial(call, x))
@@ -130,7 +131,7 @@ def _bench(report: Report) -> None:
             _step(graphed, x, dy)
         before = torch.cuda.memory_allocated()
         try:
-            _step(graphed, x, dy)  # captures, then replays
+            _step(graphed, x, dy)  # captures the forward, then the backward in backward(); each replays
         except Exception:
             report.fail(report.bench, f"{letter}: capture failed\n{traceback.format_exc()}")
             report.row(

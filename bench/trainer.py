@@ -738,8 +738,8 @@ def run_model(
     steps = WARMUP_STEPS + TIMED_STEPS
     losses, times = train(name, trainer, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else math.nan
-    # what the caching allocator holds, CUDA graphs' private pools whole (their freed blocks stay
-    # reserved for the replays): what an out-of-memory error is about
+    # what the caching allocator holds, the CUDA graphs' pool whole (its freed blocks stay reserved
+    # for the replays): what an out-of-memory error is about
     reserved = torch.cuda.max_memory_reserved() / 2**30 if on_gpu else math.nan
     est = math.nan if estimate_gib is None else estimate_gib
     if estimate_gib is not None:

@@ -8,6 +8,9 @@ exactly what the boundaries themselves give."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from nam_layout import Layout
 from nam_spec.config import ParallelConfig, SpecConfigError
 from nam_spec.documents import document_boundaries, segment_ids
-from nam_spec.graphs import WARMUP_CALLS, LayerGraph, _into_main_grad
+from nam_spec.graphs import WARMUP_CALLS, GraphPool, LayerGraph, _into_main_grad, layer_graphs
 from nam_spec.letters import LETTERS
 from nam_spec.model import build_model
 from nam_spec.moe_metrics import MoECounter
@@ -71,7 +74,7 @@ def test_warm_up_calls_run_the_captures_inputs_and_equal_eager(
     torch.manual_seed(0)
     layer = build_model(Layout.tile(letter, 1), tiny(seq_length=SEQ)).decoder.layers[0]
     hidden = torch.randn(SEQ, 2, 32)
-    graph = LayerGraph(layer, segments=LETTERS[letter].reads_segments)
+    graph = LayerGraph(layer, segments=LETTERS[letter].reads_segments, pool=GraphPool())
 
     def not_eager() -> torch.Tensor:
         raise AssertionError("a warm-up call must run the capture's path")
@@ -81,6 +84,62 @@ def test_warm_up_calls_run_the_captures_inputs_and_equal_eager(
         want = want[0] if isinstance(want, tuple) else want
         torch.testing.assert_close(graph(hidden, packed, not_eager), want, rtol=1e-6, atol=1e-6)
     assert graph.eager_calls == WARMUP_CALLS and graph.shape is None
+
+
+def test_layers_capture_into_one_pool_in_the_order_they_replay(
+    monkeypatch: pytest.MonkeyPatch, megatron_single_rank: None
+) -> None:
+    """All graphed layers of a model capture into one pool, in the order their graphs replay: the
+    forwards in layer order during one micro-batch, the backwards in reverse as that micro-batch's
+    backward reaches them, and nothing after. CUDA is faked: a capture runs its code eagerly and
+    records its graph and pool, a replay does nothing; so the capturing micro-batch computes what
+    eager does, which its gradients must equal."""
+    captures: list[tuple[object, object]] = []  # (graph, pool) per capture, in order
+
+    class FakeGraph:
+        def replay(self) -> None:
+            pass
+
+    @contextmanager
+    def capture(graph: FakeGraph, pool: object, stream: object) -> Iterator[None]:
+        captures.append((graph, pool))
+        yield
+
+    pools = itertools.count()
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(pools))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "training stream")
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda: "default stream")
+
+    torch.manual_seed(0)
+    config = tiny(seq_length=SEQ, moe=dataclasses.replace(tiny().moe, dispatcher="local"))
+    model = build_model(Layout.tile("MRAE", 4), config)  # A stays eager between the graphed layers
+    graphs = layer_graphs(model.decoder.kinds, model.decoder.layers, "MRE")
+    ids = torch.randint(0, 64, (2, SEQ))
+    pos = torch.arange(SEQ).expand(2, SEQ)
+
+    def micro_batch() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(ids, pos, packed_seq_params=document_boundaries(DOCS)).float().square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    model.decoder.graphs = {}
+    eager = micro_batch()
+    model.decoder.graphs = graphs
+    for _ in range(WARMUP_CALLS):
+        micro_batch()
+    assert captures == []
+    graphed = micro_batch()
+    names = {id(g.forward_graph): f"F{i}" for i, g in graphs.items()}
+    names |= {id(g.backward_graph): f"B{i}" for i, g in graphs.items()}
+    assert [names[id(graph)] for graph, _ in captures] == ["F0", "F1", "F3", "B3", "B1", "B0"]
+    assert len({pool for _, pool in captures}) == 1
+    assert graphed.keys() == eager.keys()
+    errors = {n: float((graphed[n] - g).abs().max()) for n, g in eager.items()}
+    assert max(errors.values()) < 1e-6, errors
+    micro_batch()
+    assert len(captures) == 6
 
 
 def test_settings_a_capture_cannot_serve_are_refused() -> None:

@@ -11,9 +11,20 @@ capture will have (M and R read segment ids, all zeros without boundaries). They
 autotuning of the very kernels the capture records (an autotuning inside a capture synchronises,
 which the capture forbids) and make megatron's lazily created MoE state (tracker entries, the
 aux-loss scale) for real; being the micro-batches' own calls, they pollute no gradient or counter.
-The next call captures the forward and the backward into a memory pool of the layer's own (no
-ordering constraint between layers), then replays. A replay copies the hidden states (and, for M
-and R, the micro-batch's segment ids) into the graph's static inputs.
+The next call captures the forward and replays it; the backward is captured when that micro-batch's
+backward first reaches the layer, then replayed. Every later call copies the hidden states (and,
+for M and R, the micro-batch's segment ids) into the graph's static inputs; the capturing call's
+are made from its own inputs, since a copy into them before the backward capture would be an
+in-place write to tensors the forward saved, which autograd refuses.
+
+All graphed layers of a model capture into one memory pool (with a pool per layer, micro-batch 1 on
+the H100 reserved 60.3 GiB against an allocated peak of 41.6, and micro-batches 2 and 4 ran out of
+memory). That is safe only because the captures run in the order the graphs replay: every layer
+captures in the same micro-batch, the forwards in layer order, the backwards in reverse as the
+backward reaches them. A capture may reuse a block that an earlier capture freed (layer k's saved
+activations, freed by its backward capture) because it also replays after that earlier graph;
+replayed in another order, a graph would overwrite activations still to be read. Interleaved
+micro-batches (pipeline parallelism > 1) would be such an order: nam_spec.validation refuses them.
 
 What stays right under replay: weights are updated in place by the optimizer (same storage);
 every weight under DDP has its gradient added to ``main_grad`` inside the graph (megatron's fused
@@ -49,15 +60,30 @@ from nam_spec.letters import LETTERS
 WARMUP_CALLS = 2  # eager training calls of a layer before its capture: one runs every autotuning
 
 
+class GraphPool:
+    """The memory pool that all graphed layers of one model capture into; its handle is made at the
+    first capture, so that building a model (without CUDA, or without capturing) calls no CUDA."""
+
+    def __init__(self) -> None:
+        self._handle: tuple[int, int] | None = None
+
+    def handle(self) -> tuple[int, int]:
+        if self._handle is None:
+            self._handle = torch.cuda.graph_pool_handle()
+        return self._handle
+
+
 class LayerGraph:
     """One layer's training call: eager for the first WARMUP_CALLS, then captured and replayed."""
 
-    def __init__(self, layer: torch.nn.Module, segments: bool) -> None:
+    def __init__(self, layer: torch.nn.Module, segments: bool, pool: GraphPool) -> None:
         self.layer = layer
         self.segments = segments
+        self.pool = pool
         self.params = [p for p in layer.parameters() if p.requires_grad]
         self.eager_calls = 0
         self.shape: torch.Size | None = None  # of the hidden states captured; None until captured
+        self.backward_graph: torch.cuda.CUDAGraph | None = None  # captured by the first backward
 
     def __call__(
         self, hidden: torch.Tensor, packed: PackedSeqParams | None, eager: Callable[[], torch.Tensor]
@@ -69,13 +95,17 @@ class LayerGraph:
                 # capture synchronises, which the capture forbids
                 self.eager_calls += 1
                 return self._run(hidden, self._segments(hidden, packed))
-            self._capture(hidden)
-        if hidden.shape != self.shape or hidden.dtype != self.static_in.dtype:
+            # static inputs made from this call's own, not copied into (see the module's docstring)
+            self._capture(hidden, self._segments(hidden, packed))
+        elif hidden.shape != self.shape or hidden.dtype != self.static_in.dtype:
             return eager()
-        if self.segments and packed is None:
-            self.static_segments.zero_()  # one segment per row, without a fresh tensor to copy from
-        elif self.segments:
-            self.static_segments.copy_(self._segments(hidden, packed))
+        else:
+            with torch.no_grad():  # a leaf that requires grad
+                self.static_in.copy_(hidden)
+            if self.segments and packed is None:
+                self.static_segments.zero_()  # one segment per row, without a fresh tensor to copy from
+            elif self.segments:
+                self.static_segments.copy_(self._segments(hidden, packed))
         return _Replay.apply(self, hidden, *self.params)
 
     def _segments(self, hidden: torch.Tensor, packed: PackedSeqParams | None) -> torch.Tensor | None:
@@ -96,32 +126,39 @@ class LayerGraph:
         )
         return out[0] if isinstance(out, tuple) else out
 
-    def _capture(self, hidden: torch.Tensor) -> None:
+    def _capture(self, hidden: torch.Tensor, segments: torch.Tensor | None) -> None:
         self.static_in = hidden.detach().clone().requires_grad_(True)
-        self.static_segments = self._segments(hidden, None)
-        for p in self.params:  # megatron's linears set it when they accumulate into main_grad
-            if hasattr(p, "grad_added_to_main_grad"):
-                p.grad_added_to_main_grad = False
-        pool = torch.cuda.graph_pool_handle()
+        # a copy: segment_ids hands the same tensor to every layer of the micro-batch
+        self.static_segments = None if segments is None else segments.clone()
         # on the training stream itself, where the weights' gradient accumulators live: captured on a
         # side stream, the backward syncs every weight's gradient across streams
-        stream = torch.cuda.current_stream()
-        if stream == torch.cuda.default_stream():
+        self.stream = torch.cuda.current_stream()
+        if self.stream == torch.cuda.default_stream():
             raise RuntimeError(
                 "nam_spec.graphs: layers capture on the current stream, and the legacy default stream "
                 "cannot capture; train on a stream of your own (torch.cuda.set_stream(torch.cuda.Stream()))"
             )
-        self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.forward_graph, pool=pool, stream=stream):
+        self.forward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.forward_graph, pool=self.pool.handle(), stream=self.stream):
             self.static_out = self._run(self.static_in, self.static_segments)
+        # outside the pool: written before each backward replay, it must share no block with a graph
         self.static_grad_out = torch.empty_like(self.static_out)
-        with torch.cuda.graph(self.backward_graph, pool=pool, stream=stream):
+        self.shape = hidden.shape
+
+    def _capture_backward(self) -> torch.cuda.CUDAGraph:
+        """The backward graph, captured when the first backward reaches this layer (so that the
+        model's captures run in the order of its replays, see the module's docstring)."""
+        for p in self.params:  # megatron's linears set it when they accumulate into main_grad
+            if hasattr(p, "grad_added_to_main_grad"):
+                p.grad_added_to_main_grad = False
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool.handle(), stream=self.stream):
             grads = torch.autograd.grad(
                 self.static_out, (self.static_in, *self.params), self.static_grad_out, allow_unused=True
             )
             self.static_grads = _into_main_grad(self.params, list(grads[1:]))
         self.static_grad_in = grads[0]
-        self.shape = hidden.shape
+        return graph
 
 
 def _into_main_grad(
@@ -146,8 +183,7 @@ def _into_main_grad(
 class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, graph: LayerGraph, hidden: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        graph.static_in.copy_(hidden)
-        graph.forward_graph.replay()
+        graph.forward_graph.replay()  # hidden is in static_in already; an input here for its gradient
         ctx.graph = graph
         return graph.static_out.detach()
 
@@ -155,6 +191,8 @@ class _Replay(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         graph: LayerGraph = ctx.graph
         graph.static_grad_out.copy_(grad_out)
+        if graph.backward_graph is None:  # a capture runs nothing: replayed right after, as forward's
+            graph.backward_graph = graph._capture_backward()
         graph.backward_graph.replay()
         return (
             None,
@@ -171,9 +209,11 @@ def graphs_unavailable(letters: str) -> str | None:
 
 
 def layer_graphs(kinds: str, layers: torch.nn.ModuleList, letters: str) -> dict[int, LayerGraph]:
-    """Index in the stack -> LayerGraph, for the layers whose letter is in ``letters``."""
+    """Index in the stack -> LayerGraph, for the layers whose letter is in ``letters``, all capturing
+    into one pool."""
+    pool = GraphPool()
     return {
-        i: LayerGraph(layer, segments=LETTERS[letter].reads_segments)
+        i: LayerGraph(layer, segments=LETTERS[letter].reads_segments, pool=pool)
         for i, (letter, layer) in enumerate(zip(kinds, layers, strict=True))
         if letter in letters
     }
