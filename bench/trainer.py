@@ -111,8 +111,9 @@ LEVERS = {
 }
 # which cases run (NAM_TRAINER_CASES=profile,graphs for a call with little device time left): ours
 # at micro-batch 1 always, profiled with "profile"; the graphs lever (profiled); megatron's model;
-# ours at the larger micro-batches; the other levers
+# ours at the larger micro-batches; the other levers (NAM_TRAINER_LEVERS names some of them)
 CASES = os.environ.get("NAM_TRAINER_CASES", "profile,graphs,megatron,larger,levers").split(",")
+CHOSEN_LEVERS = os.environ.get("NAM_TRAINER_LEVERS", ",".join(LEVERS)).split(",")
 LEVER_LOSS_TOL = 2e-2  # relative, per step, on the fixed batch: bf16 gradients summed differently
 # per parameter, the relative gradient error |g_lever - g_ours| / |g_ours| as estimated from
 # PROJECTIONS random sign vectors r (the mean square of <g_lever - g_ours, r> is the error's squared
@@ -801,6 +802,8 @@ def main(report: Report) -> None:
     import torch
 
     gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if unknown := set(CHOSEN_LEVERS) - set(LEVERS):
+        raise ValueError(f"NAM_TRAINER_LEVERS: no lever {sorted(unknown)}; the levers are {list(LEVERS)}")
     checked = preset()
     c = checked.config.model
     layout = c.layout()
@@ -840,7 +843,7 @@ def main(report: Report) -> None:
         in_fresh_process(report, ours_case, micro_batch, GRAPHED if graphed else {}, False)
 
     for name in LEVERS if "levers" in CASES else ():
-        if name != "graphs":
+        if name != "graphs" and name in CHOSEN_LEVERS:
             _lever(report, ours, name, profile=False)
 
 
