@@ -43,6 +43,7 @@ REGISTRY: dict[str, str] = {
     "mamba3": "bench.mamba3",
     "mla": "bench.mla",
     "moe_ops": "bench.moe_ops",
+    "moe_dispatch": "bench.moe_dispatch",
     "m2rnn": "bench.m2rnn",
     "plasticity": "bench.plasticity",
     "spec": "bench.spec",
