@@ -106,7 +106,7 @@ GRAPHED = {"model.moe.dispatcher": "local", "model.cuda_graphs": "MRE"}
 LEVERS = {
     "graphs": GRAPHED,
     "local dispatcher": {"model.moe.dispatcher": "local"},
-    "fused adam": {"training.fused_adam": "true"},
+    "foreach adam": {"training.fused_adam": "false"},
     "no fusion": {"model.gradient_accumulation_fusion": "false"},
 }
 # which cases run (NAM_TRAINER_CASES=profile,graphs for a call with little device time left): ours

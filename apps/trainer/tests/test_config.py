@@ -80,10 +80,10 @@ def test_overrides_are_parsed_by_field_type() -> None:
     }
 
 
-def test_fused_adam_is_off_by_default_and_set_by_the_command_line() -> None:
-    assert load_config("nam56r-tiny").training.fused_adam is False
-    cfg = load_config("nam56r-tiny", overrides=["--training.fused_adam", "true"])
-    assert cfg.training.fused_adam is True and "fused_adam = true" in to_toml(cfg)
+def test_fused_adam_is_on_by_default_and_set_by_the_command_line() -> None:
+    assert load_config("nam56r-tiny").training.fused_adam is True
+    cfg = load_config("nam56r-tiny", overrides=["--training.fused_adam", "false"])
+    assert cfg.training.fused_adam is False and "fused_adam = false" in to_toml(cfg)
     with pytest.raises(ConfigError, match=r"training\.fused_adam = 1: expected true or false"):
         load_config("nam56r-tiny", overrides=["--training.fused_adam", "1"])
 

@@ -199,11 +199,18 @@ def test_plasticity_plan_and_stp_run_from_config(
     assert any(k.startswith("plasticity/redo/dormant_fraction/") for k in train[1])
 
 
-def test_fused_adam_follows_the_foreach_curve(
-    one_process: Path, cache: Path, header_slice: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("fused", [None, "false"], ids=["default", "foreach"])
+def test_fused_adam_by_default_and_the_foreach_path_on_the_same_curve(
+    fused: str | None,
+    one_process: Path,
+    cache: Path,
+    header_slice: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """training.fused_adam: every torch Adam inside megatron's optimizer is fused and torch's fused
-    kernel does every update; the losses follow the foreach run's (fp32: per-element rounding)."""
+    """training.fused_adam: by default every torch Adam inside megatron's optimizer is fused and
+    torch's fused kernel does every update; ``false`` runs the foreach path, whose losses follow the
+    fused run's (fp32: per-element rounding)."""
     import torch
 
     from nam_runtime.megatron import inner_optimizers
@@ -215,13 +222,18 @@ def test_fused_adam_follows_the_foreach_curve(
     monkeypatch.setattr(
         torch, "_fused_adamw_", lambda *a, **k: kernel_calls.append(1) or fused_adamw(*a, **k)
     )
-    run_dir = tmp_path / "fused"
-    assert main(train_args(cache, header_slice, run_dir, *SHORT, "--training.fused_adam", "true")) == 0
+    run_dir = tmp_path / "run"
+    setting = () if fused is None else ("--training.fused_adam", fused)
+    assert main(train_args(cache, header_slice, run_dir, *SHORT, *setting)) == 0
     _follows(one_process, run_dir, 1e-5)
     (run,) = runs
     groups = [g for sub in inner_optimizers(run.optimizer) for g in sub.optimizer.param_groups if g["params"]]
-    assert groups and all(g["fused"] is True and not g["foreach"] for g in groups)
-    assert len(kernel_calls) == 3 * len(groups)  # one per group and step (one device, one dtype)
+    assert groups
+    if fused is None:
+        assert all(g["fused"] is True and not g["foreach"] for g in groups)
+        assert len(kernel_calls) == 3 * len(groups)  # one per group and step (one device, one dtype)
+    else:
+        assert not any(g["fused"] for g in groups) and kernel_calls == []
 
 
 def test_resume_with_redo_and_dash_matches_the_uninterrupted_run(
