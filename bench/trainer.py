@@ -48,7 +48,8 @@ on by default set back to the path before it, or one still off by default set on
 timed again at micro-batch 1: a row each, the step-time ratio to ours as configured, and two checks
 against ours: the gradient of every parameter at step 0 (GRAD_TOL; a lever computes the same
 function, so only bf16 rounding in another summation order may differ) and the losses of every
-step (LEVER_LOSS_TOL).
+step (LEVER_LOSS_TOL); a lever that needs another setting too (EAGER_TWINS: graphs need the local
+dispatcher) gets the same two checks against the run with that setting alone.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ LEVERS = {
     "foreach adam": {"training.fused_adam": "false"},
     "no fusion": {"model.gradient_accumulation_fusion": "false"},
 }
+# a lever that needs another setting too (graphs need the local dispatcher) is also checked against
+# the run with that setting alone, where both ran: what the lever itself changes
+EAGER_TWINS = {"graphs": "local dispatcher"}
 # which cases run (NAM_TRAINER_CASES=profile,graphs for a call with little device time left): ours
 # at micro-batch 1 always, profiled with "profile"; the graphs lever (profiled); megatron's model;
 # ours at the larger micro-batches; the other levers (NAM_TRAINER_LEVERS names some of them)
@@ -842,32 +846,44 @@ def main(report: Report) -> None:
             continue
         in_fresh_process(report, ours_case, micro_batch, GRAPHED if graphed else {}, False)
 
+    ran = {"graphs": graphed}
     for name in LEVERS if "levers" in CASES else ():
         if name != "graphs" and name in CHOSEN_LEVERS:
-            _lever(report, ours, name, profile=False)
+            ran[name] = _lever(report, ours, name, profile=False)
+    for name, twin in EAGER_TWINS.items():
+        if ran.get(name) is not None and ran.get(twin) is not None:
+            _follows(report, f"lever {name}", ran[name], f"its eager twin ({twin})", ran[twin])
 
 
 def _lever(report: Report, ours: dict[str, Any], name: str, profile: bool) -> dict[str, Any] | None:
     """Ours at micro-batch 1 with LEVERS[name] set: its step-time ratio to ours as configured and
-    the check that its losses follow ours; None where it failed (its traceback is in the table)."""
+    the checks that it follows ours; None where it failed (its traceback is in the table)."""
     lever = in_fresh_process(report, ours_case, MICRO_BATCH, LEVERS[name], profile)
     if lever is None:
         return None
     report.row(f"lever {name}: step time / ours as configured", ratio=lever["ms"] / ours["ms"])
-    drifts = [abs(a - b) / abs(b) for a, b in zip(lever["losses"], ours["losses"], strict=True)]
-    # max() keeps its first value against a NaN (every comparison with NaN is false): a lever whose
+    _follows(report, f"lever {name}", lever, "ours", ours)
+    log(f"lever {name}: step {lever['ms']:.0f} / {ours['ms']:.0f} ms")
+    return lever
+
+
+def _follows(
+    report: Report, name: str, run: dict[str, Any], baseline_name: str, baseline: dict[str, Any]
+) -> None:
+    """The checks that ``run`` computes what ``baseline`` does: the losses of every step (relative,
+    LEVER_LOSS_TOL) and the step-0 gradient of every parameter (GRAD_TOL)."""
+    drifts = [abs(a - b) / abs(b) for a, b in zip(run["losses"], baseline["losses"], strict=True)]
+    # max() keeps its first value against a NaN (every comparison with NaN is false): a run whose
     # losses turn NaN must fail, not pass on the steps before
     drift = max(drifts) if all(map(math.isfinite, drifts)) else math.inf
-    report.check(f"lever {name}: losses of every step vs ours (relative)", drift, LEVER_LOSS_TOL)
-    error, where = gradient_difference(lever["first gradients"], ours["first gradients"])
+    report.check(f"{name}: losses of every step vs {baseline_name} (relative)", drift, LEVER_LOSS_TOL)
+    error, where = gradient_difference(run["first gradients"], baseline["first gradients"])
     report.check(
-        f"lever {name}: step-0 gradient of every parameter vs ours (worst: {where})", error, GRAD_TOL
+        f"{name}: step-0 gradient of every parameter vs {baseline_name} (worst: {where})", error, GRAD_TOL
     )
     log(
-        f"lever {name}: step {lever['ms']:.0f} / {ours['ms']:.0f} ms; losses within {drift:.2e} of ours; "
-        f"step-0 gradients within {error:.2e} (worst {where})"
+        f"{name}: losses within {drift:.2e} of {baseline_name}; step-0 gradients within {error:.2e} (worst {where})"
     )
-    return lever
 
 
 def ours_case(
