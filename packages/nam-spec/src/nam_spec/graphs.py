@@ -18,8 +18,8 @@ are made from its own inputs, since a copy into them before the backward capture
 in-place write to tensors the forward saved, which autograd refuses.
 
 All graphed layers of a model capture into one memory pool (with a pool per layer, micro-batch 1 on
-the H100 reserved 60.3 GiB against an allocated peak of 41.6, and micro-batches 2 and 4 ran out of
-memory). That is safe only because the captures run in the order the graphs replay: every layer
+the H100 reserved 60.3 GiB against an allocated peak of 41.6, and micro-batch 2 ran out of memory;
+with one pool: 50.1 GiB, and micro-batch 2 runs). That is safe only because the captures run in the order the graphs replay: every layer
 captures in the same micro-batch, the forwards in layer order, the backwards in reverse as the
 backward reaches them. A capture may reuse a block that an earlier capture freed (layer k's saved
 activations, freed by its backward capture) because it also replays after that earlier graph;
