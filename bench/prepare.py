@@ -16,8 +16,9 @@ nam-train's own ``prepare_tokenizer``) and then given by path, so each timed run
 directory each, is ``prepare_data``: the corpus scan (read and sha256 every file, in the workers;
 with more than one, their start: spawn and imports), the units (tokenization and structure
 extraction, in the workers: about TARGET_MB / 2 units of units.UNIT_BYTES, so at 16 workers the
-last round is part-filled) and the packing of the rows, the entry's checksums and the workers'
-exit (one process). The log lines of ``prepare_data`` split the wall time into those three, and
+last round is part-filled; the main process packs each unit's rows as soon as it and those before
+it are done) and what follows the last unit: its rows, the entry's checksums and the workers' exit
+(``pack_s``). The log lines of ``prepare_data`` split the wall time into those three, and
 its line for the first unit built gives ``first_unit_s``: the workers' start and one unit.
 
 Check: the packed files (their sha256 in the manifest) are the same at every worker count.

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +336,33 @@ def test_a_preparation_killed_halfway_reuses_finished_units_and_rebuilds(
     assert any(line.startswith("data: reusing 2 of ") for line in logs)
     assert _rows(data) == _rows(prepared) and _bytes(data) == _bytes(prepared)
     assert not any(p.name.startswith(".work-") for p in (tmp_path / "cache" / "packed").iterdir())
+
+
+def test_units_are_packed_as_they_are_done_not_after_the_last(
+    prepared: PreparedData, header_slice: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pack is one process: left until every unit is done, it would be a serial phase growing
+    with the corpus. With one worker (a lazy map), each unit's rows are read for packing before the
+    next unit is built; the rows are those of a build in one piece."""
+    monkeypatch.setattr(units, "UNIT_BYTES", 10_000)
+    events: list[tuple[str, int]] = []
+    build, read = prepare_module.build_unit, prepare_module.unit_documents
+
+    def building(task: tuple[units.Unit, units.UnitJob]) -> dict:
+        events.append(("build", task[0].index))
+        return build(task)
+
+    def reading(
+        work_dir: Path, unit: units.Unit, split: str, structure: bool
+    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        events.append(("pack", unit.index))
+        return read(work_dir, unit, split, structure)
+
+    monkeypatch.setattr(prepare_module, "build_unit", building)
+    monkeypatch.setattr(prepare_module, "unit_documents", reading)
+    data, _ = _run(tmp_path / "cache", header_slice)
+    built = [i for kind, i in events if kind == "build"]
+    assert len(built) >= 3
+    first_pack = events.index(("pack", built[0]))
+    assert first_pack < events.index(("build", built[1])), events
+    assert _rows(data) == _rows(prepared) and _bytes(data) == _bytes(prepared)

@@ -191,7 +191,7 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> PreparedDat
 
 @dataclass
 class _RowsBuild:
-    """The packed-rows entry: units tokenized by the workers, then packed in order, source by source."""
+    """The packed-rows entry: units tokenized by the workers and packed in order as they are done."""
 
     plan: CorpusPlan
     tokenizer: LoadedTokenizer
@@ -210,13 +210,22 @@ class _RowsBuild:
         if facts:
             self.log(f"data: reusing {len(facts)} of {len(units)} units finished before in {self.work_dir}")
         progress = _Progress(len(todo), sum(u.nbytes for u in todo), self.log)
-        for unit, unit_facts in zip(
-            todo, self.workers.imap(build_unit, [(u, job) for u in todo]), strict=True
-        ):
-            facts[unit.index] = unit_facts
-            progress.update(len({d.path for d in unit.documents}), unit.nbytes, unit_facts)
+        built = self.workers.imap(build_unit, [(u, job) for u in todo])  # in todo's order
+        streams = self._streams(out)
+        # Each unit is packed as soon as it and every unit before it are done, while the workers go
+        # on with the later ones: the pack is one process, which after the last unit would be a
+        # serial phase growing with the corpus. Each (source, split) stream takes its units in
+        # order, so the rows are the same at any worker count.
+        for unit in units:
+            if unit.index not in facts:
+                facts[unit.index] = next(built)
+                progress.update(len({d.path for d in unit.documents}), unit.nbytes, facts[unit.index])
+            for split in SPLITS:
+                if (stream := streams.get((unit.source, split))) is not None:
+                    for ids, structure in unit_documents(self.work_dir, unit, split, self.structure):
+                        stream.add(ids, structure)
         progress.done()
-        return self._pack(units, facts, out)
+        return self._summary(units, facts, streams, out)
 
     @property
     def _dtype(self) -> type[np.number]:
@@ -231,27 +240,38 @@ class _RowsBuild:
             units += plan_units(i, source.config.text_key, source.documents, names, len(units))
         return units
 
-    def _pack(self, units: list[Unit], facts: dict[int, dict[str, Any]], out: Path) -> dict[str, Any]:
+    def _streams(self, out: Path) -> dict[tuple[int, str], _RowStream]:
+        """A row stream per source and split that has documents, written to ``<split>-<source>``."""
         channels = len(CHANNELS) if self.structure else 0
         tok = self.tokenizer
+        return {
+            (i, split): _RowStream(
+                RowPacker(self.seq_length, tok.eos_id, tok.pad_id, channels, self._dtype),
+                RowWriter(out / f"{split}-{i}"),
+            )
+            for i, splits in enumerate(self.plan.splits)
+            for split, docs in zip(SPLITS, splits, strict=True)
+            if docs
+        }
+
+    def _summary(
+        self,
+        units: list[Unit],
+        facts: dict[int, dict[str, Any]],
+        streams: dict[tuple[int, str], _RowStream],
+        out: Path,
+    ) -> dict[str, Any]:
+        """The streams' last rows written and closed, each split's document list, and the entry's facts."""
         sources = []
         for i, (source, splits) in enumerate(zip(self.plan.corpus.sources, self.plan.splits, strict=True)):
             summary: dict[str, Any] = {"origin": source.origin, "skipped": source.skipped}
             for split, docs in zip(SPLITS, splits, strict=True):
                 if not docs:
                     continue
-                packer = RowPacker(self.seq_length, tok.eos_id, tok.pad_id, channels, self._dtype)
-                writer = RowWriter(out / f"{split}-{i}")
-                for unit in (u for u in units if u.source == i):
-                    for ids, structure in unit_documents(self.work_dir, unit, split, self.structure):
-                        if (rows := packer.add(ids, structure)) is not None:
-                            writer.add(rows)
-                if (rows := packer.finish()) is not None:
-                    writer.add(rows)
-                writer.finalize()
+                rows = streams[i, split].finish()
                 (out / f"{split}-{i}.documents").write_text("".join(d.name + "\n" for d in docs))
                 tokens = sum(facts[u.index][split]["tokens"] for u in units if u.source == i)
-                summary[split] = {"documents": len(docs), "tokens": tokens, "rows": writer.rows}
+                summary[split] = {"documents": len(docs), "tokens": tokens, "rows": rows}
             sources.append(summary)
         return {
             "corpus": self.plan.corpus.origin,
@@ -259,6 +279,25 @@ class _RowsBuild:
             "without_structure": sum(f["no_structure"] for f in facts.values()),
             "sources": sources,
         }
+
+
+@dataclass
+class _RowStream:
+    """One split of one source: documents packed into rows and the full rows written as they come."""
+
+    packer: RowPacker
+    writer: RowWriter
+
+    def add(self, ids: np.ndarray, structure: np.ndarray | None) -> None:
+        if (rows := self.packer.add(ids, structure)) is not None:
+            self.writer.add(rows)
+
+    def finish(self) -> int:
+        """The last, padded row written and the files closed; returns the rows written."""
+        if (rows := self.packer.finish()) is not None:
+            self.writer.add(rows)
+        self.writer.finalize()
+        return self.writer.rows
 
 
 class _Progress:
