@@ -3,6 +3,11 @@ dispatcher and with nam-spec's local one, in bf16 on the GPU, against the same l
 the CPU (where both dispatchers agree to the last bit).
 
     NAM_COMMIT=<sha> bash bench/gpu.sh moe_dispatch
+    NAM_MOE_DISPATCH_DEVICE=cpu NAM_MOE_DISPATCH_TOKENS=512 uv run --frozen python bench/run.py moe_dispatch
+
+On the CPU the bf16 runs take nam-mixers' Triton kernels under the Triton interpreter (fp32 sums,
+one rounding: the GPU's arithmetic) where the local backend would take their references; megatron's
+scatter-add is its bf16 one there too.
 
 Why: in bench/trainer.py (H100, 2026-12-07) the local dispatcher's step-0 gradient of a router
 weight differed from alltoall's by 37%, and its losses on the fixed batch by 3% at step 4, while
@@ -19,14 +24,15 @@ parameter (it must not be the less accurate one).
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Any
 
 from bench.report import Report
 from bench.world import one_rank_world
 
-TOKENS = 4096
-DEVICE = "cuda"
+TOKENS = int(os.environ.get("NAM_MOE_DISPATCH_TOKENS", "4096"))
+DEVICE = os.environ.get("NAM_MOE_DISPATCH_DEVICE", "cuda")
 OUTPUT_TOL = 1e-2
 
 
@@ -62,9 +68,23 @@ def _run(layer: Any, x: Any, w: Any) -> tuple[Any, dict[str, Any]]:
     return out.detach().double().cpu(), grads
 
 
+def _kernels_as_on_the_gpu() -> None:
+    """The experts' and the local dispatcher's ops on their Triton kernels, interpreted."""
+    from functools import partial
+
+    from nam_mixers.ops import moe
+    from nam_spec.local import dispatcher, experts
+
+    os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel is first compiled
+    experts.weighted_swiglu = partial(moe.weighted_swiglu, path="triton")
+    dispatcher.sum_pairs = partial(moe.sum_pairs, path="triton")
+
+
 def main(report: Report) -> None:
     import torch
 
+    if DEVICE == "cpu":
+        _kernels_as_on_the_gpu()
     gen = torch.Generator().manual_seed(1)
     with one_rank_world():
         reference = _layer("alltoall", torch.float64, "cpu")
