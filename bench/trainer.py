@@ -46,7 +46,7 @@ $OUT/trainer_profile_ours.txt.
 Levers (issue "Throughput"): each LEVERS entry (keys such as model.cuda_graphs) is set against the preset (a lever that is
 on by default set back to the path before it, or one still off by default set on) and ours is
 timed again at micro-batch 1: a row each, the step-time ratio to ours as configured, and two checks
-against ours: the gradient of every parameter at step 0 (GRAD_TOL; a lever computes the same
+against ours: the gradient of every parameter at step 0 (GRAD_TOL, ROUTER_GRAD_TOL; a lever computes the same
 function, so only bf16 rounding in another summation order may differ) and the losses of every
 step (LEVER_LOSS_TOL); a lever that needs another setting too (EAGER_TWINS: graphs need the local
 dispatcher) gets the same two checks against the run with that setting alone.
@@ -124,6 +124,11 @@ LEVER_LOSS_TOL = 2e-2  # relative, per step, on the fixed batch: bf16 gradients 
 # norm): bf16 rounding in another summation order is ~1e-2 at most, a wrong gradient is of order 1
 GRAD_TOL = 0.1
 PROJECTIONS = 4
+# ... except a router's weight, whose bf16 gradient cancels: 16-31% from float64 with either
+# dispatcher in nam56r-small cut to 12 layers (bench/moe_dispatch.py), 37% between the dispatchers
+# at 52 layers (bench/RESULTS.md); a dropped or negated gradient is still 1 or more
+ROUTER = "router.weight"
+ROUTER_GRAD_TOL = 0.8
 DENSE_BF16_TFLOPS = 989.0  # H200 datasheet, dense bf16
 MATMUL_TFLOPS = 700.0  # bench/ceilings.py: torch bf16 8192^3 matmul, do_bench median
 TOP_KERNELS = 15
@@ -365,13 +370,15 @@ def gradient_fingerprint(chunks: list[Any]) -> dict[str, tuple[float, ...]]:
 
 
 def gradient_difference(
-    lever: dict[str, tuple[float, ...]], ours: dict[str, tuple[float, ...]]
+    lever: dict[str, tuple[float, ...]], ours: dict[str, tuple[float, ...]], routers: bool
 ) -> tuple[float, str]:
-    """The largest relative gradient error over parameters and its parameter: per parameter, the
-    larger of |norm - norm_ours| / norm_ours (a lower bound) and the projections' estimate
-    rms_i <g - g_ours, r_i> / norm_ours; inf where a parameter is missing or non-finite."""
+    """The largest relative gradient error over the router weights (``routers``) or the other
+    parameters, and its parameter: per parameter, the larger of |norm - norm_ours| / norm_ours (a
+    lower bound) and the projections' estimate rms_i <g - g_ours, r_i> / norm_ours; inf where a
+    parameter is missing or non-finite."""
     worst, where = 0.0, ""
-    for name, (norm, *projections) in ours.items():
+    chosen = {n: v for n, v in ours.items() if n.endswith(ROUTER) == routers}
+    for name, (norm, *projections) in chosen.items():
         other = lever.get(name)
         if other is None or not all(map(math.isfinite, other)):
             return math.inf, name
@@ -381,7 +388,7 @@ def gradient_difference(
         error = max(abs(other[0] - norm), spread) / norm if norm > 0 else (0.0 if other[0] == 0 else math.inf)
         if error > worst:
             worst, where = error, name
-    if missing := set(lever) - set(ours):
+    if missing := {n for n in lever if n.endswith(ROUTER) == routers} - set(chosen):
         return math.inf, sorted(missing)[0]
     return worst, where
 
@@ -871,19 +878,21 @@ def _follows(
     report: Report, name: str, run: dict[str, Any], baseline_name: str, baseline: dict[str, Any]
 ) -> None:
     """The checks that ``run`` computes what ``baseline`` does: the losses of every step (relative,
-    LEVER_LOSS_TOL) and the step-0 gradient of every parameter (GRAD_TOL)."""
+    LEVER_LOSS_TOL) and the step-0 gradient of every parameter (GRAD_TOL; router weights
+    ROUTER_GRAD_TOL)."""
     drifts = [abs(a - b) / abs(b) for a, b in zip(run["losses"], baseline["losses"], strict=True)]
     # max() keeps its first value against a NaN (every comparison with NaN is false): a run whose
     # losses turn NaN must fail, not pass on the steps before
     drift = max(drifts) if all(map(math.isfinite, drifts)) else math.inf
     report.check(f"{name}: losses of every step vs {baseline_name} (relative)", drift, LEVER_LOSS_TOL)
-    error, where = gradient_difference(run["first gradients"], baseline["first gradients"])
-    report.check(
-        f"{name}: step-0 gradient of every parameter vs {baseline_name} (worst: {where})", error, GRAD_TOL
-    )
-    log(
-        f"{name}: losses within {drift:.2e} of {baseline_name}; step-0 gradients within {error:.2e} (worst {where})"
-    )
+    for routers, what, tol in (
+        (False, "every parameter", GRAD_TOL),
+        (True, "every router weight", ROUTER_GRAD_TOL),
+    ):
+        error, where = gradient_difference(run["first gradients"], baseline["first gradients"], routers)
+        report.check(f"{name}: step-0 gradient of {what} vs {baseline_name} (worst: {where})", error, tol)
+        log(f"{name}: step-0 gradient of {what} within {error:.2e} of {baseline_name} (worst {where})")
+    log(f"{name}: losses within {drift:.2e} of {baseline_name}")
 
 
 def ours_case(
