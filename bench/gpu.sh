@@ -3,7 +3,7 @@
 # it on the CPU machine with bench/wheelhouse.sh), make the workspace packages importable from
 # source, then run the benchmarks. Results and logs go to $OUT when set.
 #   NAM_COMMIT=<sha> bash bench/gpu.sh [NAME ...]   (the tree travels without .git)
-# then: cp $OUT/triton-cache.tgz bench/  (carried next time with the wheels)
+# then: cp $OUT/triton-cache.txz bench/  (carried next time with the wheels)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/out}; mkdir -p "$out"
@@ -28,10 +28,10 @@ export PYTHONUNBUFFERED=1
 # autotune every kernel again (~100 s of the first step of each trainer case on the H200)
 export TRITON_CACHE_AUTOTUNING=1
 # ... and that disk is the machine's, which a later call does not get: the cache comes back in $out
-# and travels with the next call's tree when carried (bench/triton-cache.tgz, git-ignored; Triton
+# and travels with the next call's tree when carried (bench/triton-cache.txz, git-ignored; Triton
 # keys each entry by kernel source and GPU, so an entry of changed code is never used)
 export TRITON_CACHE_DIR=/tmp/triton-cache
-[ ! -f bench/triton-cache.tgz ] || tar xzf bench/triton-cache.tgz -C /tmp
-trap 'tar czf "$out/triton-cache.tgz" -C /tmp triton-cache 2>/dev/null || true' EXIT
+[ ! -f bench/triton-cache.txz ] || python3 bench/triton_cache.py unpack bench/triton-cache.txz
+trap 'python3 bench/triton_cache.py pack "$out/triton-cache.txz" 2>/dev/null || true' EXIT
 set -o pipefail
 python3 bench/run.py --json "$out/bench.json" "$@" 2>&1 | tee "$out/bench.log"
