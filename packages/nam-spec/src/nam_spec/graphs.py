@@ -19,9 +19,9 @@ in-place write to tensors the forward saved, which autograd refuses.
 
 All graphed layers of a model capture into one memory pool (with a pool per layer, micro-batch 1 on
 the H100 reserved 60.3 GiB against an allocated peak of 41.6, and micro-batch 2 ran out of memory;
-with one pool: 50.1 GiB, and micro-batch 2 runs). That is safe only because the captures run in the order the graphs replay: every layer
-captures in the same micro-batch, the forwards in layer order, the backwards in reverse as the
-backward reaches them. A capture may reuse a block that an earlier capture freed (layer k's saved
+with one pool: 50.1 GiB, and micro-batch 2 runs). That is safe only because the captures run in
+the order the graphs replay: every layer captures in the same micro-batch, the forwards in layer
+order, the backwards in reverse as the backward reaches them. A capture may reuse a block that an earlier capture freed (layer k's saved
 activations, freed by its backward capture) because it also replays after that earlier graph;
 replayed in another order, a graph would overwrite activations still to be read. Interleaved
 micro-batches (pipeline parallelism > 1) would be such an order: nam_spec.validation refuses them.
