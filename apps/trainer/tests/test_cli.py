@@ -85,6 +85,14 @@ def test_data_command_builds_then_reuses_the_cache(
         ),
         (["--dry-run", "--world-size", "3", "--training.global_batch_size", "4"], "is not divisible by"),
         (["--dry-run", "--data.sources", "/nonexistent/corpus"], "no such file or directory"),
+        (
+            ["--dry-run", "--data.sources", '[{path = "a", weight = 0}]'],
+            "data.sources[0].weight = 0.0: must be a finite number > 0",
+        ),
+        (
+            ["--dry-run", "--data.sources", '["a", {path = "b", weight = -1}]'],
+            "data.sources[1].weight = -1.0: must be a finite number > 0",
+        ),
         (["--dry-run", "--data.compiler", "no-such-cxx"], "no C++ compiler found"),
         (["--dry-run", "--world-size", "0"], "world size 0: needs at least 1 process"),
         (
